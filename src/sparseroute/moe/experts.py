@@ -1,0 +1,83 @@
+"""Stacked expert weights. Legend: E experts, D model dim, F expert hidden, S routed rows.
+
+``w_in`` is [E, D, F] (non-gated activations) or [E, D, 2F] for SwiGLU, whose first F columns
+are the gate and the last F the up projection; ``w_out`` is [E, F, D]. Row-major inputs times
+these give ``x_SD @ w_in[e]`` without transposes, which is the layout ``F.grouped_mm`` wants.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _swiglu(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], bool]] = {
+    # name: (function on the w_in output, gated)
+    "swiglu": (_swiglu, True),
+    "gelu": (F.gelu, False),
+    "silu": (F.silu, False),
+    "relu": (F.relu, False),
+}
+
+
+def check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+
+
+class Experts(nn.Module):
+    """E independent MLP experts ``x -> act(x @ w_in[e]) @ w_out[e]`` with stacked weights."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu"):
+        super().__init__()
+        check_activation(activation)
+        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        self.num_experts, self.d_model, self.d_ff, self.activation = num_experts, d_model, d_ff, activation
+        self.act, gated = ACTIVATIONS[activation]
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, (2 if gated else 1) * d_ff))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_in, std=self.d_model**-0.5)
+        nn.init.normal_(self.w_out, std=self.d_ff**-0.5)
+
+    @property
+    def gated(self) -> bool:
+        return ACTIVATIONS[self.activation][1]
+
+    def expert(self, e: int, x_ND: Tensor) -> Tensor:
+        """Apply expert ``e`` to rows ``x_ND`` (the plain, per-expert path)."""
+        return self.act(x_ND @ self.w_in[e]) @ self.w_out[e]
+
+    def flops_per_row(self) -> int:
+        """Multiply-adds ×2 of one expert on one row (matmuls only)."""
+        return 2 * self.d_model * self.w_in.shape[-1] + 2 * self.d_ff * self.d_model
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation!r}"
+
+
+class SharedExpert(nn.Module):
+    """A dense MLP every token uses, optionally scaled by sigmoid(w_g · x) (Qwen2-MoE)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", gate: bool = False):
+        super().__init__()
+        self.mlp = Experts(1, d_model, d_ff, activation)
+        self.gate = nn.Linear(d_model, 1, bias=False) if gate else None
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        y = self.mlp.expert(0, x_TD)
+        if self.gate is not None:
+            y = torch.sigmoid(self.gate(x_TD)) * y
+        return y

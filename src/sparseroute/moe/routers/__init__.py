@@ -1,0 +1,16 @@
+"""Token → expert routers, one file per mechanism, all registered by name in ``ROUTERS``."""
+
+from sparseroute.moe.routers import (  # noqa: F401  (imports register the routers)
+    cosine,
+    expert_choice,
+    hash,
+    oracle,
+    random_fixed,
+    relu,
+    sigmoid,
+    sinkhorn,
+    topk,
+)
+from sparseroute.moe.routers.base import ROUTERS, Router, RouterConfig, build_router, register_router
+
+__all__ = ["ROUTERS", "Router", "RouterConfig", "build_router", "register_router"]

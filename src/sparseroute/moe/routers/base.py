@@ -1,0 +1,171 @@
+"""Router base class, shared config and the router registry.
+
+Legend: T tokens, D model dim, E experts, K slots per token.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sparseroute.moe.losses import load_balance_loss, z_loss
+from sparseroute.routing import Registry, Routing, routing_stats
+
+ROUTERS: Registry[type["Router"]] = Registry("router")
+
+
+def _check_nonneg(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not (value >= 0):
+            raise ValueError(f"{name} must be >= 0; got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """Options every router accepts.
+
+    load_balance_coef: weight of the Switch load-balancing loss (routers with a probability
+        distribution over experts only).
+    z_loss_coef: weight of the ST-MoE router z-loss (routers with logits only).
+    """
+
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_nonneg(self, "load_balance_coef", "z_loss_coef")
+
+
+class Router(nn.Module, metaclass=abc.ABCMeta):
+    """Decides which experts each token uses. ``forward(x_TD, token_ids_T=None) -> Routing``.
+
+    Subclasses set ``Config`` (a frozen dataclass derived from :class:`RouterConfig`) and
+    implement :meth:`route`. Stateful routers keep their state in buffers.
+    """
+
+    Config: ClassVar[type[RouterConfig]] = RouterConfig
+    #: the router needs token ids (e.g. hash routing)
+    needs_token_ids: ClassVar[bool] = False
+    #: the number of experts per token varies (slots hold -1 where unused)
+    variable_k: ClassVar[bool] = False
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig | None = None):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("num_experts", num_experts)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}]; got {top_k!r}")
+        config = config if config is not None else self.Config()
+        if not isinstance(config, self.Config):
+            raise ValueError(f"{type(self).__name__} needs a {self.Config.__name__}; got {type(config).__name__}")
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.config = config
+
+    # -- the interface -------------------------------------------------------------------
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+        if x_TD.dim() != 2 or x_TD.shape[1] != self.d_model:
+            raise ValueError(f"router input must be [T, {self.d_model}]; got {tuple(x_TD.shape)}")
+        if self.needs_token_ids:
+            if token_ids_T is None:
+                raise ValueError(
+                    f"token_ids: the {type(self).__name__} routes by token id; pass token_ids to forward"
+                )
+            if token_ids_T.shape != x_TD.shape[:1] or token_ids_T.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"token_ids must be an integer tensor with one id per token ({x_TD.shape[0]}); "
+                    f"got {tuple(token_ids_T.shape)} {token_ids_T.dtype}"
+                )
+        return self.route(x_TD, token_ids_T)
+
+    @abc.abstractmethod
+    def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
+        """Decide; ``x_TD`` is already validated."""
+
+    def after_optimizer_step(self) -> None:
+        """Hook the training loop calls after each optimizer step (loss-free balancing)."""
+
+    def routing_parameters(self) -> int:
+        """Number of parameters that decide the routing (trainable or not)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def linear_router_parameters(self) -> int:
+        """What a linear router (D·E) would use, for comparison."""
+        return self.d_model * self.num_experts
+
+    # -- helpers for subclasses ----------------------------------------------------------
+    def finish(
+        self,
+        idx_TK: Tensor,
+        w_TK: Tensor,
+        *,
+        logits_TE: Tensor | None = None,
+        probs_TE: Tensor | None = None,
+        extra_stats: dict[str, Tensor] | None = None,
+        extra_losses: dict[str, Tensor] | None = None,
+    ) -> Routing:
+        """Build the Routing with the configured auxiliary losses and the shared statistics."""
+        losses: dict[str, Tensor] = {}
+        cfg = self.config
+        if probs_TE is not None and cfg.load_balance_coef > 0:
+            losses["load_balance"] = cfg.load_balance_coef * load_balance_loss(probs_TE, idx_TK, self.num_experts)
+        if logits_TE is not None and cfg.z_loss_coef > 0:
+            losses["z"] = cfg.z_loss_coef * z_loss(logits_TE)
+        if extra_losses:
+            losses.update(extra_losses)
+        stats = routing_stats(
+            idx_TK, self.num_experts, probs_TE=None if probs_TE is None else probs_TE.detach(), weights_TK=w_TK.detach()
+        )
+        if extra_stats:
+            stats.update(extra_stats)
+        return Routing(indices=idx_TK, weights=w_TK, num_experts=self.num_experts, losses=losses, stats=stats)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, config={self.config}"
+
+
+def topk_of(scores_TE: Tensor, k: int, renormalize: bool, weights_from: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k experts per token by ``scores_TE``; weights gathered from ``weights_from`` (default: the
+    scores), optionally renormalised to sum to 1 per token."""
+    _, idx_TK = torch.topk(scores_TE, k, dim=-1)
+    src = scores_TE if weights_from is None else weights_from
+    w_TK = src.gather(1, idx_TK)
+    if renormalize:
+        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return idx_TK, w_TK
+
+
+def make_config(cls: type[Router], options: dict[str, Any]) -> RouterConfig:
+    """Build ``cls.Config`` from keyword options; unknown names raise ValueError listing the allowed."""
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for router {getattr(cls, 'registry_name', cls.__name__)!r}; "
+            f"allowed: {', '.join(sorted(fields)) or '(none)'}"
+        )
+    return cls.Config(**options)
+
+
+def build_router(name: str, d_model: int, num_experts: int, top_k: int, **options: Any) -> Router:
+    """Instantiate a registered router by name with its options."""
+    cls = ROUTERS.get(name)
+    return cls(d_model, num_experts, top_k, make_config(cls, options))
+
+
+def register_router(name: str):
+    """Class decorator: register a Router subclass under ``name``."""
+
+    def deco(cls: type[Router]) -> type[Router]:
+        cls.registry_name = name  # type: ignore[attr-defined]
+        return ROUTERS.register(name)(cls)
+
+    return deco
