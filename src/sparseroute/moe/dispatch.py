@@ -38,36 +38,93 @@ def sort_by_expert(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
     return order_S, torch.div(order_S, K, rounding_mode="floor"), counts[:E]
 
 
-def _combine(x_TD: Tensor, routing: Routing, order_S: Tensor, tok_S: Tensor, y_SD: Tensor) -> Tensor:
-    w_S = routing.weights.reshape(-1).index_select(0, order_S).to(y_SD.dtype)
-    out = x_TD.new_zeros(x_TD.shape)
-    return out.index_add_(0, tok_S, y_SD * w_S.unsqueeze(1))
+def run_experts(
+    x_TD: Tensor, routing: Routing, experts: Experts, grouped_matmul: Callable[[Tensor, Tensor, Tensor], Tensor]
+) -> Tensor:
+    """Sort, gather, two grouped matmuls, weighted combine. ``grouped_matmul(x_SI, w_EIO, counts_E)``.
+
+    The routing weight scales the hidden activation before the down projection
+    (w · (h @ W_out) = (w · h) @ W_out), which touches S·F instead of S·D numbers.
+    """
+    order_S, tok_S, counts_E = sort_by_expert(routing)
+    if order_S.numel() == 0:
+        return x_TD.new_zeros(x_TD.shape)
+    x_SD = x_TD.index_select(0, tok_S)
+    w_S1 = routing.weights.reshape(-1).index_select(0, order_S).to(x_TD.dtype).unsqueeze(1)
+    h_SF = experts.act(grouped_matmul(x_SD, experts.w_in, counts_E)) * w_S1
+    y_SD = grouped_matmul(h_SF, experts.w_out, counts_E)
+    return x_TD.new_zeros(x_TD.shape).index_add_(0, tok_S, y_SD)
+
+
+def _grouped_mm_aligned(t: Tensor) -> bool:
+    """``F.grouped_mm`` (and its backward) needs 16-byte aligned data and non-unit strides."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride() if st != 1)
+
+
+def torch_grouped_mm(x_SI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
+    """``F.grouped_mm`` with group offsets from the per-expert counts; :func:`segment_mm` when the
+    shapes miss its alignment (e.g. D or F not a multiple of 16 bytes / element size)."""
+    if not (_grouped_mm_aligned(x_SI) and _grouped_mm_aligned(w_EIO)):
+        return segment_mm(x_SI, w_EIO, counts_E)
+    return F.grouped_mm(x_SI, w_EIO, offs=torch.cumsum(counts_E, dim=0).to(torch.int32))
 
 
 @EXECUTORS.register("grouped")
 def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
     """One ``F.grouped_mm`` per projection over all experts."""
-    order_S, tok_S, counts_E = sort_by_expert(routing)
-    if order_S.numel() == 0:
-        return x_TD.new_zeros(x_TD.shape)
-    offs_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    x_SD = x_TD.index_select(0, tok_S)
-    h_SF = experts.act(F.grouped_mm(x_SD, experts.w_in, offs=offs_E))
-    y_SD = F.grouped_mm(h_SF, experts.w_out, offs=offs_E)
-    return _combine(x_TD, routing, order_S, tok_S, y_SD)
+    return run_experts(x_TD, routing, experts, torch_grouped_mm)
+
+
+class SegmentMatmul(torch.autograd.Function):
+    """y[rows of group e] = x[rows of group e] @ w[e] for contiguous row groups of sizes ``counts``.
+
+    A plain loop of matmuls written into preallocated outputs, with a hand-written backward that
+    fills each expert's weight gradient in place (indexing ``w[e]`` under autograd would instead
+    materialise a full-size [E, ...] gradient per expert). Experts with no rows get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SI: Tensor, w_EIO: Tensor, counts: tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(x_SI, w_EIO)
+        ctx.counts = counts
+        y_SO = x_SI.new_empty(x_SI.shape[0], w_EIO.shape[2])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.mm(x_SI[start : start + n], w_EIO[e], out=y_SO[start : start + n])
+                start += n
+        return y_SO
+
+    @staticmethod
+    def backward(ctx, g_SO: Tensor):
+        x_SI, w_EIO = ctx.saved_tensors
+        g_SO = g_SO.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty_like(x_SI)
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros_like(w_EIO)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if not n:
+                continue
+            g = g_SO[start : start + n]
+            if gx is not None:
+                torch.mm(g, w_EIO[e].t(), out=gx[start : start + n])
+            if gw is not None:
+                torch.mm(x_SI[start : start + n].t(), g, out=gw[e])
+            start += n
+        return gx, gw, None
+
+
+def segment_mm(x_SI: Tensor, w_EIO: Tensor, counts_E: Tensor | tuple[int, ...]) -> Tensor:
+    """Grouped matmul over contiguous row segments (the portable fallback of ``F.grouped_mm``)."""
+    counts = tuple(counts_E.tolist()) if isinstance(counts_E, Tensor) else tuple(int(c) for c in counts_E)
+    return SegmentMatmul.apply(x_SI, w_EIO, counts)
 
 
 @EXECUTORS.register("loop")
 def loop_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
-    """The same sort, then a plain matmul per contiguous expert segment (portable fallback)."""
-    order_S, tok_S, counts_E = sort_by_expert(routing)
-    if order_S.numel() == 0:
-        return x_TD.new_zeros(x_TD.shape)
-    x_SD = x_TD.index_select(0, tok_S)
-    pieces = []
-    start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n:
-            pieces.append(experts.expert(e, x_SD[start : start + n]))
-            start += n
-    return _combine(x_TD, routing, order_S, tok_S, torch.cat(pieces))
+    """The same sort, then one matmul per non-empty expert segment (:func:`segment_mm`)."""
+    return run_experts(x_TD, routing, experts, segment_mm)

@@ -108,8 +108,8 @@ class MoE(nn.Module):
     @classmethod
     def from_config(cls, cfg: MoEConfig) -> "MoE":
         d = cfg.to_dict()
-        keys = ("d_model", "d_ff", "num_experts", "top_k", "router", "router_options")
-        return cls(*(d.pop(k) for k in keys), **d)
+        args = [d.pop(k) for k in ("d_model", "d_ff", "num_experts", "top_k", "router", "router_options")]
+        return cls(*args, **d)
 
     def _check_input(self, x: Tensor, token_ids: Tensor | None) -> None:
         if not isinstance(x, Tensor) or x.dim() not in (2, 3):

@@ -1,0 +1,192 @@
+"""MoE layer vs a dense SwiGLU of the same active FLOPs vs Hugging Face's Mixtral block.
+
+fp32, forward + backward, timed in one process with the variants interleaved; the median of
+``--repeats`` runs after one warm-up. Variants per shape:
+
+  moe        sparseroute MoE, learned ``topk`` router, default dispatch
+  moe_<d>    the same layer with dispatch <d> (informational)
+  dense      SwiGLU MLP of hidden k·F (the same active FLOPs as the MoE's experts)
+  hf_eager, hf_grouped_mm   transformers' MixtralSparseMoeBlock with that experts implementation
+  loop       (only without transformers) a per-expert loop in the style of HF's eager path
+
+Prints a table to stderr and one JSON line last on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sparseroute.moe import MoE
+
+SHAPES = [
+    dict(E=8, k=2, F=1024),
+    dict(E=64, k=8, F=128),
+]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_dense(D: int, H: int, device, dtype):
+    w_in = torch.nn.Parameter(torch.randn(D, 2 * H, device=device, dtype=dtype) * D**-0.5)
+    w_out = torch.nn.Parameter(torch.randn(H, D, device=device, dtype=dtype) * H**-0.5)
+
+    def run(x):
+        gate, up = (x @ w_in).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w_out
+
+    return run, [w_in, w_out]
+
+
+def make_hf(moe: MoE, impl: str, device, dtype):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    c = moe.config
+    cfg = MixtralConfig(
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_local_experts=c.num_experts,
+        num_experts_per_tok=c.top_k,
+        router_jitter_noise=0.0,
+    )
+    cfg._experts_implementation = impl
+    block = MixtralSparseMoeBlock(cfg).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.router.weight)
+        block.experts.gate_up_proj.copy_(moe.experts.w_in.transpose(1, 2))
+        block.experts.down_proj.copy_(moe.experts.w_out.transpose(1, 2))
+
+    def run(x):
+        return block(x.unsqueeze(0)).squeeze(0)
+
+    return run, list(block.parameters())
+
+
+def make_loop(moe: MoE):
+    """Per-expert loop as in HF's eager experts: one-hot mask, where(), index_add_."""
+    E, k = moe.config.num_experts, moe.config.top_k
+    w_r = moe.router.weight.detach().clone().requires_grad_()
+    w_in = moe.experts.w_in.detach().clone().requires_grad_()
+    w_out = moe.experts.w_out.detach().clone().requires_grad_()
+
+    def run(x):
+        probs = F.linear(x, w_r).float().softmax(dim=-1)
+        top_w, top_i = probs.topk(k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(top_i, E).permute(2, 1, 0)
+        for e in range(E):
+            slot, tok = torch.where(mask[e])
+            if tok.numel() == 0:
+                continue
+            gate, up = (x[tok] @ w_in[e]).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ w_out[e]
+            out.index_add_(0, tok, y * top_w[tok, slot, None].to(x.dtype))
+        return out
+
+    return run, [w_r, w_in, w_out]
+
+
+def time_variants(variants: dict[str, tuple[Callable, list]], x, g, repeats: int, device) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(repeats + 1):  # first round is warm-up
+        for name, (fn, params) in variants.items():
+            for p in params:
+                p.grad = None
+            xx = x.detach().requires_grad_()
+            sync(device)
+            t0 = time.perf_counter()
+            y = fn(xx)
+            if isinstance(y, tuple):
+                y = y[0]
+            y.backward(g)
+            sync(device)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per batch T (default 8192)")
+    ap.add_argument("--d-model", type=int, default=512, help="model dim D (default 512)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed repeats per variant, median taken (default 7)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--dispatch", nargs="*", default=["loop", "grouped"], help="extra dispatch modes to time")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers even if installed")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    device = torch.device(args.device)
+    dtype = torch.float32
+    torch.manual_seed(args.seed)
+    try:
+        import transformers  # noqa: F401
+
+        have_hf = not args.no_hf
+    except ImportError:
+        have_hf = False
+
+    T, D = args.tokens, args.d_model
+    rows = []
+    for shape in SHAPES:
+        E, k, Fh = shape["E"], shape["k"], shape["F"]
+        moe = MoE(D, Fh, E, k, router="topk").to(device=device, dtype=dtype)
+        x = torch.randn(T, D, device=device, dtype=dtype)
+        g = torch.randn(T, D, device=device, dtype=dtype)
+        variants: dict[str, tuple[Callable, list]] = {
+            "moe": (lambda xx, m=moe: m(xx)[0], list(moe.parameters())),
+            "dense": make_dense(D, k * Fh, device, dtype),
+        }
+        for d in args.dispatch:
+            if d != moe.config.dispatch:
+                variants[f"moe_{d}"] = (lambda xx, m=moe, d=d: m(xx, dispatch=d)[0], list(moe.parameters()))
+        if have_hf:
+            variants["hf_eager"] = make_hf(moe, "eager", device, dtype)
+            variants["hf_grouped_mm"] = make_hf(moe, "grouped_mm", device, dtype)
+        else:
+            variants["loop"] = make_loop(moe)
+        med = time_variants(variants, x, g, args.repeats, device)
+        row = {"E": E, "k": k, "F": Fh, "moe_over_dense": round(med["moe"] / med["dense"], 3)}
+        if have_hf:
+            row["hf_eager_over_moe"] = round(med["hf_eager"] / med["moe"], 3)
+            row["hf_grouped_mm_over_moe"] = round(med["hf_grouped_mm"] / med["moe"], 3)
+            row["hf_over_moe"] = min(row["hf_eager_over_moe"], row["hf_grouped_mm_over_moe"])
+        else:
+            row["loop_over_moe"] = round(med["loop"] / med["moe"], 3)
+        for name, t in med.items():
+            row[f"{name}_s"] = round(t, 4)
+        rows.append(row)
+        print(
+            f"E={E:3d} k={k} F={Fh:5d}  " + "  ".join(f"{n}={t * 1e3:8.1f}ms" for n, t in med.items()),
+            file=sys.stderr,
+        )
+    out = {
+        "benchmark": "moe_layer",
+        "device": str(device),
+        "dtype": "fp32",
+        "T": T,
+        "D": D,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shapes": rows,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
