@@ -3,9 +3,10 @@
 fp32, forward + backward, timed in one process with the variants interleaved; the median of
 ``--repeats`` runs after one warm-up. Variants per shape:
 
-  moe        sparseroute MoE, learned ``topk`` router, default dispatch
+  moe        sparseroute MoE, learned ``topk`` router, default dispatch ("auto")
   moe_<d>    the same layer with dispatch <d> (informational)
-  dense      SwiGLU MLP of hidden k·F (the same active FLOPs as the MoE's experts)
+  dense_fused, dense_split   SwiGLU MLP of hidden k·F (the same active FLOPs as the MoE's
+             experts), gate/up as one matmul or two; ``dense`` is the faster of the two
   hf_eager, hf_grouped_mm   transformers' MixtralSparseMoeBlock with that experts implementation
   loop       (only without transformers) a per-expert loop in the style of HF's eager path
 
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sparseroute.moe import MoE
+from sparseroute.moe import EXECUTORS, MoE
 
 SHAPES = [
     dict(E=8, k=2, F=1024),
@@ -37,15 +38,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_dense(D: int, H: int, device, dtype):
-    w_in = torch.nn.Parameter(torch.randn(D, 2 * H, device=device, dtype=dtype) * D**-0.5)
-    w_out = torch.nn.Parameter(torch.randn(H, D, device=device, dtype=dtype) * H**-0.5)
+def make_dense(D: int, H: int, device, dtype, fused_gate_up: bool):
+    """SwiGLU MLP of hidden H: gate and up as one [D, 2H] matmul, or as two (LLaMA style)."""
 
-    def run(x):
-        gate, up = (x @ w_in).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ w_out
+    def param(*shape, fan_in):
+        return torch.nn.Parameter(torch.randn(*shape, device=device, dtype=dtype) * fan_in**-0.5)
 
-    return run, [w_in, w_out]
+    w_out = param(H, D, fan_in=H)
+    if fused_gate_up:
+        w_in = param(D, 2 * H, fan_in=D)
+
+        def run(x):
+            gate, up = (x @ w_in).chunk(2, dim=-1)
+            return (F.silu(gate) * up) @ w_out
+
+        return run, [w_in, w_out]
+    w_gate, w_up = param(D, H, fan_in=D), param(D, H, fan_in=D)
+
+    def run_split(x):
+        return (F.silu(x @ w_gate) * (x @ w_up)) @ w_out
+
+    return run_split, [w_gate, w_up, w_out]
 
 
 def make_hf(moe: MoE, impl: str, device, dtype):
@@ -123,12 +136,18 @@ def main(argv=None) -> int:
     ap.add_argument("--d-model", type=int, default=512, help="model dim D (default 512)")
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per variant, median taken (default 7)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ap.add_argument("--dispatch", nargs="*", default=["loop", "grouped"], help="extra dispatch modes to time")
+    ap.add_argument(
+        "--dispatch", nargs="*", default=["grouped", "loop", "fused"], help="extra dispatch modes to time (informational)"
+    )
     ap.add_argument("--no-hf", action="store_true", help="skip transformers even if installed")
+    ap.add_argument("--shape", action="append", metavar="E,k,F", help="shape(s) to run (default: 8,2,1024 and 64,8,128)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    unknown = [d for d in args.dispatch if d not in EXECUTORS]
+    if unknown:
+        ap.error(f"unknown --dispatch {unknown}; known: {EXECUTORS.names()}")
     device = torch.device(args.device)
     dtype = torch.float32
     torch.manual_seed(args.seed)
@@ -139,16 +158,23 @@ def main(argv=None) -> int:
     except ImportError:
         have_hf = False
 
+    shapes = SHAPES
+    if args.shape:
+        try:
+            shapes = [dict(zip(("E", "k", "F"), map(int, s.split(",")), strict=True)) for s in args.shape]
+        except ValueError:
+            ap.error(f"--shape takes E,k,F as three integers; got {args.shape}")
     T, D = args.tokens, args.d_model
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         E, k, Fh = shape["E"], shape["k"], shape["F"]
         moe = MoE(D, Fh, E, k, router="topk").to(device=device, dtype=dtype)
         x = torch.randn(T, D, device=device, dtype=dtype)
         g = torch.randn(T, D, device=device, dtype=dtype)
         variants: dict[str, tuple[Callable, list]] = {
             "moe": (lambda xx, m=moe: m(xx)[0], list(moe.parameters())),
-            "dense": make_dense(D, k * Fh, device, dtype),
+            "dense_fused": make_dense(D, k * Fh, device, dtype, fused_gate_up=True),
+            "dense_split": make_dense(D, k * Fh, device, dtype, fused_gate_up=False),
         }
         for d in args.dispatch:
             if d != moe.config.dispatch:
@@ -159,6 +185,7 @@ def main(argv=None) -> int:
         else:
             variants["loop"] = make_loop(moe)
         med = time_variants(variants, x, g, args.repeats, device)
+        med["dense"] = min(med["dense_fused"], med["dense_split"])  # the faster dense baseline
         row = {"E": E, "k": k, "F": Fh, "moe_over_dense": round(med["moe"] / med["dense"], 3)}
         if have_hf:
             row["hf_eager_over_moe"] = round(med["hf_eager"] / med["moe"], 3)

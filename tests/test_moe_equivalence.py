@@ -1,4 +1,4 @@
-"""Every router x fast executor ("grouped", "loop") equals the "reference" executor.
+"""Every router x fast executor ("grouped", "loop", "fused") equals the "reference" executor.
 
 Outputs and gradients (w.r.t. x and every parameter) are compared on one module; the torch RNG
 is reset before each forward so train-mode randomness (jitter, Sinkhorn coin flips) agrees.
@@ -29,7 +29,7 @@ ALL_ROUTERS = (
     "round_robin",
     "all_to_one",
 )
-FAST = ("grouped", "loop")
+FAST = ("grouped", "loop", "fused")
 
 
 @dataclass

@@ -128,3 +128,85 @@ def segment_mm(x_SI: Tensor, w_EIO: Tensor, counts_E: Tensor | tuple[int, ...]) 
 def loop_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
     """The same sort, then one matmul per non-empty expert segment (:func:`segment_mm`)."""
     return run_experts(x_TD, routing, experts, segment_mm)
+
+
+class FusedExpertMLP(torch.autograd.Function):
+    """The whole expert MLP, one expert at a time: gather that expert's rows, up-project,
+    activate, scale by the routing weight, down-project, add into the output. Each expert's
+    rows stay in cache from gather to scatter, so no [S, D] buffer is ever written; only the
+    [S, F] pre-activations are kept for the hand-written backward (which recomputes the
+    activation). The CPU default; on GPUs the grouped matmul path wins.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, activation):
+        out_TD = torch.zeros_like(x_TD)
+        h_SH = x_TD.new_empty(tok_S.shape[0], w_in.shape[2])
+        start = 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            rows = slice(start, start + n)
+            t = tok_S[rows]
+            h = torch.mm(x_TD.index_select(0, t), w_in[e], out=h_SH[rows])
+            a = activation.fn(h).mul_(w_S[rows].unsqueeze(1))
+            out_TD.index_add_(0, t, a @ w_out[e])
+            start += n
+        ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH)
+        ctx.counts, ctx.activation = counts, activation
+        return out_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_TD):
+        x_TD, w_S, w_in, w_out, tok_S, h_SH = ctx.saved_tensors
+        need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
+        g_TD = g_TD.contiguous()
+        gx = torch.zeros_like(x_TD) if need_x else None
+        gw = torch.zeros_like(w_S) if need_w else None
+        # every used expert's slice is overwritten below; zero only the unused ones
+        g_in = torch.empty_like(w_in) if need_in else None
+        g_out = torch.empty_like(w_out) if need_out else None
+        act = ctx.activation
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if not n:
+                for g in (g_in, g_out):
+                    if g is not None:
+                        g[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            start += n
+            t, w_N1, h = tok_S[rows], w_S[rows].unsqueeze(1), h_SH[rows]
+            a, act_backward = act.vjp(h)  # unweighted activation, recomputed
+            ge = g_TD.index_select(0, t)
+            ga = ge @ w_out[e].t()  # gradient of the weighted activation
+            if g_out is not None:
+                torch.mm(a.t(), ge * w_N1, out=g_out[e])
+            if gw is not None:
+                gw[rows] = (ga * a).sum(dim=1)
+            if gx is not None or g_in is not None:
+                gh = act_backward(ga.mul_(w_N1))
+                if g_in is not None:
+                    torch.mm(x_TD.index_select(0, t).t(), gh, out=g_in[e])
+                if gx is not None:
+                    gx.index_add_(0, t, gh @ w_in[e].t())
+        return gx, gw, g_in, g_out, None, None, None
+
+
+@EXECUTORS.register("fused")
+def fused_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """Per-expert fused MLP (:class:`FusedExpertMLP`): the fastest path on CPUs."""
+    order_S, tok_S, counts_E = sort_by_expert(routing)
+    if order_S.numel() == 0:
+        return x_TD.new_zeros(x_TD.shape)
+    w_S = routing.weights.reshape(-1).index_select(0, order_S).to(x_TD.dtype)
+    counts = tuple(counts_E.tolist())
+    return FusedExpertMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, experts.activation_fn)
+
+
+@EXECUTORS.register("auto")
+def auto_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """``grouped`` on CUDA, ``fused`` elsewhere (see docs/RESULTS.md for the measurements)."""
+    fn = grouped_dispatch if x_TD.device.type == "cuda" else fused_dispatch
+    return fn(x_TD, routing, experts)

@@ -7,6 +7,7 @@ these give ``x_SD @ w_in[e]`` without transposes, which is the layout ``F.groupe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,12 +20,44 @@ def _swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], bool]] = {
-    # name: (function on the w_in output, gated)
-    "swiglu": (_swiglu, True),
-    "gelu": (F.gelu, False),
-    "silu": (F.silu, False),
-    "relu": (F.relu, False),
+def _swiglu_vjp(h_N2F: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    gate, up = h_N2F.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    a = silu * up
+
+    def backward(g_NF: Tensor) -> Tensor:
+        # d silu / d gate = sig + silu * (1 - sig)
+        d_gate = (g_NF * up).mul_(sig + silu * (1 - sig))
+        return torch.cat([d_gate, g_NF * silu], dim=-1)
+
+    return a, backward
+
+
+def _elementwise_vjp(fn: Callable[[Tensor], Tensor], grad: Callable[[Tensor, Tensor], Tensor]):
+    def vjp(h: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        return fn(h), lambda g: grad(g, h)
+
+    return vjp
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An expert activation on the w_in output. ``vjp(h) -> (act(h), backward)`` where
+    ``backward(grad_act) -> grad_h`` is hand-written (used by the fused executor)."""
+
+    fn: Callable[[Tensor], Tensor]
+    vjp: Callable[[Tensor], tuple[Tensor, Callable[[Tensor], Tensor]]]
+    gated: bool
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "swiglu": Activation(_swiglu, _swiglu_vjp, gated=True),
+    "gelu": Activation(F.gelu, _elementwise_vjp(F.gelu, torch.ops.aten.gelu_backward), gated=False),
+    "silu": Activation(F.silu, _elementwise_vjp(F.silu, torch.ops.aten.silu_backward), gated=False),
+    "relu": Activation(
+        F.relu, _elementwise_vjp(F.relu, lambda g, h: torch.ops.aten.threshold_backward(g, h, 0)), gated=False
+    ),
 }
 
 
@@ -43,8 +76,9 @@ class Experts(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
         self.num_experts, self.d_model, self.d_ff, self.activation = num_experts, d_model, d_ff, activation
-        self.act, gated = ACTIVATIONS[activation]
-        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, (2 if gated else 1) * d_ff))
+        self.activation_fn = ACTIVATIONS[activation]
+        self.act = self.activation_fn.fn
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, (2 if self.gated else 1) * d_ff))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.reset_parameters()
 
@@ -54,7 +88,7 @@ class Experts(nn.Module):
 
     @property
     def gated(self) -> bool:
-        return ACTIVATIONS[self.activation][1]
+        return ACTIVATIONS[self.activation].gated
 
     def expert(self, e: int, x_ND: Tensor) -> Tensor:
         """Apply expert ``e`` to rows ``x_ND`` (the plain, per-expert path)."""

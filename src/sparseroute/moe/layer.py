@@ -34,7 +34,8 @@ class MoEConfig:
         ceil(capacity_factor · T · k / E) pairs and the overflow is dropped (reported).
     num_shared_experts / shared_d_ff / shared_gate: dense expert(s) every token uses; their hidden
         size defaults to num_shared_experts · d_ff; shared_gate scales them by sigmoid(w·x).
-    dispatch: executor name ("grouped", "loop", or "reference" for tests).
+    dispatch: executor name: "auto" (grouped on CUDA, fused elsewhere), "grouped", "fused",
+        "loop", or "reference" (the per-token oracle, for tests).
     """
 
     d_model: int
@@ -48,7 +49,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
     shared_gate: bool = False
-    dispatch: str = "grouped"
+    dispatch: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts"):
