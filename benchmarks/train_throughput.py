@@ -1,0 +1,97 @@
+"""Training throughput: the `tiny` dense LM vs `tiny` with top-2-of-8 MoE FFNs of the same active
+parameters (expert hidden = dense hidden / 2), interleaved in one process.
+
+Each timed block is ``--steps`` full training steps (forward, backward, clip, AdamW step, router
+hooks) on batches of the stdlib corpus; the median over ``--repeats`` blocks is taken after one
+warm-up block. Prints a table to stderr and one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from sparseroute.data import DataConfig, get_batch, prepare
+from sparseroute.models import MoESettings, TransformerLM, preset
+from sparseroute.moe import after_optimizer_step
+from sparseroute.train.config import TrainConfig
+from sparseroute.train.loop import make_optimizer
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5, help="training steps per timed block (default 5)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed blocks per model (default 7)")
+    ap.add_argument("--router", default="topk", help="router of the MoE model (default topk)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        ap.error("--steps and --repeats must be >= 1")
+    device = torch.device(args.device)
+    corpus = prepare(DataConfig(max_bytes=4_000_000))
+    tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, tokens=10**9)
+    dense_cfg = replace(preset("tiny"), max_seq_len=max(args.seq_len, preset("tiny").max_seq_len))
+    moe_cfg = replace(dense_cfg, moe=MoESettings(num_experts=8, top_k=2, router=args.router))
+    runs = {}
+    for name, cfg in (("dense", dense_cfg), ("moe", moe_cfg)):
+        torch.manual_seed(0)
+        model = TransformerLM(cfg).to(device)
+        runs[name] = {"model": model, "opt": make_optimizer(model, tc), "step": 0, "times": []}
+    tokens_per_block = args.steps * args.batch_size * args.seq_len
+
+    def block(run) -> float:
+        model, opt = run["model"], run["opt"]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            x, y = get_batch(corpus.train, args.batch_size, args.seq_len, run["step"], 0)
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1)) + out.aux_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            after_optimizer_step(model)
+            run["step"] += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for rep in range(args.repeats + 1):
+        for run in runs.values():
+            t = block(run)
+            if rep:
+                run["times"].append(t)
+    tps = {name: tokens_per_block / statistics.median(r["times"]) for name, r in runs.items()}
+    params = {name: sum(p.numel() for p in r["model"].parameters()) for name, r in runs.items()}
+    for name in runs:
+        print(f"{name:6s} {tps[name]:10,.0f} tokens/s  {params[name]:,} parameters", file=sys.stderr)
+    print(json.dumps({
+        "benchmark": "train_throughput",
+        "device": str(device),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "router": args.router,
+        "dense_tokens_per_s": round(tps["dense"], 1),
+        "moe_tokens_per_s": round(tps["moe"], 1),
+        "moe_over_dense_tokens_per_s": round(tps["moe"] / tps["dense"], 3),
+        "dense_parameters": params["dense"],
+        "moe_parameters": params["moe"],
+        "threads": torch.get_num_threads(),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

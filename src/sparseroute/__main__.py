@@ -1,0 +1,3 @@
+from sparseroute.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Forward FLOPs per token and parameter counts of an :class:`LMConfig`.
+
+Legend: V vocab, D model dim, L layers, F dense FFN hidden, Fe expert hidden, E experts,
+R cosine routing dim (d_space), S sequence length, a_i active experts per token of MoE layer i.
+
+Matmuls only (plus the attention score and value products), one multiply-add = 2 FLOPs:
+
+- attention, per layer: q, k, v, o projections 4·2·D² plus QKᵀ and AV 2·2·D·c, where c = (S+1)/2
+  is the mean causal context of a token;
+- dense_ffn, per non-MoE layer: SwiGLU gate, up, down 3·2·D·F;
+- experts, per MoE layer: a_i × one expert (``Experts.flops_per_row``: 3·2·D·Fe for SwiGLU,
+  2·2·D·Fe otherwise) plus the shared experts (hidden ``num_shared_experts``·Fe), every token;
+- router, per MoE layer: linear routers 2·D·E; cosine 2·(D·R + R·E); hash and the oracles 0;
+- embedding_head: the output head 2·D·V (the input lookup costs nothing).
+
+Norms, softmax, activations and the routing bookkeeping are not counted. Training (forward +
+backward) costs about 3× the forward: :func:`forward_backward_flops`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from sparseroute.models.config import LMConfig, MoESettings
+from sparseroute.moe.experts import ACTIVATIONS
+from sparseroute.moe.routers import ROUTERS
+from sparseroute.moe.routers.base import make_config
+
+__all__ = ["flops_per_token", "forward_backward_flops", "router_flops_per_token", "parameter_counts"]
+
+#: routers whose decision costs no matmul (decided from ids or a fixed pattern)
+_FREE_ROUTERS = frozenset({"hash", "round_robin", "all_to_one"})
+
+
+def router_flops_per_token(moe: MoESettings, d_model: int) -> float:
+    """Forward FLOPs of one router on one token (see the module docstring)."""
+    E = moe.num_experts
+    if moe.router in _FREE_ROUTERS:
+        return 0.0
+    if moe.router == "cosine":
+        R = make_config(ROUTERS.get("cosine"), moe.router_options).d_space
+        return 2.0 * (d_model * R + R * E)
+    return 2.0 * d_model * E
+
+
+def _expert_flops(d_model: int, hidden: int, activation: str) -> float:
+    """One expert MLP on one row, as ``Experts.flops_per_row``."""
+    width_in = (2 if ACTIVATIONS[activation].gated else 1) * hidden
+    return 2.0 * d_model * width_in + 2.0 * hidden * d_model
+
+
+def flops_per_token(
+    cfg: LMConfig, seq_len: int, active_experts_per_layer: Sequence[float] | None = None
+) -> dict[str, float]:
+    """Forward FLOPs per token, by part: attention, dense_ffn, experts, router, embedding_head and
+    total. ``active_experts_per_layer[i]`` is the mean number of experts a token uses in the i-th
+    MoE layer (e.g. ``Routing.stats["active_per_token"]``); ``None`` means ``top_k`` everywhere.
+    Pass measured counts for variable-k routers (relu, expert_choice) and capacity drops."""
+    if not isinstance(cfg, LMConfig):
+        raise ValueError(f"cfg must be an LMConfig; got {type(cfg).__name__}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise ValueError(f"seq_len must be an int >= 1; got {seq_len!r}")
+    D, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    moe_layers = cfg.moe_layer_indices()
+    n_moe = len(moe_layers)
+    if active_experts_per_layer is None:
+        active = [float(cfg.moe.top_k)] * n_moe if cfg.moe is not None else []
+    else:
+        active = [float(a) for a in active_experts_per_layer]
+        if len(active) != n_moe:
+            raise ValueError(
+                f"active_experts_per_layer must have one value per MoE layer ({n_moe}: layers "
+                f"{list(moe_layers)}); got {len(active)}"
+            )
+        E = cfg.moe.num_experts if cfg.moe is not None else 0
+        bad = [a for a in active if not (0.0 <= a <= E) or math.isnan(a)]
+        if bad:
+            raise ValueError(f"active_experts_per_layer: values must be in [0, num_experts={E}]; got {bad}")
+
+    context = (seq_len + 1) / 2.0
+    attention = L * (8.0 * D * D + 4.0 * D * context)
+    dense_ffn = (L - n_moe) * 6.0 * D * cfg.d_ff
+    experts = router = 0.0
+    if cfg.moe is not None:
+        m = cfg.moe
+        fe = m.expert_d_ff(cfg.d_ff)
+        per_expert = _expert_flops(D, fe, m.activation)
+        shared = _expert_flops(D, m.num_shared_experts * fe, m.activation) if m.num_shared_experts else 0.0
+        experts = sum(a * per_expert + shared for a in active)
+        router = n_moe * router_flops_per_token(m, D)
+    embedding_head = 2.0 * D * V
+    out = {
+        "attention": attention,
+        "dense_ffn": dense_ffn,
+        "experts": experts,
+        "router": router,
+        "embedding_head": embedding_head,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def forward_backward_flops(d: dict[str, float]) -> float:
+    """Training FLOPs per token ≈ 3 × forward (backward computes two matmuls per forward one)."""
+    return 3.0 * d["total"]
+
+
+def parameter_counts(cfg: LMConfig) -> dict[str, int]:
+    """Exact parameter counts of ``TransformerLM(cfg)``, built on the meta device (nothing is
+    allocated): ``total`` (unique parameters), ``embedding`` (input table, plus the head when
+    untied), ``experts`` (all routed-expert weights), ``active`` (per token: total minus the
+    routed experts a top-k token does not use)."""
+    from sparseroute.models.lm import TransformerLM
+
+    with torch.device("meta"):
+        model = TransformerLM(cfg)
+    total = model.num_parameters()
+    embedding = model.embed.weight.numel() + (0 if model.head is None else model.head.weight.numel())
+    experts = active_experts = 0
+    for moe in model.moe_layers():
+        n = moe.experts.w_in.numel() + moe.experts.w_out.numel()
+        experts += n
+        active_experts += n * moe.config.top_k // moe.config.num_experts
+    return {"total": total, "embedding": embedding, "experts": experts, "active": total - experts + active_experts}

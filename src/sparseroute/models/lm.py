@@ -1,0 +1,243 @@
+"""The decoder-only transformer LM assembled from an :class:`LMConfig`.
+
+Legend: B batch, S sequence, D model dim, H heads, K head dim, V vocab, F FFN hidden.
+
+Pre-norm blocks ``x + Attn(RMSNorm(x))``, ``x + FFN(RMSNorm(x))``; RoPE (rotate-half) on q and k;
+causal ``F.scaled_dot_product_attention``; a dense SwiGLU FFN or a sparseroute :class:`MoE`;
+final RMSNorm and a (tied or untied) output head. MoE layers receive the input ids as
+``token_ids`` (hash routing needs them). Note that ``expert_choice`` routing looks at the whole
+batch, so with it the model is no longer strictly causal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparseroute.models.config import LMConfig
+from sparseroute.moe import MoE
+from sparseroute.moe.layer import after_optimizer_step
+from sparseroute.routing import Routing
+
+__all__ = ["LMOutput", "TransformerLM", "RMSNorm", "rope_cos_sin", "apply_rope"]
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [S, K] (float32) for rotate-half RoPE: frequency i (of K/2) is
+    ``base^(-2i/K)`` and is repeated for both halves of the head dim."""
+    inv_freq_K2 = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    pos_S = torch.arange(seq_len, device=device, dtype=torch.float32)
+    ang_SK2 = torch.outer(pos_S, inv_freq_K2)
+    ang_SK = torch.cat([ang_SK2, ang_SK2], dim=-1)
+    return ang_SK.cos(), ang_SK.sin()
+
+
+def apply_rope(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
+    """Rotate pairs (x[i], x[i + K/2]) by the position's angles: ``x cos + rotate_half(x) sin``."""
+    half = x_BHSK.shape[-1] // 2
+    x1, x2 = x_BHSK[..., :half], x_BHSK[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x_BHSK * cos_SK.to(x_BHSK.dtype) + rotated * sin_SK.to(x_BHSK.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.q = nn.Linear(D, D, bias=False)
+        self.k = nn.Linear(D, D, bias=False)
+        self.v = nn.Linear(D, D, bias=False)
+        self.o = nn.Linear(D, D, bias=False)
+
+    def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
+        B, S, D = x_BSD.shape
+        H, K = self.n_heads, self.head_dim
+        q_BHSK = self.q(x_BSD).view(B, S, H, K).transpose(1, 2)
+        k_BHSK = self.k(x_BSD).view(B, S, H, K).transpose(1, 2)
+        v_BHSK = self.v(x_BSD).view(B, S, H, K).transpose(1, 2)
+        q_BHSK, k_BHSK = apply_rope(q_BHSK, cos_SK, sin_SK), apply_rope(k_BHSK, cos_SK, sin_SK)
+        y_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSK, is_causal=True)
+        return self.o(y_BHSK.transpose(1, 2).reshape(B, S, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, use_moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn: nn.Module
+        if use_moe:
+            m = cfg.moe
+            assert m is not None
+            self.ffn = MoE(
+                cfg.d_model,
+                m.expert_d_ff(cfg.d_ff),
+                m.num_experts,
+                m.top_k,
+                router=m.router,
+                router_options=dict(m.router_options),
+                activation=m.activation,
+                capacity_factor=m.capacity_factor,
+                num_shared_experts=m.num_shared_experts,
+            )
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    def forward(
+        self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, ids_BS: Tensor
+    ) -> tuple[Tensor, Routing | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK)
+        h_BSD = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoE):
+            y_BSD, routing = self.ffn(h_BSD, token_ids=ids_BS)
+            return x_BSD + y_BSD, routing
+        return x_BSD + self.ffn(h_BSD), None
+
+
+@dataclass
+class LMOutput:
+    """logits [B, S, V]; aux_losses: MoE auxiliary losses (already scaled by their coefficients)
+    summed over MoE layers by name; routings: one Routing per MoE layer, in layer order."""
+
+    logits: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    routings: list[Routing] = field(default_factory=list)
+
+    def aux_loss(self) -> Tensor:
+        """Sum of all auxiliary losses; a 0-dim zero on the logits' device when there are none."""
+        if not self.aux_losses:
+            return torch.zeros((), device=self.logits.device, dtype=torch.float32)
+        return torch.stack([v.float() for v in self.aux_losses.values()]).sum()
+
+
+class TransformerLM(nn.Module):
+    """``forward(input_ids_BS) -> LMOutput``. Build on ``torch.device("meta")`` to count the
+    parameters of a large config without allocating it."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        if not isinstance(cfg, LMConfig):
+            raise ValueError(f"cfg must be an LMConfig; got {type(cfg).__name__}")
+        self.config = cfg
+        moe_layers = set(cfg.moe_layer_indices())
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i in moe_layers) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # tied: no head module, the logits read embed.weight directly, so the state_dict holds the
+        # matrix once (safetensors refuses tensors that share memory)
+        self.head: nn.Linear | None = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(init_std) for embeddings and linear weights, init_std/sqrt(2L) for the
+        projections that write into the residual stream (attention out, FFN down); RMSNorm
+        weights 1; MoE expert weights like the dense FFN (routers keep their own init)."""
+        cfg = self.config
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=std)
+        for block in self.blocks:
+            for lin in (block.attn.q, block.attn.k, block.attn.v):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(block.attn.o.weight, std=out_std)
+            if isinstance(block.ffn, SwiGLU):
+                nn.init.normal_(block.ffn.gate.weight, std=std)
+                nn.init.normal_(block.ffn.up.weight, std=std)
+                nn.init.normal_(block.ffn.down.weight, std=out_std)
+            elif isinstance(block.ffn, MoE):
+                # experts start like the dense FFN they replace, so dense-vs-MoE runs share an init scale
+                experts = [block.ffn.experts] + ([block.ffn.shared.mlp] if block.ffn.shared is not None else [])
+                for ex in experts:
+                    nn.init.normal_(ex.w_in, std=std)
+                    nn.init.normal_(ex.w_out, std=out_std)
+            for norm in (block.attn_norm, block.ffn_norm):
+                norm.weight.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+
+    def _check_ids(self, ids: Tensor) -> None:
+        cfg = self.config
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"input_ids must be a [batch, seq] tensor; got {shape}")
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must be an integer tensor; got dtype {ids.dtype}")
+        if ids.shape[1] < 1:
+            raise ValueError("input_ids: the sequence is empty; need at least one token")
+        if ids.shape[1] > cfg.max_seq_len:
+            raise ValueError(
+                f"input_ids: sequence length {ids.shape[1]} exceeds max_seq_len={cfg.max_seq_len}; "
+                "crop the input or build the model with a larger max_seq_len"
+            )
+        if ids.numel() and bool(((ids < 0) | (ids >= cfg.vocab_size)).any()):
+            raise ValueError(
+                f"input_ids: token ids must be in [0, vocab_size={cfg.vocab_size}); got values in "
+                f"[{int(ids.min())}, {int(ids.max())}]"
+            )
+
+    def forward(self, input_ids_BS: Tensor) -> LMOutput:
+        self._check_ids(input_ids_BS)
+        ids_BS = input_ids_BS.long()
+        S = ids_BS.shape[1]
+        cos_SK, sin_SK = rope_cos_sin(S, self.config.head_dim, self.config.rope_base, device=ids_BS.device)
+        x_BSD = self.embed(ids_BS)
+        aux: dict[str, Tensor] = {}
+        routings: list[Routing] = []
+        for block in self.blocks:
+            x_BSD, routing = block(x_BSD, cos_SK, sin_SK, ids_BS)
+            if routing is not None:
+                routings.append(routing)
+                for name, value in routing.losses.items():
+                    aux[name] = aux[name] + value if name in aux else value
+        logits_BSV = F.linear(self.norm(x_BSD), self.output_weight())
+        return LMOutput(logits=logits_BSV, aux_losses=aux, routings=routings)
+
+    def output_weight(self) -> Tensor:
+        """The [V, D] output projection: the embedding matrix itself when tied."""
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE modules, in layer order."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def after_optimizer_step(self) -> None:
+        """Run every router's post-step hook (loss-free bias balancing); call after ``opt.step()``."""
+        after_optimizer_step(self)
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())

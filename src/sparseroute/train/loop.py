@@ -1,0 +1,321 @@
+"""The training loop: fixed token budget, AdamW + warmup/cosine, MoE auxiliary losses and hooks,
+routing statistics, FLOPs accounting, NaN guard, checkpoints and bit-identical resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from sparseroute.data import TokenizedCorpus, eval_batches, get_batch, prepare
+from sparseroute.models import TransformerLM, flops_per_token
+from sparseroute.moe import after_optimizer_step
+from sparseroute.train.checkpoint import (
+    CheckpointError,
+    fault,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    write_json_atomic,
+)
+from sparseroute.train.config import RunConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: training stopped, the last good checkpoint is kept."""
+
+
+class RunDirError(ValueError):
+    """The output directory does not fit the request (exists, or holds another run)."""
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+
+
+@torch.no_grad()
+def evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_tokens: int, device) -> dict[str, float]:
+    """Mean cross-entropy (nats/token) and perplexity over up to ``max_tokens`` of ``tokens``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens=max_tokens):
+        x, y = x.to(device), y.to(device)
+        logits = model(x).logits
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
+        count += y.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation split is shorter than one sequence; use a larger corpus or a shorter seq_len")
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+@dataclass
+class _Accum:
+    """Per-interval sums (saved in checkpoints so a resumed run logs exactly the same lines)."""
+
+    loss: float = 0.0
+    aux: float = 0.0
+    n: int = 0
+    layers: list | None = None  # per MoE layer: {"load": [...], scalar sums...}
+    active_sum: list | None = None  # whole-run sums of active experts per token, per MoE layer
+    active_n: int = 0
+
+    def add_routings(self, routings) -> None:
+        if not routings:
+            return
+        if self.layers is None:
+            self.layers = [{"load": [0] * int(r.num_experts)} for r in routings]
+            self.active_sum = [0.0] * len(routings)
+        for i, r in enumerate(routings):
+            lay = self.layers[i]
+            load = r.stats["tokens_per_expert"].tolist()
+            lay["load"] = [a + b for a, b in zip(lay["load"], load)]
+            for key, value in r.stats.items():
+                if key != "tokens_per_expert" and value.numel() == 1:
+                    lay[key] = lay.get(key, 0.0) + float(value)
+            self.active_sum[i] += float(r.stats["active_per_token"])
+        self.active_n += 1
+
+    def interval_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {"loss": self.loss / max(1, self.n), "aux_loss": self.aux / max(1, self.n)}
+        if self.layers is not None:
+            rec["routing"] = [
+                {k: (v if k == "load" else v / max(1, self.n)) for k, v in lay.items()} for lay in self.layers
+            ]
+        return rec
+
+    def reset_interval(self) -> None:
+        self.loss, self.aux, self.n = 0.0, 0.0, 0
+        if self.layers is not None:
+            self.layers = [{"load": [0] * len(lay["load"])} for lay in self.layers]
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _check_finite(step: int, name: str, value: torch.Tensor) -> None:
+    if not torch.isfinite(value).all():
+        raise TrainingDiverged(
+            f"step {step}: {name} is {float(value.detach())}; training stopped, the last good checkpoint is kept"
+        )
+
+
+def _resolve_run(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
+    cfg_path = out / "config.json"
+    if resume:
+        if not cfg_path.exists():
+            raise RunDirError(f"--resume: {out} holds no run (no config.json); start it without --resume")
+        try:
+            stored = RunConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise RunDirError(f"{cfg_path} is unreadable ({e})") from None
+        if cfg is not None and cfg.to_dict() != stored.to_dict():
+            diff = _diff(cfg.to_dict(), stored.to_dict())
+            raise RunDirError(f"--resume: the options differ from the run stored in {out} ({diff}); drop them")
+        return stored
+    if cfg is None:
+        raise ValueError("a RunConfig is needed to start a run")
+    if cfg_path.exists() or (out / "checkpoints").exists():
+        raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cfg_path, cfg.to_dict())
+    return cfg
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> str:
+    parts = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            sub = _diff(va, vb, f"{prefix}{k}.")
+            if sub:
+                parts.append(sub)
+        elif va != vb:
+            parts.append(f"{prefix}{k}: {vb!r} stored, {va!r} given")
+    return "; ".join(parts)
+
+
+def train(
+    cfg: RunConfig | None,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    corpus: TokenizedCorpus | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) the run in ``out_dir``; returns the final metrics (also in final.json)."""
+    out = Path(out_dir)
+    cfg = _resolve_run(out, cfg, resume)
+    tc = cfg.train
+    device = torch.device(tc.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available; use --device cpu")
+    corpus = corpus if corpus is not None else prepare(cfg.data, progress=progress)
+    if corpus.vocab_size != cfg.model.vocab_size:
+        raise ValueError(
+            f"model vocab_size={cfg.model.vocab_size} but the {cfg.data.tokenizer} tokenizer has {corpus.vocab_size}"
+        )
+
+    torch.manual_seed(tc.seed)
+    model = TransformerLM(cfg.model).to(device)
+    optimizer = make_optimizer(model, tc)
+    acc = _Accum()
+    start, elapsed_before = 0, 0.0
+    metrics_path = out / "metrics.jsonl"
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        model_t, optim_sd, rng, meta = load_checkpoint(ckpt)
+        try:
+            model.load_state_dict(model_t, strict=True)
+            optimizer.load_state_dict(optim_sd)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {ckpt} does not fit this run's model: {e}") from None
+        restore_rng(rng)
+        start = int(meta["step"])
+        st = meta["state"]
+        acc = _Accum(**st["accum"])
+        elapsed_before = float(st.get("elapsed_s", 0.0))
+        offset = int(st["metrics_offset"])
+    else:
+        offset = 0
+    # the metrics log continues exactly where the checkpoint left it (nothing counted twice)
+    with open(metrics_path, "a+b") as f:
+        f.truncate(offset)
+
+    steps = tc.steps
+    tokens_per_step = tc.batch_size * tc.seq_len
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def log(record: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if on_log is not None:
+            on_log(record)
+
+    def state_now(step: int) -> dict:
+        return {
+            "accum": acc.to_json(),
+            "metrics_offset": metrics_path.stat().st_size,
+            "elapsed_s": elapsed_before + time.perf_counter() - t0,
+            "tokens_seen": step * tokens_per_step,
+        }
+
+    model.train()
+    for step in range(start, steps):
+        lr = tc.lr_at(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        x, y = get_batch(corpus.train, tc.batch_size, tc.seq_len, step, tc.seed)
+        x, y = x.to(device), y.to(device)
+        out_ = model(x)
+        ce = F.cross_entropy(out_.logits.reshape(-1, out_.logits.shape[-1]).float(), y.reshape(-1))
+        _check_finite(step, "the loss (cross-entropy)", ce)
+        for name, value in out_.aux_losses.items():
+            _check_finite(step, f"the auxiliary loss {name!r}", value)
+        aux = out_.aux_loss()
+        loss = ce + aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        _check_finite(step, "the gradient norm", gnorm)
+        optimizer.step()
+        after_optimizer_step(model)
+        acc.loss += float(ce.detach())
+        acc.aux += float(aux.detach())
+        acc.n += 1
+        acc.add_routings(out_.routings)
+        done = step + 1
+        fault("after_step", done)
+        if bar is not None:
+            bar.update(1)
+            rate = (done - start) * tokens_per_step / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{float(ce.detach()):.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+        if (tc.log_every and done % tc.log_every == 0) or done == steps:
+            rec = {"step": done, "tokens": done * tokens_per_step, "lr": lr, **acc.interval_record()}
+            acc.reset_interval()
+            if tc.eval_every and done % tc.eval_every == 0 and done != steps:
+                rec["val"] = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
+            log(rec)
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != steps:
+            save_checkpoint(out, done, model, optimizer, state_now(done))
+    if bar is not None:
+        bar.close()
+
+    final = finish(model, cfg, corpus, acc, device)
+    final["train_seconds"] = elapsed_before + time.perf_counter() - t0
+    if start < steps:
+        final["tokens_per_s"] = (steps - start) * tokens_per_step / max(1e-9, time.perf_counter() - t0)
+    if latest_checkpoint(out) is None or int(json.loads((out / "checkpoints" / "latest.json").read_text())["step"]) != steps:
+        save_checkpoint(out, steps, model, optimizer, state_now(steps))
+    write_json_atomic(out / "final.json", final)
+    return final
+
+
+def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _Accum, device) -> dict[str, Any]:
+    tc = cfg.train
+    val = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
+    test = evaluate(model, corpus.test, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
+    active = None
+    if acc.active_sum is not None and acc.active_n:
+        active = [s / acc.active_n for s in acc.active_sum]
+    flops = flops_per_token(cfg.model, tc.seq_len, active)
+    return {
+        "steps": tc.steps,
+        "tokens": tc.steps * tc.batch_size * tc.seq_len,
+        "val_loss": val["loss"],
+        "val_ppl": val["ppl"],
+        "test_loss": test["loss"],
+        "test_ppl": test["ppl"],
+        "eval_tokens": val["tokens"],
+        "flops_per_token": flops,
+        "active_experts_per_layer": active,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def evaluate_run(out_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
+    """Validation and test perplexity of the latest checkpoint of a run."""
+    out = Path(out_dir)
+    cfg_path = out / "config.json"
+    if not cfg_path.exists():
+        raise RunDirError(f"{out} holds no run (no config.json)")
+    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise RunDirError(f"{out} has no checkpoint yet")
+    model_t, _, _, meta = load_checkpoint(ckpt)
+    device = torch.device(cfg.train.device if torch.cuda.is_available() else "cpu")
+    model = TransformerLM(cfg.model)
+    model.load_state_dict(model_t, strict=True)
+    model.to(device)
+    corpus = prepare(cfg.data, progress=progress)
+    tc = cfg.train
+    val = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
+    test = evaluate(model, corpus.test, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
+    return {"step": int(meta["step"]), "val_ppl": val["ppl"], "test_ppl": test["ppl"], "val_loss": val["loss"], "test_loss": test["loss"]}
+
+
+def resolve_vocab(cfg: RunConfig, corpus: TokenizedCorpus) -> RunConfig:
+    """Set the model's vocabulary to the tokenizer's."""
+    if cfg.model.vocab_size == corpus.vocab_size:
+        return cfg
+    return replace(cfg, model=replace(cfg.model, vocab_size=corpus.vocab_size))
