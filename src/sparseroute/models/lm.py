@@ -37,11 +37,14 @@ def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None) -> tuple
 
 
 def apply_rope(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
-    """Rotate pairs (x[i], x[i + K/2]) by the position's angles: ``x cos + rotate_half(x) sin``."""
+    """Rotate pairs (x[i], x[i + K/2]) by the position's angles: ``x cos + rotate_half(x) sin``
+    with rotate_half(x) = (-x2, x1). Works on any layout whose last two dims are [S, K] or, with
+    cos/sin of shape [S, 1, K], [S, H, K]."""
     half = x_BHSK.shape[-1] // 2
-    x1, x2 = x_BHSK[..., :half], x_BHSK[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x_BHSK * cos_SK.to(x_BHSK.dtype) + rotated * sin_SK.to(x_BHSK.dtype)
+    # rotate_half(x) * sin == swap_halves(x) * (-sin1, sin2): one flip instead of a negate and a cat
+    swapped = x_BHSK.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    sin_signed = torch.cat([-sin_SK[..., :half], sin_SK[..., half:]], dim=-1).to(x_BHSK.dtype)
+    return torch.addcmul(x_BHSK * cos_SK.to(x_BHSK.dtype), swapped, sin_signed)
 
 
 class RMSNorm(nn.Module):
@@ -67,10 +70,11 @@ class Attention(nn.Module):
     def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
         B, S, D = x_BSD.shape
         H, K = self.n_heads, self.head_dim
-        q_BHSK = self.q(x_BSD).view(B, S, H, K).transpose(1, 2)
-        k_BHSK = self.k(x_BSD).view(B, S, H, K).transpose(1, 2)
+        # RoPE on the contiguous [B, S, H, K] projections (cheaper than on the transposed views)
+        cos_S1K, sin_S1K = cos_SK.unsqueeze(1), sin_SK.unsqueeze(1)
+        q_BHSK = apply_rope(self.q(x_BSD).view(B, S, H, K), cos_S1K, sin_S1K).transpose(1, 2)
+        k_BHSK = apply_rope(self.k(x_BSD).view(B, S, H, K), cos_S1K, sin_S1K).transpose(1, 2)
         v_BHSK = self.v(x_BSD).view(B, S, H, K).transpose(1, 2)
-        q_BHSK, k_BHSK = apply_rope(q_BHSK, cos_SK, sin_SK), apply_rope(k_BHSK, cos_SK, sin_SK)
         y_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSK, is_causal=True)
         return self.o(y_BHSK.transpose(1, 2).reshape(B, S, D))
 

@@ -133,15 +133,17 @@ def loop_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
 class FusedExpertMLP(torch.autograd.Function):
     """The whole expert MLP, one expert at a time: gather that expert's rows, up-project,
     activate, scale by the routing weight, down-project, add into the output. Each expert's
-    rows stay in cache from gather to scatter, so no [S, D] buffer is ever written; only the
-    [S, F] pre-activations are kept for the hand-written backward (which recomputes the
-    activation). The CPU default; on GPUs the grouped matmul path wins.
+    rows stay in cache from gather to scatter, so no [S, D] buffer is ever written; the [S, F]
+    pre-activations and weighted activations are kept for the hand-written backward. The CPU
+    default; on GPUs the grouped matmul path wins.
     """
 
     @staticmethod
     def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, activation):
         out_TD = torch.zeros_like(x_TD)
         h_SH = x_TD.new_empty(tok_S.shape[0], w_in.shape[2])
+        a_SF = x_TD.new_empty(tok_S.shape[0], w_out.shape[1])
+        saved = []  # what each expert's activation backward needs (e.g. silu(gate))
         start = 0
         for e, n in enumerate(counts):
             if not n:
@@ -149,17 +151,20 @@ class FusedExpertMLP(torch.autograd.Function):
             rows = slice(start, start + n)
             t = tok_S[rows]
             h = torch.mm(x_TD.index_select(0, t), w_in[e], out=h_SH[rows])
-            a = activation.fn(h).mul_(w_S[rows].unsqueeze(1))
+            a, keep = activation.forward(h)
+            saved.append(keep)
+            a = torch.mul(a, w_S[rows].unsqueeze(1), out=a_SF[rows])
             out_TD.index_add_(0, t, a @ w_out[e])
             start += n
-        ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH)
+        ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, *saved)
         ctx.counts, ctx.activation = counts, activation
         return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_TD):
-        x_TD, w_S, w_in, w_out, tok_S, h_SH = ctx.saved_tensors
+        x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, *saved = ctx.saved_tensors
+        saved_iter = iter(saved)
         need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
         g_TD = g_TD.contiguous()
         gx = torch.zeros_like(x_TD) if need_x else None
@@ -177,20 +182,20 @@ class FusedExpertMLP(torch.autograd.Function):
                 continue
             rows = slice(start, start + n)
             start += n
-            t, w_N1, h = tok_S[rows], w_S[rows].unsqueeze(1), h_SH[rows]
-            a, act_backward = act.vjp(h)  # unweighted activation, recomputed
+            t, keep = tok_S[rows], next(saved_iter)
             ge = g_TD.index_select(0, t)
-            ga = ge @ w_out[e].t()  # gradient of the weighted activation
             if g_out is not None:
-                torch.mm(a.t(), ge * w_N1, out=g_out[e])
+                torch.mm(a_SF[rows].t(), ge, out=g_out[e])
+            if not (need_x or need_w or need_in):
+                continue
+            ga = ge @ w_out[e].t()  # dL/d(weighted activation)
+            gh, gw_rows = act.backward(h_SH[rows], keep, ga, w_S[rows].unsqueeze(1))
             if gw is not None:
-                gw[rows] = (ga * a).sum(dim=1)
-            if gx is not None or g_in is not None:
-                gh = act_backward(ga.mul_(w_N1))
-                if g_in is not None:
-                    torch.mm(x_TD.index_select(0, t).t(), gh, out=g_in[e])
-                if gx is not None:
-                    gx.index_add_(0, t, gh @ w_in[e].t())
+                gw[rows] = gw_rows
+            if g_in is not None:
+                torch.mm(x_TD.index_select(0, t).t(), gh, out=g_in[e])
+            if gx is not None:
+                gx.index_add_(0, t, gh @ w_in[e].t())
         return gx, gw, g_in, g_out, None, None, None
 
 

@@ -20,44 +20,65 @@ def _swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def _swiglu_vjp(h_N2F: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+def _rowdot(a_NF: Tensor, b_NF: Tensor) -> Tensor:
+    """Row-wise dot products [N] (faster than a batched [1, F] @ [F, 1] matmul on CPU)."""
+    return (a_NF * b_NF).sum(dim=-1)
+
+
+def _swiglu_forward(h_N2F: Tensor) -> tuple[Tensor, Tensor]:
     gate, up = h_N2F.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    a = silu * up
-
-    def backward(g_NF: Tensor) -> Tensor:
-        # d silu / d gate = sig + silu * (1 - sig)
-        d_gate = (g_NF * up).mul_(sig + silu * (1 - sig))
-        return torch.cat([d_gate, g_NF * silu], dim=-1)
-
-    return a, backward
+    silu = F.silu(gate)
+    return silu * up, silu
 
 
-def _elementwise_vjp(fn: Callable[[Tensor], Tensor], grad: Callable[[Tensor, Tensor], Tensor]):
-    def vjp(h: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        return fn(h), lambda g: grad(g, h)
+def _swiglu_backward(h_N2F: Tensor, silu: Tensor, g_NF: Tensor, w_N1: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients through a = silu(gate) * up scaled by w, given g = dL/d(a·w) (consumed) and the
+    saved silu(gate)."""
+    gate, up = h_N2F.chunk(2, dim=-1)
+    F_ = g_NF.shape[-1]
+    g_N2F = torch.empty_like(h_N2F)
+    torch.mul(g_NF, silu, out=g_N2F[:, F_:])  # g·silu, scaled by w below
+    g_NF.mul_(up)  # g·up
+    grad_w = _rowdot(g_NF, silu)  # <g, silu·up>
+    torch.ops.aten.silu_backward.grad_input(g_NF.mul_(w_N1), gate, grad_input=g_N2F[:, :F_])
+    g_N2F[:, F_:].mul_(w_N1)
+    return g_N2F, grad_w
 
-    return vjp
+
+def _elementwise(fn: Callable[[Tensor], Tensor], grad: Callable[[Tensor, Tensor], Tensor]):
+    def forward(h: Tensor) -> tuple[Tensor, Tensor]:
+        a = fn(h)
+        return a, a
+
+    def backward(h: Tensor, a: Tensor, g: Tensor, w_N1: Tensor) -> tuple[Tensor, Tensor]:
+        grad_w = _rowdot(g, a)
+        return grad(g.mul_(w_N1), h), grad_w
+
+    return forward, backward
 
 
 @dataclass(frozen=True)
 class Activation:
-    """An expert activation on the w_in output. ``vjp(h) -> (act(h), backward)`` where
-    ``backward(grad_act) -> grad_h`` is hand-written (used by the fused executor)."""
+    """An expert activation on the w_in output, with a hand-written pair for the fused executor:
+    ``forward(h) -> (act(h), saved)`` and ``backward(h, saved, g, w) -> (dL/dh, dL/dw)`` for the
+    output act(h)·w, where ``g`` is dL/d(act(h)·w) (it may be overwritten) and ``w`` the [N, 1]
+    routing weights."""
 
     fn: Callable[[Tensor], Tensor]
-    vjp: Callable[[Tensor], tuple[Tensor, Callable[[Tensor], Tensor]]]
+    forward: Callable[[Tensor], tuple[Tensor, Tensor]]
+    backward: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
     gated: bool
 
 
+def _act(fn, grad) -> Activation:
+    return Activation(fn, *_elementwise(fn, grad), gated=False)
+
+
 ACTIVATIONS: dict[str, Activation] = {
-    "swiglu": Activation(_swiglu, _swiglu_vjp, gated=True),
-    "gelu": Activation(F.gelu, _elementwise_vjp(F.gelu, torch.ops.aten.gelu_backward), gated=False),
-    "silu": Activation(F.silu, _elementwise_vjp(F.silu, torch.ops.aten.silu_backward), gated=False),
-    "relu": Activation(
-        F.relu, _elementwise_vjp(F.relu, lambda g, h: torch.ops.aten.threshold_backward(g, h, 0)), gated=False
-    ),
+    "swiglu": Activation(_swiglu, _swiglu_forward, _swiglu_backward, gated=True),
+    "gelu": _act(F.gelu, torch.ops.aten.gelu_backward),
+    "silu": _act(F.silu, torch.ops.aten.silu_backward),
+    "relu": _act(F.relu, lambda g, h: torch.ops.aten.threshold_backward(g, h, 0)),
 }
 
 
