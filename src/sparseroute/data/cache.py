@@ -29,6 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from sparseroute.fileio import sha256_file
+
 from sparseroute.data.config import DataConfig, default_cache_root
 from sparseroute.data.corpus import SEPARATOR, SPLITS, utf8_len
 from sparseroute.data.sources import make_source
@@ -66,14 +68,6 @@ class TokenizedCorpus:
 def _say(progress: bool, msg: str) -> None:
     if progress:
         print(f"[sparseroute.data] {msg}", file=sys.stderr, flush=True)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tmp_name(path: Path) -> Path:
@@ -175,7 +169,7 @@ def _check(directory: Path, key: str) -> tuple[dict | None, str | None]:
             return None, f"{path.name} is missing"
         if size is not None and path.stat().st_size != size:
             return None, f"{path.name} has {path.stat().st_size} bytes, the manifest says {size}"
-        if _sha256_file(path) != sha:
+        if sha256_file(path) != sha:
             return None, f"{path.name} does not match its sha256 in the manifest"
     return m, None
 
@@ -225,7 +219,7 @@ def _build(cfg: DataConfig, source, fields: dict[str, Any], key: str, directory:
         with _atomic_path(directory / TOKENIZER_FILE) as tmp:
             train_bpe(plan.iter_texts("train"), cfg.bpe_vocab_size, tmp, progress=progress)
         tok: ByteTokenizer | BPETokenizer = BPETokenizer(directory / TOKENIZER_FILE)
-        manifest["tokenizer_sha256"] = _sha256_file(directory / TOKENIZER_FILE)
+        manifest["tokenizer_sha256"] = sha256_file(directory / TOKENIZER_FILE)
     else:
         tok = ByteTokenizer()
     dtype = _dtype(tok.vocab_size)

@@ -122,7 +122,8 @@ class LMConfig:
     max_seq_len: the longest input ``forward`` accepts. rope_base: RoPE frequency base.
     tie_embeddings: the output head reuses the input embedding matrix.
     norm_eps: RMSNorm epsilon. init_std: std of the normal init of linear/embedding weights
-        (output projections use ``init_std / sqrt(2 * n_layers)``; experts keep the MoE's init).
+        (output projections use ``init_std / sqrt(2 * n_layers)``; MoE experts are initialised
+        like the dense FFN they replace).
     moe: ``None`` for a dense model, else the FFN of the layers in ``moe.layers`` is an MoE.
     """
 

@@ -13,7 +13,6 @@ them and raises :class:`CheckpointError` (never overwriting anything) when they 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,20 +23,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sparseroute.fileio import sha256_file
+
 FORMAT = 1
 KEEP = 2
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not belong to this run."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -113,7 +106,7 @@ def save_checkpoint(
         "step": step,
         "optimizer": optim_meta,
         "state": state,
-        "sha256": {f: sha256(tmp / f) for f in ("model.safetensors", "optim.safetensors")},
+        "sha256": {f: sha256_file(tmp / f) for f in ("model.safetensors", "optim.safetensors")},
     }
     write_json_atomic(tmp / "state.json", meta)
     fault("checkpoint_written", step)
@@ -156,12 +149,14 @@ def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str
         path = ckpt / fname
         if not path.exists():
             raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
-        if sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(
                 f"checkpoint {ckpt} is corrupt: {fname} does not match its recorded sha256 (truncated or modified)"
             )
-    model_t = load_file(str(ckpt / "model.safetensors"))
-    optim_t = load_file(str(ckpt / "optim.safetensors"))
+    # clone: safetensors hands out tensors at arbitrary byte offsets, and vectorised CPU kernels
+    # can round differently on unaligned memory, which would break bit-identical resume
+    model_t = {k: v.clone() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    optim_t = {k: v.clone() for k, v in load_file(str(ckpt / "optim.safetensors")).items()}
     rng = {k: v for k, v in optim_t.items() if k.startswith("rng.")}
     optim_sd = _optimizer_from_tensors({k: v for k, v in optim_t.items() if not k.startswith("rng.")}, meta["optimizer"])
     return model_t, optim_sd, rng, meta
