@@ -7,6 +7,8 @@ names, sizes and modification times, so nothing is read to find a cache hit) and
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import os
 import platform
@@ -128,12 +130,16 @@ def _cap(splits: dict[str, list[Piece]], cfg: DataConfig) -> tuple[dict[str, lis
     return capped, truncated
 
 
-class Source:
-    def fingerprint(self) -> dict[str, Any]:
-        raise NotImplementedError
+class Source(abc.ABC):
+    """Where a corpus's text comes from."""
 
+    @abc.abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the content (for the cache key)."""
+
+    @abc.abstractmethod
     def plan(self, cfg: DataConfig, say: Say) -> CorpusPlan:
-        raise NotImplementedError
+        """The documents of each split."""
 
 
 class FilesSource(Source):
