@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from sparseroute.models.config import LMConfig, MoESettings
-from sparseroute.moe.experts import ACTIVATIONS
+from sparseroute.moe.experts import expert_flops_per_row
 from sparseroute.moe.routers import ROUTERS
 from sparseroute.moe.routers.base import make_config
 
@@ -44,12 +44,6 @@ def router_flops_per_token(moe: MoESettings, d_model: int) -> float:
         R = make_config(ROUTERS.get("cosine"), moe.router_options).d_space
         return 2.0 * (d_model * R + R * E)
     return 2.0 * d_model * E
-
-
-def _expert_flops(d_model: int, hidden: int, activation: str) -> float:
-    """One expert MLP on one row, as ``Experts.flops_per_row``."""
-    width_in = (2 if ACTIVATIONS[activation].gated else 1) * hidden
-    return 2.0 * d_model * width_in + 2.0 * hidden * d_model
 
 
 def flops_per_token(
@@ -87,8 +81,8 @@ def flops_per_token(
     if cfg.moe is not None:
         m = cfg.moe
         fe = m.expert_d_ff(cfg.d_ff)
-        per_expert = _expert_flops(D, fe, m.activation)
-        shared = _expert_flops(D, m.num_shared_experts * fe, m.activation) if m.num_shared_experts else 0.0
+        per_expert = float(expert_flops_per_row(D, fe, m.activation))
+        shared = float(expert_flops_per_row(D, m.num_shared_experts * fe, m.activation)) if m.num_shared_experts else 0.0
         experts = sum(a * per_expert + shared for a in active)
         router = n_moe * router_flops_per_token(m, D)
     embedding_head = 2.0 * D * V

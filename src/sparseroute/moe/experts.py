@@ -82,6 +82,12 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
+def expert_flops_per_row(d_model: int, d_ff: int, activation: str) -> int:
+    """FLOPs (2 per multiply-add, matmuls only) of one expert MLP on one row."""
+    width_in = (2 if ACTIVATIONS[activation].gated else 1) * d_ff
+    return 2 * d_model * width_in + 2 * d_ff * d_model
+
+
 def check_activation(name: str) -> None:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
@@ -117,7 +123,7 @@ class Experts(nn.Module):
 
     def flops_per_row(self) -> int:
         """Multiply-adds ×2 of one expert on one row (matmuls only)."""
-        return 2 * self.d_model * self.w_in.shape[-1] + 2 * self.d_ff * self.d_model
+        return expert_flops_per_row(self.d_model, self.d_ff, self.activation)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation!r}"

@@ -266,7 +266,8 @@ def train(
     final["train_seconds"] = elapsed_before + time.perf_counter() - t0
     if start < steps:
         final["tokens_per_s"] = (steps - start) * tokens_per_step / max(1e-9, time.perf_counter() - t0)
-    if latest_checkpoint(out) is None or int(json.loads((out / "checkpoints" / "latest.json").read_text())["step"]) != steps:
+    last = latest_checkpoint(out)
+    if last is None or last.name != f"step-{steps:06d}":
         save_checkpoint(out, steps, model, optimizer, state_now(steps))
     write_json_atomic(out / "final.json", final)
     return final
