@@ -1,4 +1,5 @@
-"""The ``sparseroute`` command: ``train`` and ``eval`` (``python -m sparseroute`` works too)."""
+"""The ``sparseroute`` command: ``compare`` (the lab), ``report``, ``runs``, ``train`` and ``eval``
+(``python -m sparseroute`` works too)."""
 
 from __future__ import annotations
 
@@ -167,8 +168,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from sparseroute.lab.cli import add_lab_commands
+
     ap = _Parser(prog=PROG, description="sparseroute: sparse routing mechanisms and a lab to compare them.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    add_lab_commands(sub)
     _add_train(sub)
     _add_eval(sub)
     return ap
@@ -214,10 +218,11 @@ def cmd_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    from sparseroute.lab.cli import LAB_COMMANDS
     from sparseroute.train.loop import TrainingDiverged
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, **LAB_COMMANDS}[args.command](args)
     except TrainingDiverged as e:
         print(f"{PROG}: stopped: {e}", file=sys.stderr)
         return 3
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
+        again = "run the same command again" if args.command == "compare" else "continue with --resume"
+        print(f"{PROG}: interrupted; {again}", file=sys.stderr)
         return 130
 
 

@@ -106,16 +106,27 @@ def parameter_counts(cfg: LMConfig) -> dict[str, int]:
     """Exact parameter counts of ``TransformerLM(cfg)``, built on the meta device (nothing is
     allocated): ``total`` (unique parameters), ``embedding`` (input table, plus the head when
     untied), ``experts`` (all routed-expert weights), ``active`` (per token: total minus the
-    routed experts a top-k token does not use)."""
+    routed experts a top-k token does not use), ``routing`` (learned routing parameters over all MoE
+    layers: D·E for a linear router, D·d_space + E·d_space + 1 for the cosine router, 0 for hash
+    and random-fixed) and ``linear_router`` (what linear routers would have, for comparison)."""
     from sparseroute.models.lm import TransformerLM
 
     with torch.device("meta"):
         model = TransformerLM(cfg)
     total = model.num_parameters()
     embedding = model.embed.weight.numel() + (0 if model.head is None else model.head.weight.numel())
-    experts = active_experts = 0
+    experts = active_experts = routing = linear_router = 0
     for moe in model.moe_layers():
         n = moe.experts.w_in.numel() + moe.experts.w_out.numel()
         experts += n
         active_experts += n * moe.config.top_k // moe.config.num_experts
-    return {"total": total, "embedding": embedding, "experts": experts, "active": total - experts + active_experts}
+        routing += moe.router.routing_parameters()
+        linear_router += moe.router.linear_router_parameters()
+    return {
+        "total": total,
+        "embedding": embedding,
+        "experts": experts,
+        "active": total - experts + active_experts,
+        "routing": routing,
+        "linear_router": linear_router,
+    }

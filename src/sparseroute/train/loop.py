@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from sparseroute.data import TokenizedCorpus, eval_batches, get_batch, prepare
 from sparseroute.models import TransformerLM, flops_per_token
+from sparseroute.models.flops import parameter_counts
 from sparseroute.moe import after_optimizer_step
 from sparseroute.train.checkpoint import (
     CheckpointError,
@@ -292,6 +293,7 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
         "flops_per_token": flops,
         "active_experts_per_layer": active,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "parameter_counts": parameter_counts(cfg.model),
     }
 
 

@@ -1,0 +1,259 @@
+"""The lab's commands: ``compare`` (run a sweep, then print the table and write the report),
+``report`` (regenerate it from the store) and ``runs list|show|delete``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = "runs/lab.sqlite"
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        if "-" in text and "," not in text:
+            lo, hi = (int(t) for t in text.split("-"))
+            seeds = tuple(range(lo, hi + 1))
+        else:
+            seeds = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"--seeds takes a list like 0,1,2 or a range like 0-4; got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds selects no seed: {text!r}")
+    return seeds
+
+
+def add_lab_commands(sub) -> None:
+    from sparseroute.lab.presets import SWEEP_PRESETS
+
+    p = sub.add_parser(
+        "compare", help="the lab: train routing variants x seeds under identical budgets and compare them",
+        description="Run a sweep (a preset or a TOML spec): every variant is trained once per seed with the same "
+        "model size, token budget, data order and evaluation text; results go to a SQLite store. Stop it at any "
+        "moment and run the same command again: finished runs are kept, the interrupted one resumes from its "
+        "checkpoint. Ends with a table (mean test PPL with 95%% CI, TOST equivalence against the reference "
+        "variant) and a self-contained report.html.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(SWEEP_PRESETS), default=None,
+                     help="a named sweep: quick (a few minutes), equifinality (a CPU day), equifinality-paper (GPU)")
+    src.add_argument("--spec", default=None, metavar="FILE.toml", help="a sweep spec file (see docs/lab.md)")
+    p.add_argument("--store", default=DEFAULT_STORE, help="the results store; run folders go next to it")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (threads are split among them)")
+    p.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1,2 or 0-4")
+    p.add_argument("--tokens", default=None, help="override every run's token budget, e.g. 300k (same as "
+                   "--set train.tokens=300k)")
+    p.add_argument("--set", action="append", default=None, metavar="SECTION.FIELD=VALUE", dest="settings",
+                   help="change the base config of every variant, e.g. model.moe.num_experts=16 (repeatable)")
+    p.add_argument("--margin", type=float, default=None, help="TOST equivalence margin in PPL (default: the spec's, 1.0)")
+    p.add_argument("--relative-margin", action="store_true", default=None,
+                   help="read --margin as a fraction of the reference variant's mean test PPL (e.g. 0.02)")
+    p.add_argument("--new", action="store_true", help="start a new sweep even if an unfinished one with the same spec "
+                   "exists (default: resume it)")
+    p.add_argument("--retry-failed", action="store_true", help="train the runs that diverged again")
+    p.add_argument("--dry-run", action="store_true", help="validate the spec and print the planned runs; train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="print the comparison table and regenerate report.html from the store",
+                       description="Recompute the statistics of a sweep from the store and write its report.html.")
+    r.add_argument("store", nargs="?", default=DEFAULT_STORE, help="the results store")
+    r.add_argument("--sweep", type=int, default=None, help="sweep id (default: the latest; see `sparseroute runs list`)")
+    r.add_argument("--out", default=None, help="where to write the HTML (default: report.html in the sweep's folder)")
+    r.add_argument("--margin", type=float, default=None, help="TOST margin (default: the sweep spec's)")
+    r.add_argument("--relative-margin", action="store_true", default=None, help="--margin is a fraction of the "
+                   "reference variant's mean test PPL")
+
+    runs = sub.add_parser("runs", help="list, show or delete sweeps and runs in the store",
+                          description="Inspect the results store.")
+    rs = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    lp = rs.add_parser("list", help="sweeps and their runs")
+    lp.add_argument("--store", default=DEFAULT_STORE)
+    lp.add_argument("--sweep", type=int, default=None, help="only this sweep's runs")
+    sp = rs.add_parser("show", help="one run: config, status, timings, final metrics")
+    sp.add_argument("run_id", type=int)
+    sp.add_argument("--store", default=DEFAULT_STORE)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    dp = rs.add_parser("delete", help="delete runs (they are trained again by the next compare) or a whole sweep")
+    dp.add_argument("run_ids", type=int, nargs="*", metavar="RUN_ID")
+    dp.add_argument("--sweep", type=int, default=None, help="delete this whole sweep")
+    dp.add_argument("--store", default=DEFAULT_STORE)
+    dp.add_argument("--keep-files", action="store_true", help="keep the run folders (checkpoints) on disk")
+    dp.add_argument("--yes", action="store_true", help="do it without asking")
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+
+def cmd_compare(args) -> int:
+    from sparseroute.lab.presets import sweep_preset
+    from sparseroute.lab.runner import register_sweep, run_sweep
+    from sparseroute.lab.spec import load_spec
+    from sparseroute.lab.store import Store
+
+    if args.preset is None and args.spec is None:
+        raise ValueError("compare needs --preset NAME or --spec FILE.toml (try --preset quick)")
+    spec = sweep_preset(args.preset) if args.preset else load_spec(args.spec)
+    settings = list(args.settings or [])
+    if args.tokens is not None:
+        settings.append(f"train.tokens={args.tokens}")
+    spec = spec.with_changes(
+        seeds=_seeds(args.seeds) if args.seeds else None, settings=settings,
+        margin=args.margin, relative_margin=args.relative_margin,
+    )
+    plan = spec.plan()  # validates every run before anything is trained
+    if args.dry_run:
+        _print_plan(spec, plan)
+        return 0
+    store = Store(args.store)
+    try:
+        sweep_id, created = register_sweep(store, spec, new=args.new, progress=not args.quiet)
+        sweep = store.sweep(sweep_id)
+        print(f"sweep {sweep_id} ({spec.name}, {len(plan)} runs) {'created' if created else 'resumed'} in "
+              f"{store.path}; run folders under {store.path.parent / sweep['dir']}", file=sys.stderr)
+        counts = run_sweep(store, sweep_id, jobs=args.jobs, retry_failed=args.retry_failed, progress=not args.quiet)
+        _summarise(store, sweep_id, None, spec.margin, spec.relative_margin)
+        if counts.get("failed"):
+            print(f"{counts['failed']} run(s) diverged (status failed); see `sparseroute runs list --store {store.path} "
+                  f"--sweep {sweep_id}`; --retry-failed trains them again", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
+def _print_plan(spec, plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sparseroute.models.flops import parameter_counts
+
+    t = Table(title=f"sweep {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {len(plan)} runs")
+    for col in ("variant", "router", "k", "params (total / active / routing)", "tokens", "steps", "seeds"):
+        t.add_column(col)
+    for v in spec.variants:
+        cfg = next(p.config for p in plan if p.variant == v.name)
+        moe = cfg.model.moe
+        pc = parameter_counts(cfg.model)
+        t.add_row(v.name, moe.router if moe else "dense", str(moe.top_k) if moe else "-",
+                  f"{pc['total'] / 1e6:.2f}M / {pc['active'] / 1e6:.2f}M / {pc['routing']:,}",
+                  f"{cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len:,}", str(cfg.train.steps),
+                  ",".join(map(str, spec.seeds)))
+    Console(stderr=False).print(t)
+
+
+def _summarise(store, sweep_id: int, out: str | None, margin: float | None, relative: bool | None) -> Path | None:
+    from sparseroute.lab.report import comparison_of, print_summary, write_report
+
+    results = store.results(sweep_id)
+    margin = results.spec.get("margin", 1.0) if margin is None else margin
+    relative = bool(results.spec.get("relative_margin", False)) if relative is None else relative
+    comparison = comparison_of(results, margin=margin, relative=relative)
+    print_summary(results, comparison)
+    path = Path(out) if out else store.path.parent / store.sweep(sweep_id)["dir"] / "report.html"
+    write_report(results, path, margin=margin, relative=relative)
+    print(f"report: {path}")
+    return path
+
+
+def cmd_report(args) -> int:
+    from sparseroute.lab.store import Store
+
+    with Store(args.store, create=False) as store:
+        sweep_id = args.sweep if args.sweep is not None else store.latest_sweep()
+        store.sweep(sweep_id)
+        _summarise(store, sweep_id, args.out, args.margin, args.relative_margin)
+    return 0
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+
+def cmd_runs(args) -> int:
+    from sparseroute.lab.store import Store
+
+    with Store(args.store, create=False) as store:
+        return {"list": _runs_list, "show": _runs_show, "delete": _runs_delete}[args.runs_command](store, args)
+
+
+def _runs_list(store, args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    sweeps = Table(title=f"sweeps in {store.path}")
+    for col in ("id", "name", "created", "runs done / total", "failed", "finished", "folder"):
+        sweeps.add_column(col)
+    for s in store.sweeps():
+        sweeps.add_row(str(s["id"]), s["name"], s["created_at"], f"{s['n_done'] or 0} / {s['n_runs']}",
+                       str(s["n_failed"] or 0), s["finished_at"] or "-", s["dir"])
+    console.print(sweeps)
+    if args.sweep is not None:
+        store.sweep(args.sweep)
+    rows = store.runs(args.sweep)
+    if not rows:
+        return 0
+    t = Table(title="runs" if args.sweep is None else f"runs of sweep {args.sweep}")
+    for col in ("run", "sweep", "variant", "seed", "status", "test ppl", "val ppl", "train s", "attempts", "revision"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["id"]), str(r["sweep_id"]), r["variant"], str(r["seed"]), r["status"],
+                  "-" if r["test_ppl"] is None else f"{r['test_ppl']:.3f}",
+                  "-" if r["val_ppl"] is None else f"{r['val_ppl']:.3f}",
+                  "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}", str(r["attempts"]),
+                  (r["git_revision"] or "-")[:12])
+    console.print(t)
+    return 0
+
+
+def _runs_show(store, args) -> int:
+    r = store.run(args.run_id)
+    info = {
+        "run": int(r["id"]), "sweep": int(r["sweep_id"]), "variant": r["variant"], "seed": int(r["seed"]),
+        "status": r["status"], "folder": str(store.path.parent / r["dir"]), "attempts": int(r["attempts"]),
+        "started_at": r["started_at"], "finished_at": r["finished_at"], "train_seconds": r["train_seconds"],
+        "git_revision": r["git_revision"], "environment": json.loads(r["environment_json"] or "null"),
+        "error": r["error"], "config": json.loads(r["config_json"]),
+        "final": json.loads(r["final_json"]) if r["final_json"] else None,
+        "metric_records": len(store.metrics(int(r["id"]))),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.pretty import Pretty
+
+    Console().print(Pretty(info))
+    return 0
+
+
+def _runs_delete(store, args) -> int:
+    if not args.run_ids and args.sweep is None:
+        raise ValueError("runs delete needs RUN_ID(s) or --sweep ID")
+    targets = []
+    if args.sweep is not None:
+        s = store.sweep(args.sweep)
+        targets.append(("sweep", args.sweep, f"sweep {args.sweep} ({s['name']}) with all its runs"))
+    for rid in args.run_ids:
+        r = store.run(rid)
+        targets.append(("run", rid, f"run {rid} ({r['variant']} seed {r['seed']} of sweep {r['sweep_id']})"))
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ValueError("runs delete would remove " + "; ".join(t[2] for t in targets) + " — pass --yes to confirm")
+        answer = input("delete " + "; ".join(t[2] for t in targets) + "? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return 1
+    root = store.path.parent.resolve()
+    for kind, ident, what in targets:
+        folder = store.delete_sweep(ident) if kind == "sweep" else store.delete_run(ident)
+        path = (store.path.parent / folder).resolve()
+        if not args.keep_files and folder and path != root and root in path.parents and path.exists():
+            shutil.rmtree(path)
+        print(f"deleted {what}", file=sys.stderr)
+    return 0
+
+
+LAB_COMMANDS = {"compare": cmd_compare, "report": cmd_report, "runs": cmd_runs}

@@ -1,0 +1,110 @@
+"""Named sweeps. Each is a documented function returning a :class:`SweepSpec`; ``--set`` and
+``--seeds`` on the command line change them without editing code.
+
+- ``quick``: the README's first command. 3 routers x 2 seeds of a MoE ``tiny`` model on the
+  ``stdlib`` corpus, about 5-10 minutes on 2 CPU cores.
+- ``equifinality``: the matrix of *Equifinality in Mixture of Experts* scaled to a CPU day:
+  cosine routers (d_space 16/64/256, fixed or learned temperature, top-1), the linear softmax
+  top-k router, hash, random-fixed and linear top-1, 3 seeds each, reference ``cosine``.
+- ``equifinality-paper``: the same matrix at the paper's scale (76-84M parameters, GPT-2 sized BPE
+  vocabulary, WikiText-103 through ``hf:``, 50K steps of 8x512 tokens) for a GPU user.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sparseroute.lab.spec import SweepSpec, Variant
+
+__all__ = ["SWEEP_PRESETS", "sweep_preset"]
+
+
+def _moe(**kw) -> dict:
+    return {"model": {"moe": kw}}
+
+
+def quick() -> SweepSpec:
+    """3 routers x 2 seeds, MoE in every layer of ``tiny`` (8 experts, top-2), 240k tokens each."""
+    return SweepSpec(
+        name="quick",
+        description="softmax top-2 vs cosine vs hash routing on the tiny byte LM, 2 seeds (a few minutes on a CPU)",
+        base={
+            "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2}},
+            "data": {"corpus": "stdlib"},
+            "train": {"tokens": "240k", "batch_size": 8, "seq_len": 256, "lr": 3e-3, "eval_tokens": "32k",
+                      "log_every": 5, "checkpoint_every": 25},
+        },
+        variants=(
+            Variant("linear", _moe(router="topk")),
+            Variant("cosine", _moe(router="cosine")),
+            Variant("hash", _moe(router="hash")),
+        ),
+        seeds=(0, 1),
+        reference="linear",
+    )
+
+
+def _equifinality_variants() -> tuple[Variant, ...]:
+    return (
+        Variant("cosine", _moe(router="cosine", router_options={"d_space": 64})),
+        Variant("cosine-d16", _moe(router="cosine", router_options={"d_space": 16})),
+        Variant("cosine-d256", _moe(router="cosine", router_options={"d_space": 256})),
+        Variant("cosine-fixed-tau", _moe(router="cosine", router_options={"d_space": 64, "learn_temperature": False})),
+        Variant("cosine-top1", _moe(router="cosine", top_k=1, router_options={"d_space": 64})),
+        Variant("linear", _moe(router="topk")),
+        Variant("linear-top1", _moe(router="topk", top_k=1)),
+        Variant("hash", _moe(router="hash")),
+        Variant("random-fixed", _moe(router="random_fixed")),
+    )
+
+
+def equifinality() -> SweepSpec:
+    """9 variants x 3 seeds of ``tiny`` with MoE in every layer (8 experts; top-2 unless named
+    top-1, expert width ``d_ff / top_k`` as everywhere, so top-1 variants have 2x wider experts and
+    the same active parameters), 2M tokens each: 27 runs, about 3-4 hours on 2 CPU cores."""
+    return SweepSpec(
+        name="equifinality",
+        description="Equifinality in MoE, CPU scale: cosine variants vs linear, hash, random-fixed and top-1",
+        base={
+            "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2}},
+            "data": {"corpus": "stdlib"},
+            "train": {"tokens": "2M", "batch_size": 16, "seq_len": 256, "lr": 3e-3, "eval_tokens": "64k",
+                      "log_every": 10, "checkpoint_every": 50},
+        },
+        variants=_equifinality_variants(),
+        seeds=(0, 1, 2),
+        reference="cosine",
+    )
+
+
+def equifinality_paper() -> SweepSpec:
+    """The same variants at the paper's scale: the ``paper`` model (80.7M parameters with 8
+    experts x 768, top-2, in every layer), a GPT-2-sized BPE vocabulary trained on WikiText-103
+    (``hf:wikitext:wikitext-103-raw-v1``, needs the ``data`` extra and the data set on disk or a
+    network), 50K steps of 8 x 512 tokens, on ``cuda``."""
+    return SweepSpec(
+        name="equifinality-paper",
+        description="Equifinality in MoE at the paper's scale (GPU): 76-84M parameters, WikiText-103, 50K steps",
+        base={
+            "model": {"preset": "paper"},
+            "data": {"corpus": "hf:wikitext:wikitext-103-raw-v1", "tokenizer": "bpe", "bpe_vocab_size": 50257},
+            "train": {"tokens": 50_000 * 8 * 512, "batch_size": 8, "seq_len": 512, "lr": 6e-4, "eval_tokens": "1M",
+                      "log_every": 100, "eval_every": 2500, "checkpoint_every": 1000, "device": "cuda"},
+        },
+        variants=_equifinality_variants(),
+        seeds=(0, 1, 2),
+        reference="cosine",
+    )
+
+
+SWEEP_PRESETS: dict[str, Callable[[], SweepSpec]] = {
+    "quick": quick,
+    "equifinality": equifinality,
+    "equifinality-paper": equifinality_paper,
+}
+
+
+def sweep_preset(name: str) -> SweepSpec:
+    if name not in SWEEP_PRESETS:
+        raise ValueError(f"unknown sweep preset {name!r}; known: {', '.join(SWEEP_PRESETS)}")
+    return SWEEP_PRESETS[name]()

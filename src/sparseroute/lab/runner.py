@@ -1,0 +1,180 @@
+"""Running a sweep: register it in the store (or find the unfinished one with the same spec), then
+train its runs one after another (or ``jobs`` at a time), each in its own folder next to the
+store, resuming any run that was interrupted from its last checkpoint.
+
+A run that diverges (non-finite loss or gradient) is a result, not a crash: it is stored as
+``failed`` with the message and the sweep goes on. Anything else (a missing GPU, a full disk, ^C)
+stops the sweep; the interrupted run stays ``running`` and resumes on the next start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict
+from functools import lru_cache
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from sparseroute.lab.spec import SweepSpec
+from sparseroute.lab.store import Store
+from sparseroute.train.checkpoint import fault
+from sparseroute.train.config import RunConfig
+
+__all__ = ["register_sweep", "run_sweep", "execute_run", "git_revision", "SweepBusy"]
+
+
+class SweepBusy(ValueError):
+    """Another process is running this sweep."""
+
+
+@lru_cache(maxsize=1)
+def git_revision() -> str:
+    """The git commit of the sparseroute source in use (``+dirty`` with uncommitted changes), or the
+    package version when it is not a git checkout."""
+    from sparseroute import __version__
+
+    src = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not rev:
+            return f"v{__version__}"
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return f"v{__version__}"
+
+
+def _environment() -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "machine": platform.machine()}
+
+
+def _corpus_key(cfg: RunConfig) -> str:
+    return json.dumps(asdict(cfg.data), sort_keys=True)
+
+
+def register_sweep(store: Store, spec: SweepSpec, *, new: bool = False, progress: bool = True,
+                   corpora: dict | None = None) -> tuple[int, bool]:
+    """Validate every run, prepare the corpora, and find or create the sweep; returns
+    ``(sweep_id, created)``. The unfinished sweep with the same name and resolved runs is reused
+    unless ``new``."""
+    from sparseroute.data import prepare
+    from sparseroute.train.loop import resolve_vocab
+
+    plan = spec.plan()  # every (variant, seed) validated before anything trains
+    corpora = {} if corpora is None else corpora
+    runs = []
+    for p in plan:
+        key = _corpus_key(p.config)
+        if key not in corpora:
+            corpora[key] = prepare(p.config.data, progress=progress)
+        runs.append((p.variant, p.seed, resolve_vocab(p.config, corpora[key]).to_dict()))
+    fingerprint = spec.fingerprint()
+    if not new:
+        found = store.find_sweep(spec.name, fingerprint)
+        if found is not None:
+            store.ensure_runs(found, runs)
+            return found, False
+    return store.create_sweep(spec.name, fingerprint, spec.to_dict(), f"{spec.name}-{{id}}", runs), True
+
+
+@contextmanager
+def _sweep_lock(store: Store, sweep_id: int) -> Iterator[None]:
+    lock_path = store.path.parent / f".{store.path.name}.sweep-{sweep_id}.lock"
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepBusy(f"sweep {sweep_id} is being run by another process; wait for it or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def execute_run(store: Store, run_id: int, *, progress: bool = True, corpora: dict | None = None) -> str:
+    """Train (or resume) one run of the store and record it; returns its final status."""
+    from sparseroute.data import prepare
+    from sparseroute.train.loop import TrainingDiverged, train
+
+    row = store.run(run_id)
+    cfg = RunConfig.from_dict(json.loads(row["config_json"]))
+    run_dir = store.path.parent / row["dir"]
+    corpora = {} if corpora is None else corpora
+    key = _corpus_key(cfg)
+    if key not in corpora:
+        corpora[key] = prepare(cfg.data, progress=progress)
+    resume = (run_dir / "config.json").exists()
+    store.start_run(run_id, git_revision(), _environment())
+    try:
+        final = train(cfg, run_dir, resume=resume, progress=progress, corpus=corpora[key],
+                      on_log=lambda rec: store.log_metric(run_id, rec))
+    except TrainingDiverged as e:
+        store.fail_run(run_id, str(e))
+        return "failed"
+    fault("run_trained", int(row["position"]))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    store.finish_run(run_id, final, records)
+    return "done"
+
+
+def _worker(store_path: str, run_id: int, threads: int) -> tuple[int, str]:
+    torch.set_num_threads(threads)
+    with Store(store_path, create=False) as store:
+        return run_id, execute_run(store, run_id, progress=False)
+
+
+def run_sweep(store: Store, sweep_id: int, *, jobs: int = 1, retry_failed: bool = False, progress: bool = True,
+              say: Callable[[str], None] | None = None, corpora: dict | None = None) -> dict[str, int]:
+    """Run every run of the sweep that is not done; returns the count of runs per status."""
+    say = say or (lambda msg: print(msg, file=sys.stderr))
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1; got {jobs!r}")
+    with _sweep_lock(store, sweep_id):
+        rows = store.runs(sweep_id)
+        if retry_failed:
+            for r in rows:
+                if r["status"] == "failed":
+                    store.reset_run(int(r["id"]))
+            rows = store.runs(sweep_id)
+        todo = [r for r in rows if r["status"] in ("pending", "running")]
+        total = len(rows)
+        done_before = total - len(todo)
+        if done_before and todo:
+            say(f"sweep {sweep_id}: {done_before} of {total} runs already finished; {len(todo)} to go")
+        if jobs == 1 or len(todo) <= 1:
+            for i, r in enumerate(todo, start=done_before + 1):
+                how = "resuming" if r["status"] == "running" else "training"
+                say(f"[{i}/{total}] {how} {r['variant']} seed {r['seed']} -> {r['dir']}")
+                status = execute_run(store, int(r["id"]), progress=progress, corpora=corpora)
+                if status == "failed":
+                    say(f"  {r['variant']} seed {r['seed']} diverged: {store.run(int(r['id']))['error']}")
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            say(f"sweep {sweep_id}: {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_worker, str(store.path), int(r["id"]), threads): r for r in todo}
+                finished = done_before
+                for fut in as_completed(futures):
+                    r = futures[fut]
+                    _, status = fut.result()
+                    finished += 1
+                    say(f"[{finished}/{total}] {r['variant']} seed {r['seed']}: {status}")
+        counts: dict[str, int] = {}
+        for r in store.runs(sweep_id):
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        if counts.get("done", 0) + counts.get("failed", 0) == total:
+            store.mark_sweep_finished(sweep_id)
+        return counts

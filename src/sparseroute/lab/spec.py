@@ -1,0 +1,307 @@
+"""Sweep specifications: a base run configuration, a list of variants that each change some of its
+fields, and the seeds every variant is trained with. A spec is a Python object (the presets in
+:mod:`sparseroute.lab.presets`) or a TOML file; both resolve to one validated
+:class:`~sparseroute.train.config.RunConfig` per (variant, seed) before anything is trained.
+
+TOML form::
+
+    name = "my-sweep"
+    seeds = [0, 1, 2]
+    reference = "linear"          # optional: the variant the others are compared with (default: first)
+    margin = 1.0                  # TOST equivalence margin in PPL (relative_margin = true: a fraction)
+
+    [base.model]
+    preset = "tiny"               # or depth = 4; any other LMConfig field overrides the preset
+    [base.train]
+    tokens = "300k"               # counts accept 300k / 2M
+    [base.data]
+    corpus = "stdlib"
+
+    [[variants]]
+    name = "linear"
+    model.moe.router = "topk"
+
+    [[variants]]
+    name = "cosine-d32"
+    model.moe = { router = "cosine", router_options = { d_space = 32 } }
+
+    [[variants]]
+    name = "dense"
+    model.moe = false             # no MoE
+
+Variant fields merge into the base (nested tables merge key by key; a variant's ``model.moe`` table
+starts from the base's MoE settings, or from the defaults when the base is dense). Every variant
+of a seed sees the same data order (the data order follows ``train.seed``) and the same
+validation and test text.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparseroute.data import DataConfig
+from sparseroute.models import LMConfig, preset, sized
+from sparseroute.train.config import RunConfig, TrainConfig, parse_count
+
+__all__ = ["Variant", "SweepSpec", "PlannedRun", "load_spec", "apply_setting"]
+
+_SPEC_KEYS = {"name", "description", "seeds", "base", "variants", "reference", "margin", "relative_margin"}
+_COUNT_FIELDS = {("train", "tokens"), ("train", "eval_tokens"), ("data", "max_bytes")}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named change to the base configuration (``overrides`` is nested like the base)."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    variant: str
+    seed: int
+    config: RunConfig
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """name: the sweep's name (also its folder). base: ``{"model": {...}, "data": {...},
+    "train": {...}}`` where ``model`` may name a ``preset`` or a ``depth``. variants: in report
+    order. seeds: every variant is trained once per seed. reference: the variant the report
+    compares the others with. margin / relative_margin: the TOST equivalence margin (PPL, or a
+    fraction of the reference's mean test PPL)."""
+
+    name: str
+    base: dict[str, Any]
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    description: str = ""
+    reference: str | None = None
+    margin: float = 1.0
+    relative_margin: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise ValueError(f"sweep name must be letters, digits and _.+- (no spaces or slashes); got {self.name!r}")
+        if not isinstance(self.base, dict):
+            raise ValueError(f"base must be a table of model / data / train settings; got {self.base!r}")
+        unknown = sorted(set(self.base) - {"model", "data", "train"})
+        if unknown:
+            raise ValueError(f"base: unknown section(s) {', '.join(unknown)}; allowed: model, data, train")
+        object.__setattr__(self, "variants", tuple(self.variants))
+        if not self.variants:
+            raise ValueError("variants: a sweep needs at least one variant")
+        names = [v.name for v in self.variants]
+        for n in names:
+            if not isinstance(n, str) or not _NAME_RE.match(n):
+                raise ValueError(f"variant name must be letters, digits and _.+- (no spaces); got {n!r}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variants: duplicate name(s) {', '.join(dup)}")
+        seeds = tuple(self.seeds)
+        object.__setattr__(self, "seeds", seeds)
+        if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+            raise ValueError(f"seeds must be a non-empty list of ints >= 0; got {list(seeds)!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds: duplicates in {list(seeds)!r}")
+        if self.reference is not None and self.reference not in names:
+            raise ValueError(f"reference {self.reference!r} is not a variant; variants: {', '.join(names)}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not self.margin > 0:
+            raise ValueError(f"margin must be a number > 0; got {self.margin!r}")
+        if not isinstance(self.relative_margin, bool):
+            raise ValueError(f"relative_margin must be true or false; got {self.relative_margin!r}")
+
+    # -- resolution --------------------------------------------------------------------------
+    def variant_config(self, variant: Variant, seed: int) -> RunConfig:
+        """The validated run configuration of one (variant, seed); errors name the variant and field."""
+        try:
+            return _resolve(self.base, variant.overrides, seed)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"sweep {self.name!r}, variant {variant.name!r}: {e}") from None
+
+    def plan(self) -> list[PlannedRun]:
+        """Every run of the sweep, variants in order, seeds within (validates all of them)."""
+        return [PlannedRun(v.name, s, self.variant_config(v, s)) for v in self.variants for s in self.seeds]
+
+    def with_changes(self, *, seeds: tuple[int, ...] | None = None, settings: list[str] | None = None,
+                     margin: float | None = None, relative_margin: bool | None = None) -> "SweepSpec":
+        """A copy with other seeds, ``KEY=VALUE`` settings applied to the base (``train.tokens=300k``,
+        ``model.moe.top_k=1``), or another margin."""
+        base = copy.deepcopy(self.base)
+        for s in settings or []:
+            apply_setting(base, s)
+        return SweepSpec(
+            name=self.name, base=base, variants=self.variants, seeds=self.seeds if seeds is None else tuple(seeds),
+            description=self.description, reference=self.reference,
+            margin=self.margin if margin is None else margin,
+            relative_margin=self.relative_margin if relative_margin is None else relative_margin,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "base": self.base,
+            "variants": [{"name": v.name, **v.overrides} for v in self.variants],
+            "seeds": list(self.seeds),
+            "reference": self.reference,
+            "margin": self.margin,
+            "relative_margin": self.relative_margin,
+        }
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the runs (the resolved configurations); the same spec written
+        differently has the same fingerprint."""
+        runs = [[p.variant, p.seed, p.config.to_dict()] for p in self.plan()]
+        blob = json.dumps({"name": self.name, "runs": runs}, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str = "spec") -> "SweepSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a table")
+        unknown = sorted(set(d) - _SPEC_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_SPEC_KEYS))}")
+        for key in ("name", "variants"):
+            if key not in d:
+                raise ValueError(f"{where}: missing {key!r}")
+        variants = []
+        for i, v in enumerate(d["variants"]):
+            if not isinstance(v, dict) or "name" not in v:
+                raise ValueError(f"{where}: variants[{i}] needs a name")
+            rest = {k: val for k, val in v.items() if k != "name"}
+            bad = sorted(set(rest) - {"model", "data", "train"})
+            if bad:
+                raise ValueError(
+                    f"{where}: variant {v['name']!r}: unknown section(s) {', '.join(bad)}; allowed: model, data, train"
+                )
+            variants.append(Variant(v["name"], rest))
+        return cls(
+            name=d["name"], base=d.get("base", {}), variants=tuple(variants), seeds=tuple(d.get("seeds", (0, 1, 2))),
+            description=d.get("description", ""), reference=d.get("reference"),
+            margin=d.get("margin", 1.0), relative_margin=d.get("relative_margin", False),
+        )
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read a TOML sweep spec; any problem raises ValueError naming the file and the field."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"spec file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{p}: not valid TOML ({e})") from None
+    spec = SweepSpec.from_dict(data, where=str(p))
+    spec.plan()  # validate every run now
+    return spec
+
+
+def apply_setting(base: dict[str, Any], setting: str) -> None:
+    """Apply ``section.field[.sub]=VALUE`` (VALUE parsed as JSON, else kept as a string) in place."""
+    key, sep, raw = setting.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ValueError(f"--set takes SECTION.FIELD=VALUE, e.g. train.tokens=300k or model.moe.top_k=1; got {setting!r}")
+    if parts[0] not in ("model", "data", "train"):
+        raise ValueError(f"--set {key}: the section must be model, data or train; got {parts[0]!r}")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw.strip()
+    node = base
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+# -- internals --------------------------------------------------------------------------------
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _base_model(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    model = dict(model)
+    name = model.pop("preset", None)
+    depth = model.pop("depth", None)
+    if name is not None and depth is not None:
+        raise ValueError("model: give a preset or a depth, not both")
+    if depth is not None:
+        start = sized(depth)
+    else:
+        start = preset(name or "tiny")
+    return start.to_dict(), model
+
+
+def _resolve(base: dict[str, Any], overrides: dict[str, Any], seed: int) -> RunConfig:
+    base_model, base_model_over = _base_model(base.get("model", {}))
+    var_model = dict(overrides.get("model", {}))
+    if "preset" in var_model or "depth" in var_model:
+        raise ValueError("model.preset / model.depth belong in the base: every variant has the same model size")
+    model = _merge(base_model, base_model_over)
+    model = _merge_moe(model, var_model)
+    data = _merge(base.get("data", {}), overrides.get("data", {}))
+    train = _merge(base.get("train", {}), overrides.get("train", {}))
+    if "seed" in train:
+        raise ValueError("train.seed is set by the sweep's seeds; remove it from the spec")
+    train["seed"] = seed
+    for section, name in _COUNT_FIELDS:
+        d = train if section == "train" else data
+        if name in d and d[name] is not None:
+            d[name] = parse_count(d[name], f"{section}.{name}")
+    if model.get("moe") is False:
+        model["moe"] = None
+    seq_len = train.get("seq_len", TrainConfig.seq_len)
+    if isinstance(seq_len, int) and seq_len > model.get("max_seq_len", 0):
+        model["max_seq_len"] = seq_len
+    return RunConfig(model=LMConfig.from_dict(model), data=_section(DataConfig, data), train=_section(TrainConfig, train))
+
+
+def _merge_moe(model: dict[str, Any], var_model: dict[str, Any]) -> dict[str, Any]:
+    moe_over = var_model.pop("moe", None) if "moe" in var_model else ...
+    out = _merge(model, var_model)
+    if moe_over is ...:
+        if out.get("moe") is False:
+            out["moe"] = None
+        return out
+    if moe_over is False or moe_over is None:
+        out["moe"] = None
+    elif isinstance(moe_over, dict):
+        start = out.get("moe") if isinstance(out.get("moe"), dict) else {}
+        out["moe"] = _merge(start, moe_over)
+    else:
+        raise ValueError(f"model.moe must be a table of MoE settings or false (dense); got {moe_over!r}")
+    return out
+
+
+def _section(cls, d: dict[str, Any]):
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    section = "data" if cls is DataConfig else "train"
+    if unknown:
+        raise ValueError(f"unknown {section} field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    return cls(**d)

@@ -1,0 +1,312 @@
+"""The sweep report: rich summary table and the self-contained HTML file, on synthetic results."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import random
+import re
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from sparseroute.lab import report
+from sparseroute.lab.results import RunResult, SweepResults
+from sparseroute.models import MoESettings, flops_per_token, preset
+from sparseroute.models.flops import parameter_counts
+from sparseroute.train.config import RunConfig, TrainConfig
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOT_IDS = (
+    "plot-loss-curves",
+    "plot-test-ppl",
+    "plot-tost-matrix",
+    "plot-expert-load",
+    "plot-ppl-vs-flops",
+    "plot-routing-params",
+)
+SEQ_LEN, BATCH, STEPS, LOG_EVERY = 64, 4, 40, 10
+
+MOE = {
+    "topk": MoESettings(router="topk", layers="every_other"),  # tiny: 4 layers -> MoE in 1 and 3, 8 experts
+    "cosine": MoESettings(router="cosine", layers="every_other"),
+    "dense": None,
+}
+# topk and cosine: same mean, tiny spread -> equivalent within ±1 PPL; dense: 2 PPL worse -> different
+TEST_PPL = {"topk": [5.00, 5.02, 4.98], "cosine": [5.01, 4.99, 5.00], "dense": [7.00, 7.05, 6.95]}
+
+_CACHE: dict[str, tuple[dict, dict, dict]] = {}
+
+
+def _model_parts(variant: str) -> tuple[dict, dict, dict]:
+    """(config dict, flops_per_token, parameter_counts) of a variant (seed 0), computed once."""
+    if variant not in _CACHE:
+        cfg = RunConfig(
+            model=preset("tiny", moe=MOE[variant]),
+            train=TrainConfig(tokens=STEPS * BATCH * SEQ_LEN, batch_size=BATCH, seq_len=SEQ_LEN, log_every=LOG_EVERY),
+        )
+        _CACHE[variant] = (cfg.to_dict(), flops_per_token(cfg.model, SEQ_LEN, None), parameter_counts(cfg.model))
+    return _CACHE[variant]
+
+
+def _metrics(variant: str, seed: int, skew: float) -> list[dict]:
+    rng = random.Random(f"{variant}-{seed}")
+    moe = MOE[variant]
+    recs = []
+    for step in range(LOG_EVERY, STEPS + 1, LOG_EVERY):
+        rec = {
+            "step": step,
+            "tokens": step * BATCH * SEQ_LEN,
+            "lr": 3e-3,
+            "loss": 3.0 - 0.02 * step + rng.uniform(-0.05, 0.05) + (0.3 if moe is None else 0.0),
+            "aux_loss": 0.0 if moe is None else 0.01,
+        }
+        if moe is not None:
+            total = LOG_EVERY * BATCH * SEQ_LEN * moe.top_k
+            layers = []
+            for layer in range(2):
+                weights = [1.0 + skew * (e == layer) + rng.random() * 0.2 for e in range(moe.num_experts)]
+                load = [int(total * w / sum(weights)) for w in weights]
+                layers.append({"load": load, "entropy": 1.9, "imbalance": 1.2, "dropped_fraction": 0.0,
+                               "active_per_token": float(moe.top_k)})
+            rec["routing"] = layers
+        if step == STEPS // 2:
+            rec["val"] = {"loss": 1.7, "ppl": 5.5, "tokens": 4096}
+        recs.append(rec)
+    return recs
+
+
+def _run(run_id: int, variant: str, seed: int, status: str = "done", test_ppl: float | None = None,
+         error: str | None = None) -> RunResult:
+    config, flops, counts = _model_parts(variant)
+    config = {**config, "train": {**config["train"], "seed": seed}}
+    done = status == "done"
+    final = None
+    if done:
+        final = {
+            "steps": STEPS, "tokens": STEPS * BATCH * SEQ_LEN,
+            "test_ppl": test_ppl, "val_ppl": test_ppl + 0.1, "test_loss": 1.6, "val_loss": 1.62,
+            "flops_per_token": dict(flops),
+            "active_experts_per_layer": None if MOE[variant] is None else [2.0, 2.0],
+            "parameters": counts["total"], "parameter_counts": dict(counts), "train_seconds": 12.5 + seed,
+        }
+    metrics = _metrics(variant, seed, skew=2.0 if variant == "topk" else 0.5) if status in ("done", "failed") else []
+    if status == "failed":
+        metrics = metrics[:2]
+    return RunResult(run_id=run_id, variant=variant, seed=seed, status=status, config=config, final=final,
+                     metrics=metrics, train_seconds=12.5 + seed if done else None,
+                     git_revision="abc1234" if status != "pending" else None, error=error)
+
+
+def _sweep(name: str, runs: list[RunResult], variants: list[str], reference: str | None = None) -> SweepResults:
+    spec = {"name": name, "seeds": [0, 1, 2], "margin": 1.0, "base": {"model": {"preset": "tiny"}},
+            "variants": [{"name": v} for v in variants]}
+    if reference is not None:
+        spec["reference"] = reference
+    return SweepResults(sweep_id=7, name=name, spec=spec, variants=variants, runs=runs,
+                        created_at="2025-01-02 03:04:05", reference=reference)
+
+
+@pytest.fixture(scope="module")
+def full() -> SweepResults:
+    """3 variants × 3 seeds, all finished."""
+    runs, i = [], 0
+    for v in ("topk", "cosine", "dense"):
+        for seed, ppl in enumerate(TEST_PPL[v]):
+            i += 1
+            runs.append(_run(i, v, seed, test_ppl=ppl))
+    return _sweep("routers", runs, ["topk", "cosine", "dense"])
+
+
+@pytest.fixture(scope="module")
+def partial() -> SweepResults:
+    """cosine has 1 finished seed (one failed with an HTML-looking error, one pending); dense 2 seeds."""
+    runs = [_run(i + 1, "topk", s, test_ppl=p) for i, (s, p) in enumerate(enumerate(TEST_PPL["topk"]))]
+    runs += [
+        _run(4, "cosine", 0, test_ppl=5.01),
+        _run(5, "cosine", 1, status="failed", error="TrainingDiverged: step 20: loss is nan <script>x</script>"),
+        _run(6, "cosine", 2, status="pending"),
+        _run(7, "dense", 0, test_ppl=7.0),
+        _run(8, "dense", 1, test_ppl=7.1),
+    ]
+    return _sweep("partial <sweep>", runs, ["topk", "cosine", "dense"])
+
+
+def _render(results, comparison) -> str:
+    console = Console(record=True, width=200)
+    report.print_summary(results, comparison, console=console)
+    return console.export_text()
+
+
+def _line(text: str, variant: str) -> str:
+    lines = [ln for ln in text.splitlines() if re.match(rf"^\W*{re.escape(variant)}\s", ln)]
+    assert lines, f"no row for {variant!r} in:\n{text}"
+    return lines[0]
+
+
+def _images(doc: str) -> dict[str, bytes]:
+    out = {}
+    for m in re.finditer(r'<img id="([^"]+)"[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', doc):
+        out[m.group(1)] = base64.b64decode(m.group(2), validate=True)
+    return out
+
+
+# ---------------------------------------------------------------- statistics and the table
+def test_comparison_of_uses_reference_and_handles_no_finished_run(full, partial):
+    c = report.comparison_of(full)
+    assert c.reference == "topk" and list(c.summaries) == ["topk", "cosine", "dense"]
+    assert c.pair("topk", "cosine").verdict == "equivalent"
+    assert c.pair("dense", "topk").verdict == "different"
+    assert report.comparison_of(dataclasses.replace(full, reference="dense")).reference == "dense"
+    # a reference without finished runs falls back to the first variant that has some
+    none_done = [dataclasses.replace(r, status="pending", final=None) if r.variant == "cosine" else r for r in full.runs]
+    c2 = report.comparison_of(dataclasses.replace(full, runs=none_done, reference="cosine"))
+    assert c2.reference == "topk" and "cosine" not in c2.summaries
+    pending = [dataclasses.replace(r, status="pending", final=None) for r in full.runs]
+    assert report.comparison_of(dataclasses.replace(full, runs=pending)) is None
+    rel = report.comparison_of(full, margin=0.02, relative=True)
+    assert rel.relative_margin == 0.02 and rel.margin == pytest.approx(0.02 * 5.0)
+
+
+def test_summary_table_rows_and_verdicts(full):
+    c = report.comparison_of(full)
+    text = _render(full, c)
+    assert "'routers'" in text and "id 7" in text and "±1 PPL" in text
+    topk, cosine, dense = (_line(text, v) for v in ("topk", "cosine", "dense"))
+    assert "reference" in topk and "3/3" in topk
+    assert "equivalent" in cosine and "cosine" in cosine.split()[1]
+    assert "different" in dense and " dense " in dense
+    half = (c.summaries["cosine"].high - c.summaries["cosine"].low) / 2
+    assert f"{c.summaries['cosine'].mean:.3f} ± {half:.3f}" in cosine
+    counts = {v: _model_parts(v)[2] for v in MOE}
+    assert counts["topk"]["routing"] == 2 * 256 * 8  # linear router: D·E per MoE layer
+    for v, line in (("topk", topk), ("cosine", cosine), ("dense", dense)):
+        assert f"{counts[v]['routing']:,}" in line
+    assert report._si(_model_parts("topk")[1]["experts"]) in topk
+    assert f"{c.pair('topk', 'cosine').tost.p:.2e}" in cosine or f"{c.pair('topk', 'cosine').tost.p:.3f}" in cosine
+    # the TOST pair lines
+    assert "topk vs cosine" in text and "-> equivalent" in text and "-> different" in text
+    assert "90% CI" in text
+
+
+def test_summary_with_single_seed_and_failed_runs(partial):
+    c = report.comparison_of(partial)
+    text = _render(partial, c)
+    cosine = _line(text, "cosine")
+    assert "1/3" in cosine and "1 seed: no CI" in cosine and "no test" in cosine
+    assert "cosine: 1 seed — no confidence interval and no tests" in text
+    assert "2 of 8 runs are not finished (1 failed, 1 pending)" in text
+
+
+def test_summary_without_any_finished_run(full):
+    pending = dataclasses.replace(full, runs=[dataclasses.replace(r, status="running", final=None) for r in full.runs])
+    text = _render(pending, None)
+    assert "no finished run yet" in text and "0/3" in _line(text, "topk")
+
+
+# ---------------------------------------------------------------- the HTML report
+@pytest.fixture(scope="module")
+def full_report(full, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("report") / "out" / "report.html"
+    path = report.write_report(full, target)
+    assert path == target
+    return path
+
+
+def test_write_report_is_self_contained_with_all_plots(full_report):
+    path = full_report
+    assert path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.html"]
+    doc = path.read_text(encoding="utf-8")
+    images = _images(doc)
+    assert set(images) == set(PLOT_IDS)
+    assert doc.count("data:image/png;base64,") == 6
+    for data in images.values():
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    for section in ("summary", "notes", "tost-pairs", "runs", "spec"):
+        assert f'<section id="{section}">' in doc
+    for v in ("topk", "cosine", "dense"):
+        assert f"<td>{v}</td>" in doc
+    assert "±1 PPL" in doc
+    assert "Dense variants skipped (no experts): dense." in doc
+    assert "min–max over seeds" in doc
+    # nothing external: every src is a data URI, no scripts, links or stylesheets
+    assert all(s.startswith("data:") for s in re.findall(r'src="([^"]*)"', doc))
+    assert not re.search(r"<script|<link|https?://|@import", doc)
+    # verdicts and the pair list
+    assert 'id="tost-table"' in doc and "equivalent</span>" in doc and "different</span>" in doc
+    assert "&quot;preset&quot;: &quot;tiny&quot;" in doc  # the spec as pretty JSON (escaped)
+    assert "abc1234" in doc
+
+
+def test_write_report_is_deterministic(full, full_report, tmp_path):
+    assert report.write_report(full, tmp_path / "again.html").read_bytes() == full_report.read_bytes()
+
+
+def test_write_report_single_seed_failed_run_and_escaping(partial, tmp_path):
+    doc = report.write_report(partial, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert set(_images(doc)) == set(PLOT_IDS)
+    assert "1 seed — no confidence interval and no tests" in doc
+    assert "1 seed: no CI" in doc
+    assert "<script>" not in doc and "&lt;script&gt;x&lt;/script&gt;" in doc
+    assert "partial &lt;sweep&gt;" in doc and "partial <sweep>" not in doc
+    assert "failed" in doc and "pending" in doc
+
+
+def test_write_report_all_dense_single_variant_and_nothing_finished(full, tmp_path):
+    dense = dataclasses.replace(full, variants=["dense"], runs=[r for r in full.runs if r.variant == "dense"])
+    doc = report.write_report(dense, tmp_path / "dense.html").read_text(encoding="utf-8")
+    images = _images(doc)
+    assert set(images) == set(PLOT_IDS) - {"plot-expert-load"}
+    assert all(d.startswith(PNG_SIGNATURE) for d in images.values())
+    assert "Dense variants skipped (no experts): dense." in doc
+    assert "Only one variant has finished runs" in doc
+
+    pending = dataclasses.replace(full, runs=[dataclasses.replace(r, status="pending", final=None, metrics=[])
+                                              for r in full.runs])
+    doc = report.write_report(pending, tmp_path / "pending.html").read_text(encoding="utf-8")
+    assert "No run has finished yet" in doc and "±1 PPL" in doc
+    assert set(_images(doc)) == set(PLOT_IDS) - {"plot-expert-load"}
+
+
+def test_relative_margin_is_shown(full, tmp_path):
+    text = _render(full, report.comparison_of(full, margin=0.02, relative=True))
+    assert "±2% of the reference mean (= ±0.1 PPL)" in text
+    small = dataclasses.replace(full, variants=["dense"], runs=[r for r in full.runs if r.variant == "dense"])
+    doc = report.write_report(small, tmp_path / "rel.html", margin=0.02, relative=True).read_text(encoding="utf-8")
+    assert "±2% of the reference mean" in doc
+
+
+def test_write_report_is_atomic(full, tmp_path, monkeypatch):
+    path = tmp_path / "report.html"
+    path.write_text("old report", encoding="utf-8")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(report, "_plot_tost_matrix", boom)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        report.write_report(full, path)
+    assert path.read_text(encoding="utf-8") == "old report"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+    # a failure while writing (after the temporary file exists) leaves no temporary file either
+    monkeypatch.undo()
+    small = dataclasses.replace(full, variants=["dense"], runs=[r for r in full.runs if r.variant == "dense"])
+    real_replace = report.os.replace
+
+    def failing_replace(src, dst):
+        assert Path(src).parent == tmp_path and Path(src).exists()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_report(small, path)
+    assert path.read_text(encoding="utf-8") == "old report"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+    monkeypatch.setattr(report.os, "replace", real_replace)
+    report.write_report(small, path)
+    assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
