@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) benchmarks/moe_layer.py
+	$(VENV)/bin/sparseroute compare --preset quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from sparseroute.lab import report
+from sparseroute.lab import report, summary
 from sparseroute.lab.results import RunResult, SweepResults
 from sparseroute.models import MoESettings, flops_per_token, preset
 from sparseroute.models.flops import parameter_counts
@@ -178,12 +178,12 @@ def test_summary_table_rows_and_verdicts(full):
     assert "equivalent" in cosine and "cosine" in cosine.split()[1]
     assert "different" in dense and " dense " in dense
     half = (c.summaries["cosine"].high - c.summaries["cosine"].low) / 2
-    assert f"{c.summaries['cosine'].mean:.3f} ± {half:.3f}" in cosine
+    assert f"{c.summaries['cosine'].mean:.2f} ± {half:.2f}" in cosine
     counts = {v: _model_parts(v)[2] for v in MOE}
     assert counts["topk"]["routing"] == 2 * 256 * 8  # linear router: D·E per MoE layer
     for v, line in (("topk", topk), ("cosine", cosine), ("dense", dense)):
         assert f"{counts[v]['routing']:,}" in line
-    assert report._si(_model_parts("topk")[1]["experts"]) in topk
+    assert summary._si(_model_parts("topk")[1]["experts"]) in topk
     assert f"{c.pair('topk', 'cosine').tost.p:.2e}" in cosine or f"{c.pair('topk', 'cosine').tost.p:.3f}" in cosine
     # the TOST pair lines
     assert "topk vs cosine" in text and "-> equivalent" in text and "-> different" in text

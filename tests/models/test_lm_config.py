@@ -183,6 +183,23 @@ def test_parameter_counts_match_a_real_build_and_the_formula():
     assert counts["active"] == counts["total"] - Ll * (E - 2) * 3 * Dd * Fe
     dense = parameter_counts(preset("tiny"))
     assert dense["total"] == Vv * Dd + Ll * (4 * Dd * Dd + 3 * Dd * Ff + 2 * Dd) + Dd
+    assert counts["routing"] == counts["linear_router"] == Ll * Dd * E
+    assert dense["routing"] == dense["linear_router"] == 0
+
+
+@pytest.mark.parametrize(
+    "router, options, per_layer",
+    [
+        ("cosine", {"d_space": 16}, 256 * 16 + 8 * 16 + 1),  # D·R + E·R + 1 (learned inverse temperature)
+        ("cosine", {"d_space": 16, "learn_temperature": False}, 256 * 16 + 8 * 16 + 1),  # tau counted either way
+        ("hash", {}, 0),
+        ("topk", {}, 256 * 8),
+    ],
+)
+def test_routing_parameter_counts(router, options, per_layer):
+    counts = parameter_counts(preset("tiny", moe=MoESettings(router=router, router_options=options)))
+    assert counts["routing"] == 4 * per_layer
+    assert counts["linear_router"] == 4 * 256 * 8
 
 
 def test_preset_errors_and_overrides():
