@@ -130,9 +130,9 @@ class MoE(nn.Module):
                 f"token_ids must have shape {tuple(x.shape[:-1])} (x without its last dim); got {tuple(token_ids.shape)}"
             )
 
-    def route(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+    def route(self, x_TD: Tensor, token_ids_T: Tensor | None = None, seq_len: int | None = None) -> Routing:
         """Router decision plus the capacity drop, if configured."""
-        routing = self.router(x_TD, token_ids_T)
+        routing = self.router(x_TD, token_ids_T, seq_len=seq_len)
         if self.config.capacity_factor is not None:
             cap = capacity_for(self.config.capacity_factor, x_TD.shape[0], self.router.top_k, self.config.num_experts)
             routing = apply_capacity(routing, cap)
@@ -145,7 +145,7 @@ class MoE(nn.Module):
         executor = EXECUTORS.get(dispatch or self.config.dispatch)
         x_TD = x.reshape(-1, x.shape[-1])
         ids_T = None if token_ids is None else token_ids.reshape(-1)
-        routing = self.route(x_TD, ids_T)
+        routing = self.route(x_TD, ids_T, x.shape[1] if x.dim() == 3 and x.shape[1] > 0 else None)
         y_TD = executor(x_TD, routing, self.experts)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)

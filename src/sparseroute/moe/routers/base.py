@@ -54,6 +54,9 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
     needs_token_ids: ClassVar[bool] = False
     #: the number of experts per token varies (slots hold -1 where unused)
     variable_k: ClassVar[bool] = False
+    #: the router looks across the tokens of a sequence (its ``route`` takes ``seq_len``: the
+    #: flattened T tokens are T / seq_len sequences of seq_len consecutive tokens)
+    sequence_aware: ClassVar[bool] = False
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig | None = None):
         super().__init__()
@@ -71,9 +74,16 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
         self.config = config
 
     # -- the interface -------------------------------------------------------------------
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None, *, seq_len: int | None = None) -> Routing:
+        """``seq_len``: the T tokens are T / seq_len sequences of consecutive tokens (None: one
+        sequence). Only sequence-aware routers use it."""
         if x_TD.dim() != 2 or x_TD.shape[1] != self.d_model:
             raise ValueError(f"router input must be [T, {self.d_model}]; got {tuple(x_TD.shape)}")
+        T = x_TD.shape[0]
+        if seq_len is not None and (
+            not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1 or T % seq_len
+        ):
+            raise ValueError(f"seq_len must be a positive int that divides the {T} tokens; got {seq_len!r}")
         if self.needs_token_ids:
             if token_ids_T is None:
                 raise ValueError(
@@ -84,6 +94,8 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
                     f"token_ids must be an integer tensor with one id per token ({x_TD.shape[0]}); "
                     f"got {tuple(token_ids_T.shape)} {token_ids_T.dtype}"
                 )
+        if self.sequence_aware:
+            return self.route(x_TD, token_ids_T, seq_len=seq_len if seq_len is not None else max(T, 1))
         return self.route(x_TD, token_ids_T)
 
     @abc.abstractmethod
