@@ -22,6 +22,8 @@ ALL_ROUTERS = (
     "sigmoid",
     "expert_choice",
     "cosine",
+    "similarity",
+    "kmeans",
     "hash",
     "random_fixed",
     "sinkhorn",

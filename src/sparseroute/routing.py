@@ -17,7 +17,7 @@ from typing import Callable, Generic, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "Registry", "routing_stats", "apply_capacity", "capacity_for"]
+__all__ = ["Routing", "Registry", "routing_stats", "apply_capacity", "capacity_for", "routing_fluctuation"]
 
 
 @dataclass
@@ -181,3 +181,19 @@ class Registry(Generic[T_co]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+def routing_fluctuation(idx_a_TK: Tensor, idx_b_TK: Tensor) -> float:
+    """Share of tokens whose top-1 expert differs between two routings of the same T tokens
+    (e.g. the same batch routed by two checkpoints). Top-1 is slot 0 (the highest-scoring choice
+    of a top-k router); a slot holding -1 compares like any other index. 0.0 when T = 0."""
+    for name, idx in (("idx_a", idx_a_TK), ("idx_b", idx_b_TK)):
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f"{name} must be [T, K] with K >= 1; got shape {tuple(idx.shape)}")
+    if idx_a_TK.shape[0] != idx_b_TK.shape[0]:
+        raise ValueError(
+            f"idx_a and idx_b must route the same tokens; got {idx_a_TK.shape[0]} and {idx_b_TK.shape[0]} tokens"
+        )
+    if idx_a_TK.shape[0] == 0:
+        return 0.0
+    return float((idx_a_TK[:, 0] != idx_b_TK[:, 0].to(idx_a_TK.device)).float().mean())

@@ -149,7 +149,10 @@ def run_sweep(store: Store, sweep_id: int, *, jobs: int = 1, retry_failed: bool 
                 if r["status"] == "failed":
                     store.reset_run(int(r["id"]))
             rows = store.runs(sweep_id)
-        todo = [r for r in rows if r["status"] in ("pending", "running")]
+        # seed-major order (every variant's seed 0, then every variant's seed 1, ...): a sweep cut short
+        # still compares every variant; within a seed, spec order
+        todo = sorted((r for r in rows if r["status"] in ("pending", "running")),
+                      key=lambda r: (r["seed"], r["position"]))
         total = len(rows)
         done_before = total - len(todo)
         if done_before and todo:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from sparseroute.moe.experts import check_activation
+from sparseroute.moe.layer import check_halt_threshold
 from sparseroute.moe.routers import ROUTERS
 from sparseroute.moe.routers.base import make_config
 
@@ -49,6 +50,9 @@ class MoESettings:
         ``ceil(capacity_factor * T * k / E)`` (token, slot) pairs.
     num_shared_experts: dense experts every token also uses (hidden ``num_shared_experts * d_ff``).
     activation: expert activation (swiglu, gelu, silu, relu).
+    hops, hop_routers, hop_scale, halt_threshold: multi-hop routing through the same experts, a
+        router per hop, learned per-hop output scalars, eval-mode relative-norm halting (see
+        :class:`sparseroute.moe.MoEConfig`).
     """
 
     num_experts: int = 8
@@ -60,6 +64,10 @@ class MoESettings:
     capacity_factor: float | None = None
     num_shared_experts: int = 0
     activation: str = "swiglu"
+    hops: int = 1
+    hop_routers: bool = False
+    hop_scale: bool = False
+    halt_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("num_experts", self.num_experts)
@@ -97,6 +105,13 @@ class MoESettings:
             _check_positive_number("capacity_factor", self.capacity_factor)
         _check_int("num_shared_experts", self.num_shared_experts, minimum=0)
         check_activation(self.activation)
+        _check_int("hops", self.hops)
+        for name in ("hop_routers", "hop_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
+        check_halt_threshold(self.halt_threshold)
+        if self.halt_threshold > 0 and router_cls.sequence_aware:
+            raise ValueError(f"halt_threshold: not available with the sequence-aware {self.router} router")
 
     def expert_d_ff(self, dense_d_ff: int) -> int:
         """The hidden size of one expert, given the dense FFN hidden size."""

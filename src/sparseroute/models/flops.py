@@ -51,7 +51,8 @@ def flops_per_token(
 ) -> dict[str, float]:
     """Forward FLOPs per token, by part: attention, dense_ffn, experts, router, embedding_head and
     total. ``active_experts_per_layer[i]`` is the mean number of experts a token uses in the i-th
-    MoE layer (e.g. ``Routing.stats["active_per_token"]``); ``None`` means ``top_k`` everywhere.
+    MoE layer, summed over its hops (e.g. ``Routing.stats["active_per_token"]``); ``None`` means
+    ``top_k x hops`` everywhere. Router and shared-expert FLOPs are charged once per hop.
     Pass measured counts for variable-k routers (relu, expert_choice) and capacity drops."""
     if not isinstance(cfg, LMConfig):
         raise ValueError(f"cfg must be an LMConfig; got {type(cfg).__name__}")
@@ -61,7 +62,7 @@ def flops_per_token(
     moe_layers = cfg.moe_layer_indices()
     n_moe = len(moe_layers)
     if active_experts_per_layer is None:
-        active = [float(cfg.moe.top_k)] * n_moe if cfg.moe is not None else []
+        active = [float(cfg.moe.top_k * cfg.moe.hops)] * n_moe if cfg.moe is not None else []
     else:
         active = [float(a) for a in active_experts_per_layer]
         if len(active) != n_moe:
@@ -69,10 +70,10 @@ def flops_per_token(
                 f"active_experts_per_layer must have one value per MoE layer ({n_moe}: layers "
                 f"{list(moe_layers)}); got {len(active)}"
             )
-        E = cfg.moe.num_experts if cfg.moe is not None else 0
+        E = cfg.moe.num_experts * cfg.moe.hops if cfg.moe is not None else 0
         bad = [a for a in active if not (0.0 <= a <= E) or math.isnan(a)]
         if bad:
-            raise ValueError(f"active_experts_per_layer: values must be in [0, num_experts={E}]; got {bad}")
+            raise ValueError(f"active_experts_per_layer: values must be in [0, num_experts x hops = {E}]; got {bad}")
 
     context = (seq_len + 1) / 2.0
     attention = L * (8.0 * D * D + 4.0 * D * context)
@@ -83,8 +84,8 @@ def flops_per_token(
         fe = m.expert_d_ff(cfg.d_ff)
         per_expert = float(expert_flops_per_row(D, fe, m.activation))
         shared = float(expert_flops_per_row(D, m.num_shared_experts * fe, m.activation)) if m.num_shared_experts else 0.0
-        experts = sum(a * per_expert + shared for a in active)
-        router = n_moe * router_flops_per_token(m, D)
+        experts = sum(a * per_expert + m.hops * shared for a in active)
+        router = n_moe * m.hops * router_flops_per_token(m, D)
     embedding_head = 2.0 * D * V
     out = {
         "attention": attention,
@@ -120,8 +121,9 @@ def parameter_counts(cfg: LMConfig) -> dict[str, int]:
         n = moe.experts.w_in.numel() + moe.experts.w_out.numel()
         experts += n
         active_experts += n * moe.config.top_k // moe.config.num_experts
-        routing += moe.router.routing_parameters()
-        linear_router += moe.router.linear_router_parameters()
+        for r in (moe.router, *moe.hop_routers):
+            routing += r.routing_parameters()
+            linear_router += r.linear_router_parameters()
     return {
         "total": total,
         "embedding": embedding,

@@ -110,6 +110,10 @@ class Block(nn.Module):
                 activation=m.activation,
                 capacity_factor=m.capacity_factor,
                 num_shared_experts=m.num_shared_experts,
+                hops=m.hops,
+                hop_routers=m.hop_routers,
+                hop_scale=m.hop_scale,
+                halt_threshold=m.halt_threshold,
             )
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)

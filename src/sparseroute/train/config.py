@@ -37,6 +37,8 @@ class TrainConfig:
     grad_clip: clip the global gradient norm (0 = off).
     eval_tokens: tokens of validation/test text used for each perplexity evaluation.
     eval_every / log_every / checkpoint_every: in steps (0 = only at the end).
+    halting_taus: for multi-hop MoE models, relative-norm halting thresholds evaluated (zero-shot,
+        on the validation text) at the end of training; the curve goes into the final metrics.
     """
 
     tokens: int = 2_000_000
@@ -55,8 +57,17 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     device: str = "cpu"
+    halting_taus: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        taus = self.halting_taus
+        if isinstance(taus, list):
+            taus = tuple(taus)
+            object.__setattr__(self, "halting_taus", taus)
+        if not isinstance(taus, tuple) or any(
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf for t in taus
+        ):
+            raise ValueError(f"halting_taus must be a list of numbers >= 0; got {self.halting_taus!r}")
         for name in ("tokens", "batch_size", "seq_len", "eval_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -48,21 +48,34 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_tokens: int, device) -> dict[str, float]:
-    """Mean cross-entropy (nats/token) and perplexity over up to ``max_tokens`` of ``tokens``."""
+def evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_tokens: int, device) -> dict[str, Any]:
+    """Mean cross-entropy (nats/token) and perplexity over up to ``max_tokens`` of ``tokens``; for MoE
+    models also ``routing``: per MoE layer, token-weighted means of the scalar routing statistics
+    in eval mode (entropy, imbalance, active experts, hop collinearity, hops taken, ...)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    layers: list[dict[str, float]] = []
     for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens=max_tokens):
         x, y = x.to(device), y.to(device)
-        logits = model(x).logits
+        out = model(x)
+        logits = out.logits
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
         count += y.numel()
+        if not layers:
+            layers = [{} for _ in out.routings]
+        for lay, r in zip(layers, out.routings):  # token-weighted means of the scalar routing stats
+            for key, value in r.stats.items():
+                if value.numel() == 1:
+                    lay[key] = lay.get(key, 0.0) + float(value) * y.numel()
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluation split is shorter than one sequence; use a larger corpus or a shorter seq_len")
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+    res: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+    if layers:
+        res["routing"] = [{k: v / count for k, v in sorted(lay.items())} for lay in layers]
+    return res
 
 
 @dataclass
@@ -282,7 +295,16 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
     if acc.active_sum is not None and acc.active_n:
         active = [s / acc.active_n for s in acc.active_sum]
     flops = flops_per_token(cfg.model, tc.seq_len, active)
-    return {
+    extra: dict[str, Any] = {}
+    if "routing" in val:
+        extra["routing_profile"] = val["routing"]
+    moe = cfg.model.moe
+    if tc.halting_taus and moe is not None and moe.hops > 1:
+        from sparseroute.lab.diagnostics import halting_curve
+
+        extra["halting"] = halting_curve(model, corpus.val, tc.halting_taus, batch_size=tc.batch_size,
+                                         seq_len=tc.seq_len, max_tokens=tc.eval_tokens)
+    return {**extra, 
         "steps": tc.steps,
         "tokens": tc.steps * tc.batch_size * tc.seq_len,
         "val_loss": val["loss"],

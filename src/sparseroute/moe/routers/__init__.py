@@ -4,10 +4,12 @@ from sparseroute.moe.routers import (  # noqa: F401  (imports register the route
     cosine,
     expert_choice,
     hash,
+    kmeans,
     oracle,
     random_fixed,
     relu,
     sigmoid,
+    similarity,
     sinkhorn,
     topk,
 )

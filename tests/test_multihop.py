@@ -1,0 +1,182 @@
+"""Multi-hop MoE (h_{i+1} = h_i + MoE(h_i)), learned hop scalars and relative-norm halting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sparseroute.models import MoESettings, TransformerLM, flops_per_token, preset
+from sparseroute.models.flops import parameter_counts
+from sparseroute.moe import MoE
+from sparseroute.moe.dispatch import EXECUTORS
+
+D, F, E, K = 32, 48, 6, 2
+
+
+def layer(**kw) -> MoE:
+    torch.manual_seed(0)
+    m = MoE(D, F, E, K, dispatch="reference", **kw)
+    with torch.no_grad():  # larger expert outputs so that hop updates are not negligible
+        m.experts.w_out.mul_(1.5)
+    return m
+
+
+def inputs(B=3, S=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, D, generator=g)
+
+
+def manual_hops(m: MoE, x, hops):
+    """The definition, written out: h_{i+1} = h_i + MoE_i(h_i); output h_H - h_0."""
+    ex = EXECUTORS.get("reference")
+    h = x.reshape(-1, D)
+    h0 = h
+    for hop in range(hops):
+        r = m.route(h, None, x.shape[1], hop=hop)
+        d = ex(h, r, m.experts)
+        if m.hop_scale is not None:
+            d = d * m.hop_scale[hop]
+        h = h + d
+    return (h - h0).reshape(x.shape)
+
+
+@pytest.mark.parametrize("router", ["topk", "cosine", "sigmoid"])
+def test_one_hop_is_the_plain_layer(router):
+    m = layer(router=router)
+    x = inputs()
+    y, r = m(x)
+    # the general multi-hop path with H = 1 gives the same as the plain path
+    y2, r2 = m._multi_hop(x.reshape(-1, D), None, x.shape[1], EXECUTORS.get("reference"))
+    assert torch.equal(y.reshape(-1, D), y2)  # the same computation, bit for bit
+    assert torch.equal(r.indices, r2.indices)
+    assert_close(r2.stats["active_per_token"], r.stats["active_per_token"])
+
+
+@pytest.mark.parametrize("hops, hop_routers, hop_scale", [(2, False, False), (3, True, False), (2, False, True)])
+def test_multi_hop_matches_the_definition_outputs_and_gradients(hops, hop_routers, hop_scale):
+    m = layer(hops=hops, hop_routers=hop_routers, hop_scale=hop_scale)
+    if hop_scale:
+        with torch.no_grad():
+            m.hop_scale.copy_(torch.tensor([0.7, 1.3]))
+    x = inputs().requires_grad_(True)
+    y, r = m(x)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref = manual_hops(m, x2, hops)
+    assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    params = [p for p in m.parameters()]
+    got = torch.autograd.grad((y * g).sum(), [x, *params], allow_unused=True)
+    want = torch.autograd.grad((y_ref * g).sum(), [x2, *params], allow_unused=True)
+    for a, b in zip(got, want):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert float(r.stats["active_per_token"]) == pytest.approx(K * hops)
+    assert int(r.stats["tokens_per_expert"].sum()) == x.shape[0] * x.shape[1] * K * hops
+    assert -1.0 <= float(r.stats["hop_cos"]) <= 1.0
+    if hop_routers:
+        assert len(m.hop_routers) == hops - 1
+        assert not torch.equal(m.hop_routers[0].weight, m.router.weight)
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "loop", "fused"])
+def test_fast_executors_agree_on_multi_hop(dispatch):
+    m = layer(hops=2)
+    x = inputs().requires_grad_(True)
+    y_ref, _ = m(x)
+    gx_ref, = torch.autograd.grad(y_ref.square().sum(), x)
+    y, _ = m(x, dispatch=dispatch)
+    gx, = torch.autograd.grad(y.square().sum(), x)
+    assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    assert_close(gx, gx_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_halting_at_zero_is_no_halting_exactly():
+    m = layer(hops=3).eval()
+    x = inputs()
+    y0, r0 = m(x)
+    m.set_halting(0.0)
+    y1, _ = m(x)
+    assert torch.equal(y0, y1)
+    assert float(r0.stats["halted_fraction"]) == 0.0 and float(r0.stats["hops_per_token"]) == 3.0
+
+
+def test_halted_tokens_are_never_dispatched():
+    m = layer(hops=2).eval()
+    x = inputs(B=4, S=16)
+    x_TD = x.reshape(-1, D)
+    with torch.no_grad():
+        full, _ = m(x)
+        # hop 0 by hand: which tokens fall under the threshold
+        r0 = m.route(x_TD, None, x.shape[1])
+        d0 = EXECUTORS.get("reference")(x_TD, r0, m.experts)
+        ratio = d0.norm(dim=-1) / x_TD.norm(dim=-1)
+    tau = float(ratio.median())  # about half the tokens halt after hop 0
+    rows = []
+    real = m._hop_output
+
+    def counting(h, routing, executor, hop):
+        rows.append((hop, h.shape[0], int((routing.indices >= 0).sum())))
+        return real(h, routing, executor, hop)
+
+    m._hop_output = counting
+    m.set_halting(tau)
+    with torch.no_grad():
+        y, r = m(x)
+    keep = ratio >= tau
+    n_keep = int(keep.sum())
+    assert 0 < n_keep < x_TD.shape[0]
+    assert rows == [(0, x_TD.shape[0], x_TD.shape[0] * K), (1, n_keep, n_keep * K)]
+    y_TD = y.reshape(-1, D)
+    assert_close(y_TD[~keep], d0[~keep])  # halted: only hop 0's update
+    assert_close(y_TD[keep], full.reshape(-1, D)[keep])  # still active: the full two hops
+    assert float(r.stats["active_per_token"]) == pytest.approx(K * (x_TD.shape[0] + n_keep) / x_TD.shape[0])
+    assert float(r.stats["halted_fraction"]) == pytest.approx(1 - n_keep / x_TD.shape[0])
+    # training mode never halts (halting is zero-shot, at inference)
+    m.train()
+    rows.clear()
+    m(x)
+    assert [n for _, n, _ in rows] == [x_TD.shape[0]] * 2
+
+
+def test_learned_scalar_starts_at_the_plain_layer_and_learns():
+    plain = layer()
+    scaled = layer(hop_scale=True)
+    x = inputs()
+    assert torch.equal(plain(x)[0], scaled(x)[0])
+    with torch.no_grad():
+        scaled.hop_scale.fill_(0.5)
+    assert_close(scaled(x)[0], 0.5 * plain(x)[0])
+    y, _ = scaled(x)
+    y.sum().backward()
+    assert scaled.hop_scale.grad is not None and scaled.hop_scale.grad.abs().sum() > 0
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="hops"):
+        MoE(D, F, E, K, hops=0)
+    with pytest.raises(ValueError, match="halt_threshold"):
+        MoE(D, F, E, K, halt_threshold=-0.1)
+    with pytest.raises(ValueError, match="hop_scale"):
+        MoE(D, F, E, K, hop_scale=1)
+    with pytest.raises(ValueError, match="halt_threshold"):
+        MoE(D, F, E, K).set_halting(float("nan"))
+    with pytest.raises(ValueError, match="hops"):
+        MoESettings(hops=0)
+
+
+def test_lm_with_hops_flops_and_parameters():
+    moe = MoESettings(num_experts=4, top_k=2, hops=2, hop_routers=True)
+    cfg = preset("tiny", n_layers=2, moe=moe)
+    one = preset("tiny", n_layers=2, moe=MoESettings(num_experts=4, top_k=2))
+    f2, f1 = flops_per_token(cfg, 64), flops_per_token(one, 64)
+    assert f2["experts"] == pytest.approx(2 * f1["experts"]) and f2["router"] == pytest.approx(2 * f1["router"])
+    assert parameter_counts(cfg)["routing"] == 2 * parameter_counts(one)["routing"]
+    torch.manual_seed(0)
+    model = TransformerLM(cfg)
+    assert parameter_counts(cfg)["total"] == sum(p.numel() for p in model.parameters())
+    out = model(torch.randint(0, 256, (2, 16)))
+    assert all(float(r.stats["active_per_token"]) == pytest.approx(4.0) for r in out.routings)
+    assert all("hop_cos" in r.stats for r in out.routings)
