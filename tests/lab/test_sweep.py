@@ -275,3 +275,25 @@ def test_finished_sweep_is_not_trained_again_and_runs_commands(tmp_path, cache, 
     assert out.exists() and "linear" in rep.stdout
     bad = cli(["report", str(store), "--sweep", "42"], cache, check=False)
     assert bad.returncode == 2 and "no sweep 42" in bad.stderr
+
+
+def test_a_sweep_stored_before_a_new_config_field_is_resumed(tmp_path, cache, monkeypatch):
+    """Configs stored by an earlier version (without fields added since, at their defaults) still
+    identify the same sweep, so upgrading sparseroute mid-sweep does not start it over."""
+    from sparseroute.lab.runner import register_sweep
+
+    monkeypatch.setenv("SPARSEROUTE_CACHE", str(cache))
+    spec = load_spec(write_spec(tmp_path))
+    with Store(tmp_path / "lab.sqlite") as st:
+        sid, created = register_sweep(st, spec, progress=False)
+        assert created
+        with st.transaction() as c:
+            for r in st.runs(sid):
+                cfg = json.loads(r["config_json"])
+                del cfg["train"]["halting_taus"]
+                c.execute("UPDATE runs SET config_json = ? WHERE id = ?", (json.dumps(cfg), r["id"]))
+            c.execute("UPDATE sweeps SET fingerprint = 'older' WHERE id = ?", (sid,))
+        again, created = register_sweep(st, spec, progress=False)
+        assert (again, created) == (sid, False)
+        other, created = register_sweep(st, spec.with_changes(settings=["train.tokens=16k"]), progress=False)
+        assert created and other != sid

@@ -84,10 +84,31 @@ def register_sweep(store: Store, spec: SweepSpec, *, new: bool = False, progress
     fingerprint = spec.fingerprint()
     if not new:
         found = store.find_sweep(spec.name, fingerprint)
+        if found is None:
+            found = _same_runs_sweep(store, spec.name, runs)
         if found is not None:
             store.ensure_runs(found, runs)
             return found, False
     return store.create_sweep(spec.name, fingerprint, spec.to_dict(), f"{spec.name}-{{id}}", runs), True
+
+
+def _same_runs_sweep(store: Store, name: str, runs) -> int | None:
+    """An unfinished sweep of this name whose stored runs resolve to the same configurations: a
+    sweep started by an earlier sparseroute whose configs lacked fields added since (with their
+    defaults) is still the same sweep."""
+    want = {(v, s, json.dumps(RunConfig.from_dict(c).to_dict(), sort_keys=True, default=list)) for v, s, c in runs}
+    for sw in reversed(store.sweeps()):
+        if sw["name"] != name or sw["finished_at"] is not None:
+            continue
+        try:
+            have = {(r["variant"], int(r["seed"]),
+                     json.dumps(RunConfig.from_dict(json.loads(r["config_json"])).to_dict(), sort_keys=True, default=list))
+                    for r in store.runs(int(sw["id"]))}
+        except (ValueError, TypeError, KeyError):
+            continue
+        if have and have <= want:
+            return int(sw["id"])
+    return None
 
 
 @contextmanager
