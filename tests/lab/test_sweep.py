@@ -297,3 +297,15 @@ def test_a_sweep_stored_before_a_new_config_field_is_resumed(tmp_path, cache, mo
         assert (again, created) == (sid, False)
         other, created = register_sweep(st, spec.with_changes(settings=["train.tokens=16k"]), progress=False)
         assert created and other != sid
+
+
+def test_a_killed_worker_stops_a_jobs_sweep_cleanly_and_it_resumes(tmp_path, cache, reference_sweep):
+    _, ref, _ = reference_sweep
+    spec = write_spec(tmp_path)
+    store = tmp_path / "runs" / "lab.sqlite"
+    args = ["compare", "--spec", str(spec), "--store", str(store), "--quiet", "--jobs", "2"]
+    proc = cli(args, cache, {"SPARSEROUTE_FAULT": "after_step:7"}, check=False)
+    assert proc.returncode == 2 and "run the same command again" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    cli(args, cache)
+    assert snapshot(store)["runs"] == ref["runs"]

@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict
 from functools import lru_cache
@@ -30,11 +31,15 @@ from sparseroute.lab.store import Store
 from sparseroute.train.checkpoint import fault
 from sparseroute.train.config import RunConfig
 
-__all__ = ["register_sweep", "run_sweep", "execute_run", "git_revision", "SweepBusy"]
+__all__ = ["register_sweep", "run_sweep", "execute_run", "git_revision", "SweepBusy", "SweepInterrupted"]
 
 
 class SweepBusy(ValueError):
     """Another process is running this sweep."""
+
+
+class SweepInterrupted(ValueError):
+    """A worker process of a ``jobs > 1`` sweep died (^C or a kill); the sweep can be resumed."""
 
 
 @lru_cache(maxsize=1)
@@ -191,11 +196,17 @@ def run_sweep(store: Store, sweep_id: int, *, jobs: int = 1, retry_failed: bool 
             with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
                 futures = {pool.submit(_worker, str(store.path), int(r["id"]), threads): r for r in todo}
                 finished = done_before
-                for fut in as_completed(futures):
-                    r = futures[fut]
-                    _, status = fut.result()
-                    finished += 1
-                    say(f"[{finished}/{total}] {r['variant']} seed {r['seed']}: {status}")
+                try:
+                    for fut in as_completed(futures):
+                        r = futures[fut]
+                        _, status = fut.result()
+                        finished += 1
+                        say(f"[{finished}/{total}] {r['variant']} seed {r['seed']}: {status}")
+                except BrokenProcessPool:
+                    raise SweepInterrupted(
+                        f"a worker process of sweep {sweep_id} stopped (interrupted or killed); the finished runs "
+                        "are stored, run the same command again to resume the others"
+                    ) from None
         counts: dict[str, int] = {}
         for r in store.runs(sweep_id):
             counts[r["status"]] = counts.get(r["status"], 0) + 1
