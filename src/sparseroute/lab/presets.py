@@ -8,6 +8,10 @@
   top-k router, hash, random-fixed and linear top-1, 3 seeds each, reference ``cosine``.
 - ``equifinality-paper``: the same matrix at the paper's scale (76-84M parameters, GPT-2 sized BPE
   vocabulary, WikiText-103 through ``hf:``, 50K steps of 8x512 tokens) for a GPU user.
+- ``hops``: 1, 2 and 3 hops through the same experts vs one hop scaled by a learned scalar, 3
+  seeds; multi-hop runs end with a zero-shot halting curve.
+- ``halting``: 2- and 3-hop models trained, then evaluated with relative-norm halting over a grid
+  of thresholds (the trade-off curve of MoE FLOPs saved vs perplexity).
 """
 
 from __future__ import annotations
@@ -97,10 +101,58 @@ def equifinality_paper() -> SweepSpec:
     )
 
 
+#: relative-norm halting thresholds evaluated at the end of multi-hop runs
+HALTING_TAUS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+def _hop_base(tokens: str) -> dict:
+    return {
+        "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2, "router": "cosine"}},
+        "data": {"corpus": "stdlib"},
+        "train": {"tokens": tokens, "batch_size": 8, "seq_len": 256, "lr": 3e-3, "eval_tokens": "64k",
+                  "log_every": 10, "checkpoint_every": 50, "halting_taus": list(HALTING_TAUS)},
+    }
+
+
+def hops() -> SweepSpec:
+    """Multi-hop routing (*Equifinality in MoE*, section on hops): the cosine-routed ``tiny`` MoE
+    with 1, 2 or 3 hops through the same experts and router (h <- h + MoE(h)), and 1 hop scaled
+    by a learned scalar, 3 seeds, 1M tokens each. Multi-hop variants cost 2-3x the expert FLOPs;
+    the report shows cos(dh_0, dh_1) and each multi-hop run's halting curve."""
+    return SweepSpec(
+        name="hops",
+        description="1/2/3 hops vs a learned scalar on one hop (cosine router, tiny MoE)",
+        base=_hop_base("1M"),
+        variants=(
+            Variant("hops-1", _moe(hops=1)),
+            Variant("hops-2", _moe(hops=2)),
+            Variant("hops-3", _moe(hops=3)),
+            Variant("scalar", _moe(hops=1, hop_scale=True)),
+        ),
+        seeds=(0, 1, 2),
+        reference="hops-1",
+    )
+
+
+def halting() -> SweepSpec:
+    """Relative-norm halting, zero-shot: 2- and 3-hop models (3 seeds, 1M tokens) evaluated after
+    training at every threshold of :data:`HALTING_TAUS` on the validation text."""
+    return SweepSpec(
+        name="halting",
+        description="zero-shot relative-norm halting on trained 2- and 3-hop models: MoE FLOPs saved vs PPL",
+        base=_hop_base("1M"),
+        variants=(Variant("hops-2", _moe(hops=2)), Variant("hops-3", _moe(hops=3))),
+        seeds=(0, 1, 2),
+        reference="hops-2",
+    )
+
+
 SWEEP_PRESETS: dict[str, Callable[[], SweepSpec]] = {
     "quick": quick,
     "equifinality": equifinality,
     "equifinality-paper": equifinality_paper,
+    "hops": hops,
+    "halting": halting,
 }
 
 

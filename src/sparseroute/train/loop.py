@@ -276,7 +276,7 @@ def train(
     if bar is not None:
         bar.close()
 
-    final = finish(model, cfg, corpus, acc, device)
+    final = finish(model, cfg, corpus, acc, device, out)
     final["train_seconds"] = elapsed_before + time.perf_counter() - t0
     if start < steps:
         final["tokens_per_s"] = (steps - start) * tokens_per_step / max(1e-9, time.perf_counter() - t0)
@@ -287,7 +287,33 @@ def train(
     return final
 
 
-def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _Accum, device) -> dict[str, Any]:
+def _diagnostics(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, out: Path | None) -> dict[str, Any]:
+    """Router diagnostics at the end of a MoE run: router-expert coupling, expert specialisation on
+    validation text, and routing fluctuation against the newest earlier checkpoint."""
+    from sparseroute.lab.diagnostics import expert_specialisation, router_expert_coupling, routing_fluctuation
+
+    tc = cfg.train
+    n = min(tc.eval_tokens, 16_384)
+    kw = {"batch_size": tc.batch_size, "seq_len": tc.seq_len, "max_tokens": n}
+    res: dict[str, Any] = {
+        "router_expert_coupling": router_expert_coupling(model),
+        "expert_specialisation": expert_specialisation(model, corpus.val, top=5, **kw),
+    }
+    if out is not None:
+        earlier = sorted(p for p in (out / "checkpoints").glob("step-*") if int(p.name.split("-")[1]) < tc.steps)
+        if earlier:
+            model_t, _, _, meta = load_checkpoint(earlier[-1])
+            before = TransformerLM(cfg.model).to(next(model.parameters()).device)
+            before.load_state_dict(model_t, strict=True)
+            res["routing_fluctuation"] = {
+                "from_step": int(meta["step"]), "to_step": tc.steps,
+                "per_layer": routing_fluctuation(before, model, corpus.val, **kw),
+            }
+    return res
+
+
+def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _Accum, device,
+           out: Path | None = None) -> dict[str, Any]:
     tc = cfg.train
     val = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
     test = evaluate(model, corpus.test, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
@@ -298,6 +324,7 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
     extra: dict[str, Any] = {}
     if "routing" in val:
         extra["routing_profile"] = val["routing"]
+        extra["diagnostics"] = _diagnostics(model, cfg, corpus, out)
     moe = cfg.model.moe
     if tc.halting_taus and moe is not None and moe.hops > 1:
         from sparseroute.lab.diagnostics import halting_curve
