@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from sparseroute.lab import report, summary
+from sparseroute.lab import plots, report, summary
 from sparseroute.lab.results import RunResult, SweepResults
 from sparseroute.models import MoESettings, flops_per_token, preset
 from sparseroute.models.flops import parameter_counts
@@ -32,9 +32,11 @@ MOE = {
     "topk": MoESettings(router="topk", layers="every_other"),  # tiny: 4 layers -> MoE in 1 and 3, 8 experts
     "cosine": MoESettings(router="cosine", layers="every_other"),
     "dense": None,
+    "hops-2": MoESettings(router="topk", layers="every_other", hops=2),
 }
 # topk and cosine: same mean, tiny spread -> equivalent within ±1 PPL; dense: 2 PPL worse -> different
-TEST_PPL = {"topk": [5.00, 5.02, 4.98], "cosine": [5.01, 4.99, 5.00], "dense": [7.00, 7.05, 6.95]}
+TEST_PPL = {"topk": [5.00, 5.02, 4.98], "cosine": [5.01, 4.99, 5.00], "dense": [7.00, 7.05, 6.95],
+            "hops-2": [5.03, 5.01, 5.02]}
 
 _CACHE: dict[str, tuple[dict, dict, dict]] = {}
 
@@ -131,6 +133,71 @@ def partial() -> SweepResults:
         _run(8, "dense", 1, test_ppl=7.1),
     ]
     return _sweep("partial <sweep>", runs, ["topk", "cosine", "dense"])
+
+
+# ---------------------------------------------------------------- routing diagnostics in the finals
+# halting rows of hops-2 per τ: (ppl_change_pct, moe_flops_saved) of seeds 0, 1, 2; seed 2 did not
+# evaluate τ = 0.4. Means per τ: 0.1 -> (+0.2%, 12%), 0.2 -> (+0.4%, 27%), 0.4 -> (+0.95%, 40.5%, 2 seeds),
+# so the best τ within +0.5% PPL is 0.2 (saves 27.0% at +0.40%).
+HALTING = {0.0: [(0.0, 0.0)] * 3, 0.1: [(0.1, 0.10), (0.2, 0.12), (0.3, 0.14)],
+           0.2: [(0.3, 0.26), (0.4, 0.27), (0.5, 0.28)], 0.4: [(0.9, 0.40), (1.0, 0.41), None]}
+
+
+def _halting_rows(seed: int, pct_shift: float = 0.0) -> list[dict]:
+    rows = []
+    for tau, points in HALTING.items():
+        if points[seed] is None:
+            continue
+        pct, saved = points[seed]
+        pct += pct_shift if tau else 0.0
+        rows.append({"tau": tau, "loss": 1.6, "ppl": 5.0 * (1 + pct / 100), "ppl_change_pct": pct,
+                     "expert_pairs_per_token": 8.0 * (1 - saved), "moe_flops_saved": saved,
+                     "hops_per_token": 2.0 - saved, "seconds": 1.0 - saved / 2, "time_saved": saved / 2,
+                     "tokens": 4096})
+    return rows
+
+
+def _specialisation(e_offset: int) -> list:
+    """2 layers × 8 experts of [token id, count, lift]; expert 0 likes '<', newline and byte 200."""
+    return [[[[60, 50, 3.0], [10, 20, 1.5], [200, 5, 1.2]] if e == 0 else [[97 + e + e_offset, 10, 2.0]]
+             for e in range(8)] for _ in range(2)]
+
+
+def _with_diagnostics(run: RunResult) -> RunResult:
+    """The run with the routing profile, diagnostics and (hops-2) halting rows a MoE run now logs."""
+    s, v = run.seed, run.variant
+    if v == "dense" or run.final is None:
+        return run
+    profile = []
+    for layer in range(2):
+        lay = {"entropy": 1.9 + 0.1 * layer + 0.01 * s, "imbalance": 1.2, "active_per_token": 2.0,
+               "dropped_fraction": 0.0, "hops_per_token": 1.0, "halted_fraction": 0.0}
+        if v == "hops-2":  # cos(Δh0, Δh1): layer 0 0.80/0.81/0.82, layer 1 0.70/0.71/0.72 -> mean 0.76
+            lay.update(active_per_token=4.0, hops_per_token=2.0, hop_cos=0.8 - 0.1 * layer + 0.01 * s)
+        if v == "cosine":  # synthetic: the relu router's sparsity stats, to show their columns
+            lay.update(tls=0.25, cls8=0.5)
+        profile.append(lay)
+    final = {**run.final, "routing_profile": profile}
+    if v in ("topk", "hops-2"):
+        scale = 0.1 if v == "topk" else 0.05  # coupling: topk (0.1, 0.3) -> 0.2; hops-2 (0.05, 0.15) -> 0.1
+        final["diagnostics"] = {
+            "router_expert_coupling": [[scale] * 8, [3 * scale] * 8],
+            "expert_specialisation": _specialisation(0 if v == "topk" else 3),
+            # topk: (0.10 + 0.01 s, 0.20 + 0.01 s) -> mean over layers and seeds 0.16
+            "routing_fluctuation": {"from_step": 30, "to_step": 40, "per_layer": [0.1 + 0.01 * s, 0.2 + 0.01 * s]},
+        }
+    if v == "hops-2":
+        final["halting"] = _halting_rows(s)
+    return dataclasses.replace(run, final=final)
+
+
+@pytest.fixture(scope="module")
+def diag() -> SweepResults:
+    """4 variants × 3 seeds, all finished; the MoE runs carry routing diagnostics, hops-2 halting rows."""
+    variants = ["topk", "cosine", "dense", "hops-2"]
+    runs = [_with_diagnostics(_run(i * 3 + seed + 1, v, seed, test_ppl=TEST_PPL[v][seed]))
+            for i, v in enumerate(variants) for seed in range(3)]
+    return _sweep("diagnostics", runs, variants)
 
 
 def _render(results, comparison) -> str:
@@ -310,3 +377,115 @@ def test_write_report_is_atomic(full, tmp_path, monkeypatch):
     report.write_report(small, path)
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+# ---------------------------------------------------------------- routing diagnostics
+NEW_SECTIONS = ("routing-profile", "halting", "specialisation")
+
+
+def test_halting_summary_and_hop_collinearity(diag, full):
+    assert summary.hop_collinearity(diag) == {"hops-2": pytest.approx(0.76)}
+    h = summary.halting_summary(diag)
+    assert list(h) == ["hops-2"] and h["hops-2"]["runs"] == 3
+    curve = h["hops-2"]["curve"]
+    assert [row["tau"] for row in curve] == [0.0, 0.1, 0.2, 0.4]
+    assert [row["seeds"] for row in curve] == [3, 3, 3, 2]
+    assert curve[0]["ppl_change_pct"] == 0.0 and curve[0]["moe_flops_saved"] == 0.0
+    assert curve[1]["ppl_change_pct"] == pytest.approx(0.2) and curve[1]["moe_flops_saved"] == pytest.approx(0.12)
+    assert curve[3]["ppl_change_pct"] == pytest.approx(0.95) and curve[3]["moe_flops_saved"] == pytest.approx(0.405)
+    assert curve[2]["ppl"] == pytest.approx(5.02) and curve[2]["time_saved"] == pytest.approx(0.135)
+    best = h["hops-2"]["best"]
+    assert best is curve[2]
+    assert best["tau"] == 0.2 and best["moe_flops_saved"] == pytest.approx(0.27)
+    assert best["ppl_change_pct"] == pytest.approx(0.4)
+    # another PPL limit: τ = 0.4 fits within +1%, nothing with τ > 0 within +0.1%
+    assert summary.halting_summary(diag, max_ppl_change_pct=1.0)["hops-2"]["best"]["tau"] == 0.4
+    assert summary.halting_summary(diag, max_ppl_change_pct=0.1)["hops-2"]["best"] is None
+    # runs without the keys
+    assert summary.halting_summary(full) == {} and summary.hop_collinearity(full) == {}
+
+
+def test_summary_prints_hop_collinearity_and_halting(diag, full):
+    text = _render(diag, report.comparison_of(diag))
+    assert "Multi-hop routing:" in text
+    assert "hops-2: cos(Δh0, Δh1) = 0.76 (mean over layers and seeds)" in text
+    assert "hops-2: halting τ=0.2 saves 27.0% of MoE FLOPs at +0.40% PPL" in text
+    assert "topk: cos" not in text and "topk: halting" not in text
+    assert text.index("topk vs cosine") < text.index("Multi-hop routing:")  # after the pairs
+    worse = dataclasses.replace(diag, runs=[
+        dataclasses.replace(r, final={**r.final, "halting": _halting_rows(r.seed, pct_shift=1.0)})
+        if r.variant == "hops-2" else r for r in diag.runs])
+    assert "hops-2: halting: no τ keeps PPL within +0.5%" in _render(worse, report.comparison_of(worse))
+    assert "Multi-hop routing" not in _render(full, report.comparison_of(full))
+
+
+def test_report_routing_diagnostics_sections(diag, tmp_path):
+    doc = report.write_report(diag, tmp_path / "diag.html").read_text(encoding="utf-8")
+    images = _images(doc)
+    assert set(images) == set(PLOT_IDS) | {"plot-halting"}
+    for data in images.values():
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    for section in NEW_SECTIONS:
+        assert f'<section id="{section}">' in doc
+    assert doc.index('id="routing-params"') < doc.index('id="routing-profile"') < doc.index('id="halting"') \
+        < doc.index('id="specialisation"') < doc.index('id="runs"')
+    assert not re.search(r"<script|<link|https?://|@import", doc)
+
+    profile = re.search(r'<table id="routing-profile-table">.*?</table>', doc).group(0)
+    for header in ("entropy", "imbalance", "active experts/token", "hop cos(Δh0, Δh1)", "hops/token", "TLS", "CLS8",
+                   "routing fluctuation", "router–expert |cos|"):
+        assert f"<th>{header}</th>" in profile
+    assert "<td>dense</td>" not in profile  # no routing profile: left out
+    assert "1.960 <span" in profile and "(1.910 / 2.010)" in profile  # topk entropy, over layers then per layer
+    assert "0.760" in profile and "(0.810 / 0.710)" in profile  # hops-2 hop cos
+    assert "16.0% (steps 30→40)" in profile  # topk fluctuation
+    assert "<td class=\"num\">0.200</td>" in profile and "<td class=\"num\">0.100</td>" in profile  # coupling
+    assert "sqrt(2/(πD)) (≈ 0.050 for D = 256)" in doc
+
+    halting = re.search(r'<section id="halting">.*?</section>', doc).group(0)
+    assert 'id="halting-table-0"' in halting and 'id="halting-table-1"' not in halting
+    assert "<h3>hops-2 (3 runs)</h3>" in halting
+    row = re.search(r"<tr><td class=\"num\">0\.2 ★</td>.*?</tr>", halting).group(0)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", row)
+    assert cells == ["0.2 ★", "5.020", "+0.40", "27.00", "13.50", "3"]
+    assert "hops-2: halting τ=0.2 saves 27.0% of MoE FLOPs at +0.40% PPL" in halting
+    assert "≥25% saved at ≤ +0.5% PPL" in halting
+
+    spec = re.search(r'<section id="specialisation">.*?</section>', doc).group(0)
+    assert "<h3>topk (seed 0)</h3>" in spec and "<h3>hops-2 (seed 0)</h3>" in spec and "cosine" not in spec
+    assert spec.index("topk (seed 0)") < spec.index("hops-2 (seed 0)")
+    # byte tokens as escaped characters: '<', newline and a non-ASCII byte as its id
+    assert "&#x27;&lt;&#x27; 3.0×, &#x27;\\n&#x27; 1.5×, 200 1.2×" in spec
+    assert "&#x27;b&#x27; 2.0×" in spec and "&#x27;e&#x27; 2.0×" in spec  # topk / hops-2 expert 1
+    assert "<td>layer 1</td>" in spec and "<td>layer 3</td>" in spec and "'<'" not in spec
+
+
+def test_halting_plot_labels(diag):
+    fig = plots._plot_halting(diag, None)
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "target: ≥25% MoE FLOPs saved at ≤ +0.5% PPL" in legend and "hops-2 (n=3)" in legend
+    assert {t.get_text() for t in ax.texts} == {"τ=0", "τ=0.1", "τ=0.2", "τ=0.4"}
+    line = ax.get_lines()[-1]
+    assert list(line.get_xdata()) == pytest.approx([0.0, 12.0, 27.0, 40.5])
+    assert list(line.get_ydata()) == pytest.approx([0.0, 0.2, 0.4, 0.95])
+    assert plots._plot_halting(dataclasses.replace(diag, runs=[r for r in diag.runs if r.variant != "hops-2"]),
+                               None) is None
+
+
+def test_report_without_diagnostics_keys(full, full_report, diag, tmp_path):
+    doc = full_report.read_text(encoding="utf-8")
+    for section in NEW_SECTIONS:
+        assert f'id="{section}"' not in doc
+    assert "plot-halting" not in doc
+    # only a routing profile (no diagnostics, no halting): the profile table without those columns
+    bare = dataclasses.replace(diag, runs=[
+        dataclasses.replace(r, final={k: x for k, x in r.final.items() if k not in ("diagnostics", "halting")})
+        for r in diag.runs])
+    doc = report.write_report(bare, tmp_path / "bare.html").read_text(encoding="utf-8")
+    assert set(_images(doc)) == set(PLOT_IDS)
+    assert '<section id="routing-profile">' in doc
+    assert 'id="halting"' not in doc and 'id="specialisation"' not in doc
+    assert "routing fluctuation" not in doc and "router–expert" not in doc
+    text = _render(bare, report.comparison_of(bare))
+    assert "hops-2: cos(Δh0, Δh1) = 0.76" in text and "halting" not in text

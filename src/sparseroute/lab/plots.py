@@ -1,6 +1,7 @@
 """The report's figures, drawn on bare :class:`matplotlib.figure.Figure` objects with the Agg canvas
 (pyplot's global state is never touched): loss curves, test PPL with CIs, the TOST matrix,
-expert-load heatmaps, PPL vs expert FLOPs and routing parameters."""
+expert-load heatmaps, PPL vs expert FLOPs, routing parameters and the halting trade-off of
+multi-hop variants."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from sparseroute.lab.stats import Comparison
 from sparseroute.lab.summary import (
     _DASH,
     _DPI,
+    HALTING_PPL_LIMIT_PCT,
     _get,
     _moe_layer_labels,
     _moe_of,
@@ -27,7 +29,10 @@ from sparseroute.lab.summary import (
     _router_name,
     _variant_colors,
     _variant_config,
+    halting_summary,
 )
+
+HALTING_TARGET_SAVED_PCT = 25.0  # halting target: at least this share of the MoE FLOPs saved
 
 # ---------------------------------------------------------------- plots
 def _new_figure(width: float, height: float) -> Figure:
@@ -281,4 +286,43 @@ def _plot_routing_params(results: SweepResults, comparison: Comparison | None) -
     ax.set_title("Routing parameters per variant")
     ax.margins(y=0.15)
     ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_halting(results: SweepResults, comparison: Comparison | None) -> Figure | None:
+    """PPL change vs MoE FLOPs saved per halting threshold τ (means over seeds), one line per
+    multi-hop variant with halting data, over the shaded target region; None when there is none."""
+    curves = {}
+    for v, h in halting_summary(results).items():
+        pts = [(row["moe_flops_saved"] * 100, row["ppl_change_pct"], row["tau"]) for row in h["curve"]
+               if _num(row.get("moe_flops_saved")) is not None and _num(row.get("ppl_change_pct")) is not None]
+        if pts:
+            curves[v] = (pts, h["runs"])
+    if not curves:
+        return None
+    colors = _variant_colors(results)
+    xs = [p[0] for pts, _ in curves.values() for p in pts]
+    ys = [p[1] for pts, _ in curves.values() for p in pts]
+    x_lo, x_hi = min(0.0, min(xs)) - 3.0, max(HALTING_TARGET_SAVED_PCT + 15.0, max(xs) + 8.0)
+    y_pad = 0.1 * max(1.0, max(ys) - min(ys))
+    y_lo, y_hi = min(-0.5, min(ys)) - y_pad, max(HALTING_PPL_LIMIT_PCT + 0.5, max(ys)) + y_pad
+    fig = _new_figure(7.5, 4.8)
+    ax = fig.add_subplot()
+    ax.fill_between([HALTING_TARGET_SAVED_PCT, x_hi], y_lo, HALTING_PPL_LIMIT_PCT, color="#2da44e", alpha=0.12,
+                    lw=0, label=f"target: ≥{HALTING_TARGET_SAVED_PCT:g}% MoE FLOPs saved at ≤ "
+                                f"+{HALTING_PPL_LIMIT_PCT:g}% PPL")
+    ax.axhline(0.0, color="#999999", lw=0.8)
+    for v, (pts, n) in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=5, lw=1.5, color=colors[v],
+                label=f"{v} (n={n})")
+        for x, y, tau in pts:
+            ax.annotate(f"τ={tau:g}", (x, y), xytext=(4, 5), textcoords="offset points", fontsize=7,
+                        color=colors[v])
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, y_hi)
+    ax.set_xlabel("MoE (routed-expert) FLOPs saved vs τ = 0, %")
+    ax.set_ylabel("PPL change vs τ = 0, %")
+    ax.set_title("Relative-norm halting: PPL cost vs MoE FLOPs saved (mean over seeds per τ)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     return fig

@@ -8,25 +8,22 @@
 * :func:`write_report`: a single HTML file (inline CSS, plots as base64 PNG data URIs, nothing
   loaded from elsewhere), written atomically: loss curves, test PPL with CIs, the TOST p-value
   matrix, expert-load heatmaps, PPL vs expert FLOPs, routing parameters, the tables, the notes,
-  the per-run table and the sweep spec.
+  the per-run table and the sweep spec; when finished runs carry them, also the routing profile,
+  the halting trade-off of multi-hop variants and the experts' favourite tokens.
 
 The figures come from :mod:`sparseroute.lab.plots`, the table and notes from
-:mod:`sparseroute.lab.summary`. The output depends only on the results (no timestamps), so the
+:mod:`sparseroute.lab.summary`, the diagnostics sections from
+:mod:`sparseroute.lab.report_sections`. The output depends only on the results (no timestamps), so the
 same results give the same file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from matplotlib.figure import Figure
 
 from sparseroute.lab.results import SweepResults
 from sparseroute.lab.stats import Comparison
@@ -40,7 +37,14 @@ from sparseroute.lab.plots import (
     _plot_routing_params,
     _plot_test_ppl,
     _plot_tost_matrix,
-    _png_data_uri,
+)
+from sparseroute.lab.report_sections import (
+    _e,
+    _html_table,
+    _plot_section,
+    halting_section,
+    routing_profile_section,
+    specialisation_section,
 )
 from sparseroute.lab.summary import (
     _DASH,
@@ -81,42 +85,10 @@ pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.85rem}
 """
 
 
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def _verdict_html(verdict: str) -> str:
     if not verdict:
         return _DASH
     return f'<span class="verdict" style="color:{_HTML_COLOR.get(verdict, "#1f2328")}">{_e(verdict)}</span>'
-
-
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int], *, table_id: str,
-                raw: frozenset[int] | set[int] = frozenset()) -> str:
-    """A table; cells are escaped unless their column is in ``raw`` (already HTML)."""
-    out = [f'<table id="{_e(table_id)}"><thead><tr>']
-    out += [f"<th>{_e(h)}</th>" for h in headers]
-    out.append("</tr></thead><tbody>")
-    for row in rows:
-        out.append("<tr>")
-        for i, cell in enumerate(row):
-            cls = ' class="num"' if i in numeric else ""
-            out.append(f"<td{cls}>{cell if i in raw else _e(cell)}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _plot_section(section_id: str, title: str, caption: str, fig: Figure | None, extra: str = "") -> str:
-    parts = [f'<section id="{section_id}"><h2>{_e(title)}</h2>']
-    if caption:
-        parts.append(f'<p class="caption">{_e(caption)}</p>')
-    if extra:
-        parts.append(extra)
-    if fig is not None:
-        parts.append(f'<img id="plot-{section_id}" alt="{_e(title)}" src="{_png_data_uri(fig)}">')
-    parts.append("</section>")
-    return "".join(parts)
 
 
 def _render_html(
@@ -268,6 +240,11 @@ def _render_html(
             _plot_routing_params(results, comparison),
         )
     )
+    # routing diagnostics: each "" (left out) when no finished run has the data
+    for section in (routing_profile_section(results), halting_section(results, comparison),
+                    specialisation_section(results, comparison)):
+        if section:
+            body.append(section)
 
     # runs
     run_rows = []

@@ -1,7 +1,9 @@
 """The terminal summary of a sweep and the helpers the report shares: :func:`comparison_of` runs
 the statistics on the finished runs' test perplexity against the reference variant;
-:func:`summary_table` / :func:`print_summary` show one row per variant, the notes and every tested
-pair."""
+:func:`summary_table` / :func:`print_summary` show one row per variant, the notes, every tested
+pair and, for multi-hop variants, hop collinearity and the best halting threshold.
+:func:`halting_summary` and :func:`hop_collinearity` condense the runs' ``final["halting"]`` and
+``final["routing_profile"]`` (also used by the benchmark scripts)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from rich.text import Text
 from sparseroute.lab.results import RunResult, SweepResults
 from sparseroute.lab.stats import Comparison, PairResult, compare
 
-__all__ = ["comparison_of", "summary_table", "print_summary"]
+__all__ = ["comparison_of", "summary_table", "print_summary", "halting_summary", "hop_collinearity",
+           "HALTING_PPL_LIMIT_PCT"]
 
 _RICH_STYLE = {
     "equivalent": "bold green",
@@ -38,6 +41,7 @@ _HTML_COLOR = {
 }
 _DASH = "—"
 _DPI = 100
+HALTING_PPL_LIMIT_PCT = 0.5  # halting target: the PPL may grow by at most this many percent
 
 
 # ---------------------------------------------------------------- statistics
@@ -177,6 +181,74 @@ def _ci_label(comparison: Comparison) -> str:
 def _variant_colors(results: SweepResults) -> dict[str, Any]:
     cmap = matplotlib.colormaps["tab10" if len(results.variants) <= 10 else "tab20"]
     return {v: cmap(i % cmap.N) for i, v in enumerate(results.variants)}
+
+
+# ---------------------------------------------------------------- routing diagnostics of the runs
+def _routing_profile(runs: Sequence[RunResult]) -> list[dict[str, float]] | None:
+    """Per MoE layer, each ``final["routing_profile"]`` statistic averaged over the runs that have it."""
+    acc: list[dict[str, list[float]]] = []
+    for r in runs:
+        prof = _get(r.final, "routing_profile")
+        for i, layer in enumerate(prof if isinstance(prof, list) else []):
+            while len(acc) <= i:
+                acc.append({})
+            for k, v in (layer.items() if isinstance(layer, dict) else ()):
+                if (x := _num(v)) is not None:
+                    acc[i].setdefault(k, []).append(x)
+    return [{k: sum(v) / len(v) for k, v in lay.items()} for lay in acc] if any(acc) else None
+
+
+def hop_collinearity(results: SweepResults) -> dict[str, float]:
+    """Per variant with multi-hop layers, cos(Δh_0, Δh_1) (``hop_cos``) of its finished runs'
+    routing profiles: per layer averaged over seeds, then over layers (spec order)."""
+    out = {}
+    for v in results.variants:
+        cos = [lay["hop_cos"] for lay in _routing_profile(results.done(v)) or () if "hop_cos" in lay]
+        if cos:
+            out[v] = sum(cos) / len(cos)
+    return out
+
+
+def halting_summary(results: SweepResults, *, max_ppl_change_pct: float = HALTING_PPL_LIMIT_PCT
+                    ) -> dict[str, dict[str, Any]]:
+    """Per variant whose finished runs carry ``final["halting"]`` (spec order): ``curve``, the rows
+    averaged over the seeds that evaluated each τ (every numeric field, plus ``seeds``), by τ;
+    ``best``, the curve row with τ > 0 and ``ppl_change_pct <= max_ppl_change_pct`` that saves the
+    largest share of MoE FLOPs (``moe_flops_saved``), or None; ``runs``, the runs with data."""
+    out: dict[str, dict[str, Any]] = {}
+    for v in results.variants:
+        by_tau: dict[float, list[dict[str, Any]]] = {}
+        n_runs = 0
+        for r in results.done(v):
+            rows = [row for row in _get(r.final, "halting") or () if isinstance(row, dict)
+                    and _num(row.get("tau")) is not None]
+            n_runs += bool(rows)
+            for row in rows:
+                by_tau.setdefault(round(float(row["tau"]), 9), []).append(row)
+        if not by_tau:
+            continue
+        curve = []
+        for tau in sorted(by_tau):
+            rows = by_tau[tau]
+            mean: dict[str, Any] = {"tau": tau, "seeds": len(rows)}
+            for k in dict.fromkeys(k for row in rows for k in row if k != "tau"):
+                vals = [x for row in rows if (x := _num(row.get(k))) is not None]
+                if vals:
+                    mean[k] = sum(vals) / len(vals)
+            curve.append(mean)
+        ok = [row for row in curve if row["tau"] > 0 and _num(row.get("moe_flops_saved")) is not None
+              and (pct := _num(row.get("ppl_change_pct"))) is not None and pct <= max_ppl_change_pct]
+        best = max(ok, key=lambda row: (row["moe_flops_saved"], -row["ppl_change_pct"], -row["tau"]), default=None)
+        out[v] = {"curve": curve, "best": best, "runs": n_runs}
+    return out
+
+
+def _halting_line(variant: str, summary: dict[str, Any]) -> str:
+    best = summary["best"]
+    if best is None:
+        return f"{variant}: halting: no τ keeps PPL within +{HALTING_PPL_LIMIT_PCT:g}%"
+    return (f"{variant}: halting τ={best['tau']:g} saves {best['moe_flops_saved'] * 100:.1f}% of MoE FLOPs "
+            f"at {best['ppl_change_pct']:+.2f}% PPL")
 
 
 # ---------------------------------------------------------------- the summary rows
@@ -346,3 +418,9 @@ def print_summary(results: SweepResults, comparison: Comparison | None, console:
         console.print(Text(f"TOST pairs (margin {_margin_text(comparison, 1.0, False)}, α={comparison.alpha:g}):", style="bold"))
         for pair in comparison.pairs:
             console.print(Text(f"  {_pair_line(pair, comparison)}", style=_RICH_STYLE.get(pair.verdict, "")))
+    lines = [f"{v}: cos(Δh0, Δh1) = {c:.2f} (mean over layers and seeds)" for v, c in hop_collinearity(results).items()]
+    lines += [_halting_line(v, h) for v, h in halting_summary(results).items()]
+    if lines:
+        console.print(Text("Multi-hop routing:", style="bold"))
+        for line in lines:
+            console.print(Text(f"  {line}"))

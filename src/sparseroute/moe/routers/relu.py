@@ -1,21 +1,43 @@
 """BlockFFN router (arXiv 2507.08771): ReLU then RMSNorm over experts, no top-k.
 
-Legend: T tokens, D model dim, E experts, K slots per token (here K = E: slot e is expert e).
+Legend: T tokens, D model dim, E experts, K slots per token (here K = E: slot e is expert e),
+B sequences, S sequence length.
 
 A0 = W x; A1 = ReLU(A0); A = g * A1 / sqrt(mean_e(A1^2) + eps), g a learnable per-expert gain.
 Expert e is active for a token exactly when A[e] > 0, so the number of active experts varies per
 token. Statistics: TLS (fraction of inactive experts per token, averaged) and CLS_L (fraction of
-experts inactive for every token of a window of L consecutive tokens, averaged over the
-non-overlapping windows).
+experts inactive for every token of a window of L consecutive tokens of one sequence, averaged over
+the non-overlapping windows).
+
+Training objectives (off by default; see :class:`ReLUConfig`), returned in ``Routing.losses``
+already scaled, in train and eval mode alike (eval never adds them to anything):
+
+- ``activation_locality`` = al_coef · :func:`~sparseroute.moe.losses.activation_locality_loss`
+  of A0 (previous token's scores pushed towards the current token's pattern; target not
+  detached, as in the authors' code);
+- ``chunk_sparsity`` = λ_cs · :func:`~sparseroute.moe.losses.chunk_sparsity_loss` of A1/rms
+  (the un-gained normalised activations, as in the authors' ``rms`` branch).
+
+Adaptive λ_cs (``cs_adaptive``), checked against the authors' ``AdaptiveLinearScheduler``
+(thunlp/BlockFFN): optimizer steps n = 1, 2, ... each record the mean L_cs of the training forwards
+since the previous step; windows are the steps (n-every, n] for n a multiple of ``cs_adapt_every``.
+At such an n >= ``cs_adapt_after`` with r = mean(current window) / mean(previous window):
+r <- max(r, cs_min_ratio) if r > 1; r <- min(r, cs_coef · cs_max_factor / λ_n); then λ moves
+*linearly* from λ_n to λ_n · r over the next ``cs_adapt_every`` steps (``cs_adapt_ramp``; False:
+jump at once). The schedule lives in buffers (saved by ``state_dict``) and is advanced by
+:meth:`ReLURouter.after_optimizer_step`. Unlike the authors' single global λ driven by the loss
+summed over layers, each router here keeps its own λ driven by its own L_cs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from sparseroute.moe.losses import activation_locality_loss, chunk_sparsity_loss
 from sparseroute.moe.routers.base import RouterConfig, register_router
 from sparseroute.moe.routers.topk import LinearRouter
 from sparseroute.routing import Routing
@@ -30,24 +52,61 @@ def token_level_sparsity(active_TE: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def chunk_level_sparsity(active_TE: Tensor, window: int) -> Tensor:
+def chunk_level_sparsity(active_TE: Tensor, window: int, seq_len: int | None = None) -> Tensor:
     """CLS_L: mean over non-overlapping windows of L tokens of the fraction of experts inactive for
-    every token of the window (a trailing partial window is ignored; 0 if there is no full one)."""
+    every token of the window. Windows lie inside the sequences of ``seq_len`` consecutive tokens
+    (None: one sequence); a trailing partial window of each sequence is ignored; 0 if there is no
+    full one."""
     T, E = active_TE.shape
-    n = T // window
-    if n == 0:
+    S = T if seq_len is None else seq_len
+    n = S // window
+    if T == 0 or n == 0:
         return torch.zeros(())
-    used_NE = active_TE[: n * window].reshape(n, window, E).any(dim=1)
+    used_NE = active_TE.reshape(T // S, S, E)[:, : n * window].reshape(-1, window, E).any(dim=1)
     return 1.0 - used_NE.float().mean()
+
+
+def _finite(cfg, name: str, low: float, strict: bool = False) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (value > low if strict else value >= low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}; got {value!r}")
+
+
+def _int(cfg, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ReLUConfig(RouterConfig):
-    """eps: RMSNorm epsilon. cls_window: L of the CLS statistic (BlockFFN reports CLS8)."""
+    """eps: RMSNorm epsilon. cls_window: L of the CLS statistic (BlockFFN reports CLS8).
+
+    al_coef: weight of the activation-locality loss (BlockFFN: 2e-3; 0 = off).
+    al_alpha: its sigmoid steepness alpha (BlockFFN: 100).
+    cs_coef: (initial) weight λ_cs of the chunk-sparsification loss (BlockFFN: 5e-2; 0 = off).
+    cs_chunk: its chunk length in tokens (BlockFFN: 64).
+    cs_adaptive: adapt λ_cs from the loss trend (module docstring); needs cs_coef > 0.
+    cs_adapt_every / cs_adapt_after: window length and first adaptation, in optimizer steps.
+    cs_max_factor: λ_cs never exceeds cs_max_factor · cs_coef. cs_min_ratio: a ratio above 1 is
+    raised to at least this. cs_adapt_ramp: move λ linearly over the next window (as the authors
+    do) rather than at once.
+    """
 
     eps: float = 1e-6
     cls_window: int = 8
     load_balance_coef: float = 0.0
+    al_coef: float = 0.0
+    al_alpha: float = 100.0
+    cs_coef: float = 0.0
+    cs_chunk: int = 64
+    cs_adaptive: bool = False
+    cs_adapt_every: int = 100
+    cs_adapt_after: int = 1000
+    cs_max_factor: float = 4.0
+    cs_min_ratio: float = 1.025
+    cs_adapt_ramp: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,21 +114,47 @@ class ReLUConfig(RouterConfig):
             raise ValueError(f"eps must be > 0; got {self.eps!r}")
         if not isinstance(self.cls_window, int) or self.cls_window < 1:
             raise ValueError(f"cls_window must be a positive int; got {self.cls_window!r}")
+        _finite(self, "al_coef", 0.0)
+        _finite(self, "al_alpha", 0.0, strict=True)
+        _finite(self, "cs_coef", 0.0)
+        _int(self, "cs_chunk", 1)
+        _int(self, "cs_adapt_every", 1)
+        _int(self, "cs_adapt_after", 0)
+        _finite(self, "cs_max_factor", 1.0)
+        _finite(self, "cs_min_ratio", 1.0)
+        for name in ("cs_adaptive", "cs_adapt_ramp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if self.cs_adaptive and self.cs_coef == 0:
+            raise ValueError("cs_adaptive=True needs cs_coef > 0 (the initial λ_cs); got cs_coef=0")
+
+
+_SCHEDULE = ("cs_coef_now", "cs_ramp", "cs_step", "cs_pending", "cs_window")
 
 
 @register_router("relu")
 class ReLURouter(LinearRouter):
     Config = ReLUConfig
     variable_k = True
+    sequence_aware = True
 
     def __init__(self, d_model, num_experts, top_k, config=None):
         super().__init__(d_model, num_experts, top_k, config)
         self.gain = nn.Parameter(torch.ones(num_experts))
+        if self.config.cs_adaptive:  # only then: default checkpoints keep their keys
+            f64 = dict(dtype=torch.float64)
+            # λ_cs of the next forwards; (λ at the last adaptation, its ratio r, its step)
+            self.register_buffer("cs_coef_now", torch.tensor(self.config.cs_coef, **f64))
+            self.register_buffer("cs_ramp", torch.tensor([self.config.cs_coef, 1.0, 0.0], **f64))
+            self.register_buffer("cs_step", torch.zeros((), dtype=torch.int64))  # optimizer steps
+            self.register_buffer("cs_pending", torch.zeros(2, **f64))  # (sum L_cs, forwards) this step
+            self.register_buffer("cs_window", torch.zeros(2, 2, **f64))  # [previous, current] x (sum, n)
 
-    def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
+    def route(self, x_TD: Tensor, token_ids_T: Tensor | None, *, seq_len: int) -> Routing:
+        cfg = self.config
         a0_TE = self.logits(x_TD)
         a1_TE = torch.relu(a0_TE)
-        rms_T1 = torch.sqrt(a1_TE.square().mean(dim=-1, keepdim=True) + self.config.eps)
+        rms_T1 = torch.sqrt(a1_TE.square().mean(dim=-1, keepdim=True) + cfg.eps)
         a_TE = self.gain.float() * a1_TE / rms_T1
         active_TE = a_TE.detach() != 0
         experts = torch.arange(self.num_experts, device=x_TD.device).expand_as(active_TE)
@@ -77,6 +162,68 @@ class ReLURouter(LinearRouter):
         w_TE = torch.where(active_TE, a_TE, torch.zeros_like(a_TE))
         extra = {
             "tls": token_level_sparsity(active_TE),
-            f"cls{self.config.cls_window}": chunk_level_sparsity(active_TE, self.config.cls_window),
+            f"cls{cfg.cls_window}": chunk_level_sparsity(active_TE, cfg.cls_window, seq_len),
         }
-        return self.finish(idx_TE, w_TE, logits_TE=a0_TE, extra_stats=extra)
+        losses: dict[str, Tensor] = {}
+        if cfg.al_coef > 0:
+            losses["activation_locality"] = cfg.al_coef * activation_locality_loss(a0_TE, seq_len, cfg.al_alpha)
+        if cfg.cs_coef > 0:
+            l_cs = chunk_sparsity_loss(a1_TE / rms_T1, seq_len, cfg.cs_chunk)
+            if cfg.cs_adaptive:
+                if self.training:
+                    self.record_chunk_sparsity(l_cs)
+                losses["chunk_sparsity"] = self.cs_coef_now.to(l_cs.dtype) * l_cs
+                extra["cs_coef"] = self.cs_coef_now.float()
+            else:
+                losses["chunk_sparsity"] = cfg.cs_coef * l_cs
+                extra["cs_coef"] = torch.tensor(float(cfg.cs_coef))
+        return self.finish(idx_TE, w_TE, logits_TE=a0_TE, extra_stats=extra, extra_losses=losses)
+
+    # -- the adaptive λ_cs schedule -------------------------------------------------------------
+    @torch.no_grad()
+    def record_chunk_sparsity(self, l_cs: Tensor) -> None:
+        """Count one forward's (unscaled) L_cs towards the current optimizer step."""
+        self.cs_pending += torch.stack([l_cs.detach().to(self.cs_pending).reshape(()), self.cs_pending.new_ones(())])
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Advance the λ_cs schedule by one optimizer step (no-op unless ``cs_adaptive``)."""
+        if not self.config.cs_adaptive:
+            return
+        cfg = self.config
+        total, count = self.cs_pending
+        if count > 0:  # a step without a training forward adds nothing to the window
+            self.cs_window[1] += torch.stack([total / count, torch.ones_like(count)])
+        self.cs_pending.zero_()
+        self.cs_step += 1
+        n = int(self.cs_step)
+        if n % cfg.cs_adapt_every == 0:
+            if n >= cfg.cs_adapt_after:
+                self._adapt(n)
+            self.cs_window[0] = self.cs_window[1]
+            self.cs_window[1].zero_()
+        base, ratio, start = self.cs_ramp.tolist()
+        progress = min(1.0, (n + 1 - start) / cfg.cs_adapt_every) if cfg.cs_adapt_ramp else 1.0
+        self.cs_coef_now.fill_(base * (ratio + (1.0 - ratio) * (1.0 - progress)))
+
+    def _adapt(self, n: int) -> None:
+        (prev_sum, prev_n), (cur_sum, cur_n) = self.cs_window.tolist()
+        if prev_n == 0 or cur_n == 0 or prev_sum <= 0 or cur_sum <= 0:
+            return  # nothing to compare yet: keep the current ramp
+        cfg = self.config
+        now = float(self.cs_coef_now)
+        ratio = (cur_sum / cur_n) / (prev_sum / prev_n)
+        if ratio > 1:
+            ratio = max(cfg.cs_min_ratio, ratio)
+        ratio = min(cfg.cs_coef * cfg.cs_max_factor / now, ratio)
+        self.cs_ramp.copy_(torch.tensor([now, ratio, float(n)], dtype=torch.float64))
+
+    def _apply(self, fn, recurse=True):
+        # keep the schedule in float64 under .to(bf16) / .half() (only its device follows)
+        state = {n: self._buffers[n] for n in _SCHEDULE if n in self._buffers}
+        super()._apply(fn, recurse)
+        for n, old in state.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(device=new.device)
+        return self
