@@ -220,26 +220,22 @@ def halting_summary(results: SweepResults, *, max_ppl_change_pct: float = HALTIN
         by_tau: dict[float, list[dict[str, Any]]] = {}
         n_runs = 0
         for r in results.done(v):
-            rows = [row for row in _get(r.final, "halting") or () if isinstance(row, dict)
-                    and _num(row.get("tau")) is not None]
+            rows = _get(r.final, "halting")
+            rows = [row for row in rows if isinstance(row, dict) and _num(row.get("tau")) is not None] \
+                if isinstance(rows, list) else []
             n_runs += bool(rows)
             for row in rows:
                 by_tau.setdefault(round(float(row["tau"]), 9), []).append(row)
-        if not by_tau:
-            continue
         curve = []
-        for tau in sorted(by_tau):
-            rows = by_tau[tau]
-            mean: dict[str, Any] = {"tau": tau, "seeds": len(rows)}
-            for k in dict.fromkeys(k for row in rows for k in row if k != "tau"):
-                vals = [x for row in rows if (x := _num(row.get(k))) is not None]
-                if vals:
-                    mean[k] = sum(vals) / len(vals)
-            curve.append(mean)
-        ok = [row for row in curve if row["tau"] > 0 and _num(row.get("moe_flops_saved")) is not None
-              and (pct := _num(row.get("ppl_change_pct"))) is not None and pct <= max_ppl_change_pct]
+        for tau, rows in sorted(by_tau.items()):
+            keys = dict.fromkeys(k for row in rows for k in row if k != "tau")
+            vals = {k: [x for row in rows if (x := _num(row.get(k))) is not None] for k in keys}
+            curve.append({"tau": tau, "seeds": len(rows), **{k: _mean(x) for k, x in vals.items() if x}})
+        ok = [row for row in curve if row["tau"] > 0 and "moe_flops_saved" in row
+              and row.get("ppl_change_pct", math.inf) <= max_ppl_change_pct]
         best = max(ok, key=lambda row: (row["moe_flops_saved"], -row["ppl_change_pct"], -row["tau"]), default=None)
-        out[v] = {"curve": curve, "best": best, "runs": n_runs}
+        if curve:
+            out[v] = {"curve": curve, "best": best, "runs": n_runs}
     return out
 
 
