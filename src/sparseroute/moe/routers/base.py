@@ -57,6 +57,9 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
     #: the router looks across the tokens of a sequence (its ``route`` takes ``seq_len``: the
     #: flattened T tokens are T / seq_len sequences of seq_len consecutive tokens)
     sequence_aware: ClassVar[bool] = False
+    #: buffers that keep their dtype when the module is cast (``.to(bf16)``, ``.half()``); only
+    #: their device follows. For state whose small updates a low-precision dtype would lose.
+    pinned_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig | None = None):
         super().__init__()
@@ -72,6 +75,15 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
         self.num_experts = num_experts
         self.top_k = top_k
         self.config = config
+
+    def _apply(self, fn, recurse=True):
+        state = {n: self._buffers[n] for n in self.pinned_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, old in state.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(device=new.device)
+        return self
 
     # -- the interface -------------------------------------------------------------------
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None, *, seq_len: int | None = None) -> Routing:

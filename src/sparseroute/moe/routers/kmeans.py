@@ -86,6 +86,7 @@ class KMeansConfig(RouterConfig):
 @register_router("kmeans")
 class KMeansRouter(Router):
     Config = KMeansConfig
+    pinned_buffers = _STATE  # fp32 under .to(bf16): EMA steps and counts would round away
 
     def __init__(self, d_model, num_experts, top_k, config=None):
         super().__init__(d_model, num_experts, top_k, config)
@@ -153,15 +154,6 @@ class KMeansRouter(Router):
     def after_optimizer_step(self) -> None:
         self.update_centroids()
 
-    def _apply(self, fn, recurse=True):
-        # Keep the k-means state in fp32 under ``.to(bf16)`` / ``.half()``; only its device follows.
-        state = {n: self._buffers[n] for n in _STATE}
-        super()._apply(fn, recurse)
-        for n, old in state.items():
-            new = self._buffers[n]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[n] = old.to(device=new.device)
-        return self
 
     def routing_parameters(self) -> int:
         """0: nothing is learned by gradient (the state is the E·D centroid buffer)."""

@@ -135,6 +135,7 @@ _SCHEDULE = ("cs_coef_now", "cs_ramp", "cs_step", "cs_pending", "cs_window")
 @register_router("relu")
 class ReLURouter(LinearRouter):
     Config = ReLUConfig
+    pinned_buffers = _SCHEDULE  # float64 under .to(bf16): the schedule state
     variable_k = True
     sequence_aware = True
 
@@ -218,12 +219,3 @@ class ReLURouter(LinearRouter):
         ratio = min(cfg.cs_coef * cfg.cs_max_factor / now, ratio)
         self.cs_ramp.copy_(torch.tensor([now, ratio, float(n)], dtype=torch.float64))
 
-    def _apply(self, fn, recurse=True):
-        # keep the schedule in float64 under .to(bf16) / .half() (only its device follows)
-        state = {n: self._buffers[n] for n in _SCHEDULE if n in self._buffers}
-        super()._apply(fn, recurse)
-        for n, old in state.items():
-            new = self._buffers[n]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[n] = old.to(device=new.device)
-        return self

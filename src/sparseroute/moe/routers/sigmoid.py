@@ -44,6 +44,8 @@ class SigmoidConfig(RouterConfig):
 @register_router("sigmoid")
 class SigmoidRouter(LinearRouter):
     Config = SigmoidConfig
+    # fp32 under .to(bf16): in bf16 a 1e-3 bias step vanishes once |b| >= 0.5 and counts above 256 round
+    pinned_buffers = ("selection_bias", "load_since_update")
 
     def __init__(self, d_model, num_experts, top_k, config=None):
         super().__init__(d_model, num_experts, top_k, config)
@@ -69,16 +71,6 @@ class SigmoidRouter(LinearRouter):
                 self.load_since_update += routing.stats["tokens_per_expert"].to(self.load_since_update)
         return routing
 
-    def _apply(self, fn, recurse=True):
-        # Keep the balancing state in fp32 under ``.to(bf16)`` / ``.half()`` (only its device
-        # follows): in bf16 a 1e-3 bias step vanishes once |b| >= 0.5 and counts above 256 round.
-        state = {n: self._buffers[n] for n in ("selection_bias", "load_since_update")}
-        super()._apply(fn, recurse)
-        for n, old in state.items():
-            new = self._buffers[n]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[n] = old.to(device=new.device)
-        return self
 
     @torch.no_grad()
     def update_bias(self, load_E: Tensor | None = None) -> None:
