@@ -309,3 +309,17 @@ def test_a_killed_worker_stops_a_jobs_sweep_cleanly_and_it_resumes(tmp_path, cac
     assert "Traceback" not in proc.stderr
     cli(args, cache)
     assert snapshot(store)["runs"] == ref["runs"]
+
+
+def test_every_preset_resolves():
+    from sparseroute.lab.presets import SWEEP_PRESETS, sweep_preset
+
+    for name in SWEEP_PRESETS:
+        spec = sweep_preset(name)
+        plan = spec.plan()
+        assert len(plan) == len(spec.variants) * len(spec.seeds)
+        budgets = {(p.config.train.tokens, p.config.train.batch_size, p.config.train.seq_len) for p in plan}
+        assert len(budgets) == 1, name  # every run of a sweep has the same budget
+        assert spec.reference in {v.name for v in spec.variants}
+    with pytest.raises(ValueError, match="quick"):
+        sweep_preset("nope")

@@ -14,6 +14,11 @@
   of thresholds (the trade-off curve of MoE FLOPs saved vs perplexity).
 - ``blockffn``: the ReLU router (BlockFFN) with and without its activation-locality and
   chunk-sparsification objectives, against softmax top-2, reporting TLS, CLS8 and PPL.
+- ``similarity``: softmax top-2 vs similarity-aware routing (Graph of Tokens), comparing PPL,
+  selection entropy and late-training routing fluctuation.
+- ``geometry``: linear routers with and without the balance loss vs the parameter-free online
+  k-means router (Routers Learn the Geometry of Their Experts), comparing imbalance, PPL and
+  router-expert coupling.
 """
 
 from __future__ import annotations
@@ -177,6 +182,53 @@ def blockffn() -> SweepSpec:
     )
 
 
+def _router_base(tokens: str) -> dict:
+    return {
+        "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2}},
+        "data": {"corpus": "stdlib"},
+        "train": {"tokens": tokens, "batch_size": 8, "seq_len": 256, "lr": 3e-3, "eval_tokens": "64k",
+                  "log_every": 10, "checkpoint_every": 50},
+    }
+
+
+def similarity() -> SweepSpec:
+    """Similarity-aware routing on ``tiny`` MoE: softmax top-2 vs mixing each token's routing
+    distribution with those of similar earlier tokens (temperature 0.1, learned 32-d features; and
+    the router logits as features), 3 seeds, 1M tokens. Routing fluctuation (top-1 changes
+    between the last two checkpoints) and selection entropy are in the report's routing profile."""
+    return SweepSpec(
+        name="similarity",
+        description="softmax top-2 vs similarity-aware routing: PPL, selection entropy, routing fluctuation",
+        base=_router_base("1M"),
+        variants=(
+            Variant("linear", _moe(router="topk")),
+            Variant("similarity", _moe(router="similarity")),
+            Variant("similarity-logits", _moe(router="similarity", router_options={"features": "logits"})),
+        ),
+        seeds=(0, 1, 2),
+        reference="linear",
+    )
+
+
+def geometry() -> SweepSpec:
+    """What routers learn about their experts: softmax top-2 with the Switch balance loss (0.01),
+    without it, and the parameter-free online k-means router with and without loss-free balancing,
+    3 seeds, 1M tokens. The report gives router-expert coupling, imbalance and PPL."""
+    return SweepSpec(
+        name="geometry",
+        description="linear routers with/without the balance loss vs online k-means routing",
+        base=_router_base("1M"),
+        variants=(
+            Variant("linear", _moe(router="topk")),
+            Variant("linear-no-balance", _moe(router="topk", router_options={"load_balance_coef": 0.0})),
+            Variant("kmeans", _moe(router="kmeans")),
+            Variant("kmeans-balanced", _moe(router="kmeans", router_options={"balance": 1e-3})),
+        ),
+        seeds=(0, 1, 2),
+        reference="linear",
+    )
+
+
 SWEEP_PRESETS: dict[str, Callable[[], SweepSpec]] = {
     "quick": quick,
     "equifinality": equifinality,
@@ -184,6 +236,8 @@ SWEEP_PRESETS: dict[str, Callable[[], SweepSpec]] = {
     "hops": hops,
     "halting": halting,
     "blockffn": blockffn,
+    "similarity": similarity,
+    "geometry": geometry,
 }
 
 
