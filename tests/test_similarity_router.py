@@ -331,7 +331,7 @@ def test_parameters():
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("features", "attention"),
+        ("features", "graph"),
         ("d_feat", 0),
         ("d_feat", 2.5),
         ("temperature", 0.0),

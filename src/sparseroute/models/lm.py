@@ -7,6 +7,13 @@ causal ``F.scaled_dot_product_attention``; a dense SwiGLU FFN or a sparseroute :
 final RMSNorm and a (tied or untied) output head. MoE layers receive the input ids as
 ``token_ids`` (hash routing needs them). Note that ``expert_choice`` routing looks at the whole
 batch, so with it the model is no longer strictly causal.
+
+Attention-aware routing (``similarity`` router with ``features="attention"``): a block whose MoE
+router needs ``token_mixing`` asks its attention layer for the head-averaged attention probabilities
+[B, S, S] and passes them to the MoE layer. They are computed explicitly (one extra S x S matmul
+per head, in fp32; the attention output itself still comes from SDPA) and *not detached*: the
+routing weights depend on them, so the MoE loss and output also train the attention's q and k
+projections, as the rest of the routing is trained end to end.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from sparseroute.moe import MoE
 from sparseroute.moe.layer import after_optimizer_step
 from sparseroute.routing import Routing
 
-__all__ = ["LMOutput", "TransformerLM", "RMSNorm", "rope_cos_sin", "apply_rope"]
+__all__ = ["LMOutput", "TransformerLM", "RMSNorm", "rope_cos_sin", "apply_rope", "head_averaged_probs"]
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
@@ -47,6 +54,14 @@ def apply_rope(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
     return torch.addcmul(x_BHSK * cos_SK.to(x_BHSK.dtype), swapped, sin_signed)
 
 
+def head_averaged_probs(q_BHSK: Tensor, k_BHSK: Tensor) -> Tensor:
+    """mean over heads of softmax(q kᵀ / sqrt(K) + causal mask): [B, S, S], fp32, row-stochastic."""
+    S, K = q_BHSK.shape[-2], q_BHSK.shape[-1]
+    scores_BHSS = torch.matmul(q_BHSK.float(), k_BHSK.float().transpose(-1, -2)) * K**-0.5
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=q_BHSK.device).tril()
+    return scores_BHSS.masked_fill(~causal_SS, float("-inf")).softmax(dim=-1).mean(dim=1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -67,7 +82,13 @@ class Attention(nn.Module):
         self.v = nn.Linear(D, D, bias=False)
         self.o = nn.Linear(D, D, bias=False)
 
-    def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
+    def forward(
+        self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, *, return_probs: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The attention output [B, S, D]; with ``return_probs`` also the head-averaged attention
+        probabilities mean_h softmax(q_h k_hᵀ / sqrt(K) + causal mask), [B, S, S] in fp32 (rows
+        sum to 1, zero above the diagonal), computed explicitly (an extra S x S matmul per head)
+        and differentiable; the output is unchanged (still SDPA)."""
         B, S, D = x_BSD.shape
         H, K = self.n_heads, self.head_dim
         # RoPE on the contiguous [B, S, H, K] projections (cheaper than on the transposed views)
@@ -76,7 +97,10 @@ class Attention(nn.Module):
         k_BHSK = apply_rope(self.k(x_BSD).view(B, S, H, K), cos_S1K, sin_S1K).transpose(1, 2)
         v_BHSK = self.v(x_BSD).view(B, S, H, K).transpose(1, 2)
         y_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSK, is_causal=True)
-        return self.o(y_BHSK.transpose(1, 2).reshape(B, S, D))
+        out_BSD = self.o(y_BHSK.transpose(1, 2).reshape(B, S, D))
+        if not return_probs:
+            return out_BSD
+        return out_BSD, head_averaged_probs(q_BHSK, k_BHSK)
 
 
 class SwiGLU(nn.Module):
@@ -125,10 +149,15 @@ class Block(nn.Module):
     def forward(
         self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, ids_BS: Tensor
     ) -> tuple[Tensor, Routing | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK)
+        if isinstance(self.ffn, MoE) and self.ffn.needs_token_mixing:
+            # attention-aware routing: the router mixes with this block's attention weights
+            a_BSD, mixing_BSS = self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK, return_probs=True)
+        else:
+            a_BSD, mixing_BSS = self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK), None
+        x_BSD = x_BSD + a_BSD
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
-            y_BSD, routing = self.ffn(h_BSD, token_ids=ids_BS)
+            y_BSD, routing = self.ffn(h_BSD, token_ids=ids_BS, token_mixing=mixing_BSS)
             return x_BSD + y_BSD, routing
         return x_BSD + self.ffn(h_BSD), None
 

@@ -102,8 +102,10 @@ class MoEConfig:
 
 
 class MoE(nn.Module):
-    """Mixture-of-experts FFN. ``forward(x, token_ids=None) -> (y, Routing)``; x is [T, D] or
-    [B, S, D] and y has its shape. ``Routing`` is over the flattened T = B·S tokens."""
+    """Mixture-of-experts FFN. ``forward(x, token_ids=None, *, token_mixing=None) -> (y, Routing)``;
+    x is [T, D] or [B, S, D] and y has its shape. ``Routing`` is over the flattened T = B·S tokens.
+    ``token_mixing`` ([B, S, S], or [1, T, T] for a [T, D] input) goes to routers that use it
+    (e.g. ``similarity`` with features="attention"); see :attr:`needs_token_mixing`."""
 
     def __init__(
         self,
@@ -148,6 +150,11 @@ class MoE(nn.Module):
             raise ValueError(f"halt_threshold: not available with the sequence-aware {self.config.router} router")
         self.halt_threshold = float(threshold)
 
+    @property
+    def needs_token_mixing(self) -> bool:
+        """Whether the router, as configured, needs ``token_mixing`` (e.g. attention weights)."""
+        return self.router.uses_token_mixing and self.router.needs_token_mixing
+
     def router_for_hop(self, hop: int) -> Router:
         return self.router if hop == 0 or not len(self.hop_routers) else self.hop_routers[hop - 1]
 
@@ -176,17 +183,32 @@ class MoE(nn.Module):
             )
 
     def route(
-        self, x_TD: Tensor, token_ids_T: Tensor | None = None, seq_len: int | None = None, hop: int = 0
+        self,
+        x_TD: Tensor,
+        token_ids_T: Tensor | None = None,
+        seq_len: int | None = None,
+        hop: int = 0,
+        *,
+        token_mixing: Tensor | None = None,
     ) -> Routing:
         """Router decision (of hop ``hop``) plus the capacity drop, if configured."""
-        routing = self.router_for_hop(hop)(x_TD, token_ids_T, seq_len=seq_len)
+        router = self.router_for_hop(hop)
+        if token_mixing is None:
+            routing = router(x_TD, token_ids_T, seq_len=seq_len)
+        else:
+            routing = router(x_TD, token_ids_T, seq_len=seq_len, token_mixing=token_mixing)
         if self.config.capacity_factor is not None:
             cap = capacity_for(self.config.capacity_factor, x_TD.shape[0], self.router.top_k, self.config.num_experts)
             routing = apply_capacity(routing, cap)
         return routing
 
     def forward(
-        self, x: Tensor, token_ids: Tensor | None = None, *, dispatch: str | None = None
+        self,
+        x: Tensor,
+        token_ids: Tensor | None = None,
+        *,
+        dispatch: str | None = None,
+        token_mixing: Tensor | None = None,
     ) -> tuple[Tensor, Routing]:
         self._check_input(x, token_ids)
         executor = EXECUTORS.get(dispatch or self.config.dispatch)
@@ -194,10 +216,10 @@ class MoE(nn.Module):
         ids_T = None if token_ids is None else token_ids.reshape(-1)
         seq_len = x.shape[1] if x.dim() == 3 and x.shape[1] > 0 else None
         if self.config.hops == 1:
-            routing = self.route(x_TD, ids_T, seq_len)
+            routing = self.route(x_TD, ids_T, seq_len, token_mixing=token_mixing)
             y_TD = self._hop_output(x_TD, routing, executor, 0)
             return y_TD.reshape(x.shape), routing
-        y_TD, routing = self._multi_hop(x_TD, ids_T, seq_len, executor)
+        y_TD, routing = self._multi_hop(x_TD, ids_T, seq_len, executor, token_mixing)
         return y_TD.reshape(x.shape), routing
 
     def _hop_output(self, x_TD: Tensor, routing: Routing, executor, hop: int) -> Tensor:
@@ -208,9 +230,13 @@ class MoE(nn.Module):
             y_TD = y_TD * self.hop_scale[hop].to(y_TD.dtype)
         return y_TD
 
-    def _multi_hop(self, x_TD: Tensor, ids_T: Tensor | None, seq_len: int | None, executor) -> tuple[Tensor, Routing]:
+    def _multi_hop(
+        self, x_TD: Tensor, ids_T: Tensor | None, seq_len: int | None, executor, token_mixing: Tensor | None = None
+    ) -> tuple[Tensor, Routing]:
         """h_{i+1} = h_i + MoE_i(h_i) over H hops, halting tokens in eval mode. Returns h_H - x and
-        hop 0's Routing with the losses summed over hops and the statistics of all hops."""
+        hop 0's Routing with the losses summed over hops and the statistics of all hops.
+        ``token_mixing`` (like ``seq_len``) goes to every hop's routing while no token has halted
+        (it describes whole sequences); once halting has removed tokens, later hops get None."""
         T = x_TD.shape[0]
         halting = self.halt_threshold > 0 and not self.training
         h_TD = x_TD
@@ -225,12 +251,12 @@ class MoE(nn.Module):
         hop_cos: Tensor | None = None
         for hop in range(self.config.hops):
             if active_A is None:
-                h_AD, ids_A, sl = h_TD, ids_T, seq_len
+                h_AD, ids_A, sl, mix_A = h_TD, ids_T, seq_len, token_mixing
             else:
                 if active_A.numel() == 0:
                     break
-                h_AD, ids_A, sl = h_TD[active_A], None if ids_T is None else ids_T[active_A], None
-            routing = self.route(h_AD, ids_A, sl, hop=hop)
+                h_AD, ids_A, sl, mix_A = h_TD[active_A], None if ids_T is None else ids_T[active_A], None, None
+            routing = self.route(h_AD, ids_A, sl, hop=hop, token_mixing=mix_A)
             if first is None:
                 first = routing
             for name, value in routing.losses.items():
@@ -257,8 +283,10 @@ class MoE(nn.Module):
                 with torch.no_grad():
                     ratio_A = d_AD.detach().float().norm(dim=-1) / h_AD.detach().float().norm(dim=-1).clamp_min(1e-12)
                     keep_A = ratio_A >= self.halt_threshold
-                    all_A = torch.arange(T, device=x_TD.device) if active_A is None else active_A
-                    active_A = all_A[keep_A]
+                    # while no token has halted, later hops still see whole sequences
+                    if active_A is not None or not bool(keep_A.all()):
+                        all_A = torch.arange(T, device=x_TD.device) if active_A is None else active_A
+                        active_A = all_A[keep_A]
         assert first is not None
         stats = dict(first.stats)
         stats["tokens_per_expert"] = load_E

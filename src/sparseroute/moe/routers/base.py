@@ -1,6 +1,6 @@
 """Router base class, shared config and the router registry.
 
-Legend: T tokens, D model dim, E experts, K slots per token.
+Legend: T tokens, D model dim, E experts, K slots per token, N sequences, S sequence length.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
     #: buffers that keep their dtype when the module is cast (``.to(bf16)``, ``.half()``); only
     #: their device follows. For state whose small updates a low-precision dtype would lose.
     pinned_buffers: ClassVar[tuple[str, ...]] = ()
+    #: the router can mix tokens with given weights (its ``route`` takes a ``token_mixing``
+    #: keyword: an [N, S, S] row-stochastic causal matrix, e.g. the preceding attention layer's
+    #: head-averaged weights, or None). Other routers never see ``token_mixing``.
+    uses_token_mixing: ClassVar[bool] = False
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig | None = None):
         super().__init__()
@@ -85,10 +89,26 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
                 self._buffers[n] = old.to(device=new.device)
         return self
 
+    @property
+    def needs_token_mixing(self) -> bool:
+        """Whether this router, as configured, needs ``token_mixing`` (a model that has it, e.g. the
+        LM's attention weights, computes and passes it only then). False unless a router says so."""
+        return False
+
     # -- the interface -------------------------------------------------------------------
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None, *, seq_len: int | None = None) -> Routing:
+    def forward(
+        self,
+        x_TD: Tensor,
+        token_ids_T: Tensor | None = None,
+        *,
+        seq_len: int | None = None,
+        token_mixing: Tensor | None = None,
+    ) -> Routing:
         """``seq_len``: the T tokens are T / seq_len sequences of consecutive tokens (None: one
-        sequence). Only sequence-aware routers use it."""
+        sequence). Only sequence-aware routers use it. ``token_mixing``: optional [N, S, S]
+        (N = T / S sequences of S = seq_len tokens) row-stochastic, causal weights, such as the
+        preceding attention layer's head-averaged attention probabilities; its shape is checked,
+        and it reaches only routers with ``uses_token_mixing`` (the others ignore it)."""
         if x_TD.dim() != 2 or x_TD.shape[1] != self.d_model:
             raise ValueError(f"router input must be [T, {self.d_model}]; got {tuple(x_TD.shape)}")
         T = x_TD.shape[0]
@@ -106,9 +126,12 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
                     f"token_ids must be an integer tensor with one id per token ({x_TD.shape[0]}); "
                     f"got {tuple(token_ids_T.shape)} {token_ids_T.dtype}"
                 )
+        if token_mixing is not None:
+            _check_token_mixing(token_mixing, T, seq_len)
+        extra = {"token_mixing": token_mixing} if self.uses_token_mixing else {}
         if self.sequence_aware:
-            return self.route(x_TD, token_ids_T, seq_len=seq_len if seq_len is not None else max(T, 1))
-        return self.route(x_TD, token_ids_T)
+            return self.route(x_TD, token_ids_T, seq_len=seq_len if seq_len is not None else max(T, 1), **extra)
+        return self.route(x_TD, token_ids_T, **extra)
 
     @abc.abstractmethod
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
@@ -154,6 +177,19 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, config={self.config}"
+
+
+def _check_token_mixing(token_mixing: Any, T: int, seq_len: int | None) -> None:
+    S = seq_len if seq_len is not None else max(T, 1)
+    N = T // S
+    if not isinstance(token_mixing, Tensor) or not token_mixing.is_floating_point():
+        what = f"dtype {token_mixing.dtype}" if isinstance(token_mixing, Tensor) else type(token_mixing).__name__
+        raise ValueError(f"token_mixing must be a floating-point [N, S, S] tensor; got {what}")
+    if tuple(token_mixing.shape) != (N, S, S):
+        raise ValueError(
+            f"token_mixing must be [N, S, S] = [{N}, {S}, {S}] for {T} tokens in sequences of {S} "
+            f"(seq_len={seq_len}); got shape {tuple(token_mixing.shape)}"
+        )
 
 
 def topk_of(scores_TE: Tensor, k: int, renormalize: bool, weights_from: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ design, built so that it reduces to plain softmax top-k routing as the temperatu
     f_i   = normalise(P x_i)   (features="projection", P: R x D learned)
           | normalise(W x_i)   (features="logits": the router logits themselves)
     a_ij  = softmax_{j <= i, same sequence}( cos(f_i, f_j) / temperature )     causal
+          | token_mixing[n, i, j]   (features="attention": given, see below)
     p~_i  = sum_j a_ij p_j
     p^_i  = (1 - mix) p_i + mix p~_i
     experts = top-k of p^_i; weights = p^_i at those experts (renormalised when k > 1 unless
@@ -31,9 +32,14 @@ Cost: per sequence an S x S similarity matrix ([N, S, S] batched matmuls with a 
 O(S^2 (R + E)) time and S^2 floats of memory per sequence (plus the softmax and its gradient):
 16 MiB per sequence in fp32 at S = 2048, fine up to there; longer sequences want a blocked form.
 
-The attention-aware form reuses the preceding attention layer's (row-stochastic, causal) weights
-instead of computing a: :func:`attention_mixed_probs` is that building block for the LM
-integration, which passes its head-averaged attention matrix.
+The attention-aware form (``features="attention"``) reuses the preceding attention layer's
+(row-stochastic, causal) weights as a instead of computing it: no feature projection and no
+temperature (``d_feat`` and ``temperature`` are unused). The router then needs ``token_mixing``
+([N, S, S]) at every call; :class:`sparseroute.models.TransformerLM` passes the head-averaged
+attention probabilities of the same block's attention layer (see ``Block.forward``), with
+gradients. The router itself costs no S x S work then; the attention layer pays one extra S x S
+matmul per head to materialise its probabilities. :func:`attention_mixed_probs` is the shared step.
+With the other features ``token_mixing`` is ignored.
 """
 
 from __future__ import annotations
@@ -49,15 +55,17 @@ from sparseroute.moe.routers.base import RouterConfig, register_router, topk_of
 from sparseroute.moe.routers.topk import LinearRouter
 from sparseroute.routing import Routing
 
-FEATURES = ("projection", "logits")
+FEATURES = ("projection", "logits", "attention")
 
 
 @dataclass(frozen=True, kw_only=True)
 class SimilarityConfig(RouterConfig):
     """features: what similarity is measured on, "projection" (learned P x, d_feat dims) or
-    "logits" (the router logits). d_feat: R, the projection's output dim (unused with "logits").
-    temperature: tau of the similarity softmax (-> 0: plain routing). mix: weight of the mixed
-    distribution, in [0, 1] (0: plain routing). renormalize: as in topk (None: when k > 1)."""
+    "logits" (the router logits); or "attention": no similarity, the given ``token_mixing`` (the
+    preceding attention layer's weights) are the mixing weights. d_feat: R, the projection's
+    output dim (unused with "logits" and "attention").
+    temperature: tau of the similarity softmax (-> 0: plain routing; unused with "attention").
+    mix: weight of the mixed distribution, in [0, 1] (0: plain routing). renormalize: as in topk (None: when k > 1)."""
 
     features: str = "projection"
     d_feat: int = 32
@@ -125,6 +133,7 @@ class SimilarityRouter(LinearRouter):
 
     Config = SimilarityConfig
     sequence_aware = True
+    uses_token_mixing = True
 
     def __init__(self, d_model, num_experts, top_k, config=None):
         super().__init__(d_model, num_experts, top_k, config)
@@ -134,6 +143,10 @@ class SimilarityRouter(LinearRouter):
         else:
             self.proj = None
 
+    @property
+    def needs_token_mixing(self) -> bool:
+        return self.config.features == "attention"
+
     def similarity(self, x_TD: Tensor, logits_TE: Tensor, seq_len: int) -> Tensor:
         """[N, S, S] causal, row-stochastic a_ij = softmax_{j <= i}(cos(f_i, f_j) / temperature)."""
         feats = logits_TE if self.proj is None else F.linear(x_TD, self.proj).float()
@@ -142,17 +155,31 @@ class SimilarityRouter(LinearRouter):
         causal_SS = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x_TD.device).tril()
         return scores_NSS.masked_fill(~causal_SS, float("-inf")).softmax(dim=-1)
 
-    def mixed_probs(self, x_TD: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(logits, base p, mixed p^), each [T, E]."""
+    def mixed_probs(
+        self, x_TD: Tensor, seq_len: int, token_mixing: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits, base p, mixed p^), each [T, E]. ``token_mixing`` ([N, S, S]) is used (and
+        required) with features="attention" only."""
+        if self.needs_token_mixing and token_mixing is None:
+            raise ValueError(
+                "token_mixing: features='attention' needs the attention weights of the preceding attention "
+                "layer: use it inside TransformerLM, or pass token_mixing (an [N, S, S] row-stochastic, "
+                "causal matrix) to the router / MoE layer"
+            )
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         if self.config.mix == 0:
             return logits_TE, probs_TE, probs_TE
-        attn_NSS = self.similarity(x_TD, logits_TE, seq_len)
+        if self.needs_token_mixing:
+            attn_NSS = token_mixing
+        else:
+            attn_NSS = self.similarity(x_TD, logits_TE, seq_len)
         return logits_TE, probs_TE, attention_mixed_probs(probs_TE, attn_NSS, seq_len, self.config.mix)
 
-    def route(self, x_TD: Tensor, token_ids_T: Tensor | None, *, seq_len: int) -> Routing:
-        logits_TE, probs_TE, mixed_TE = self.mixed_probs(x_TD, seq_len)
+    def route(
+        self, x_TD: Tensor, token_ids_T: Tensor | None, *, seq_len: int, token_mixing: Tensor | None = None
+    ) -> Routing:
+        logits_TE, probs_TE, mixed_TE = self.mixed_probs(x_TD, seq_len, token_mixing)
         idx_TK, w_TK = topk_of(mixed_TE, self.top_k, self.renormalize())
         with torch.no_grad():
             stats = {"selection_entropy": _entropy(mixed_TE.detach()), "base_entropy": _entropy(probs_TE.detach())}
