@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sparseroute.data import DataConfig, prepare
-from sparseroute.lab.diagnostics import halting_curve
+from sparseroute.lab.diagnostics import halting_curve, routing_profile
 from sparseroute.models import MoESettings, TransformerLM, preset
 from sparseroute.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparseroute.train.config import RunConfig, TrainConfig, parse_count
@@ -78,13 +78,18 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['tau']:>6.3g} {r['ppl']:>9.4f} {r['ppl_change_pct']:>+8.3f} {100 * r['moe_flops_saved']:>15.1f}% "
               f"{100 * r['time_saved']:>10.1f}% {r['hops_per_token']:>10.3f}", file=sys.stderr)
+    profile = routing_profile(model, corpus.val, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
+                              max_tokens=eval_tokens)
+    hop_cos = [round(lay["hop_cos"], 4) for lay in profile]
+    print(f"cos(dh_0, dh_1) per layer: {hop_cos}", file=sys.stderr)
     ok = [r for r in rows if r["ppl_change_pct"] <= TARGET_PPL]
-    best = max(ok, key=lambda r: r["moe_flops_saved"])
+    best = max(ok, key=lambda r: (r["moe_flops_saved"], -r["tau"]))
     print(json.dumps({
         "benchmark": "halting", "hops": cfg.model.moe.hops, "router": cfg.model.moe.router,
         "train_tokens": cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len, "eval_tokens": rows[0]["tokens"],
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "baseline_ppl": round(rows[0]["ppl"], 4),
+        "baseline_ppl": round(rows[0]["ppl"], 4), "hop_cos_per_layer": hop_cos,
+        "hop_cos": round(sum(hop_cos) / len(hop_cos), 4),
         "best_tau": best["tau"], "moe_flops_saved": round(best["moe_flops_saved"], 4),
         "ppl_change_pct": round(best["ppl_change_pct"], 4), "time_saved": round(best["time_saved"], 4),
         "target_met": best["moe_flops_saved"] >= TARGET_SAVED,
