@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from sparseroute.data import DataConfig, prepare
-from sparseroute.lab.diagnostics import halting_curve, routing_profile
+from sparseroute.lab.diagnostics import halting_curve, halting_taus, routing_profile
 from sparseroute.models import MoESettings, TransformerLM, preset
 from sparseroute.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparseroute.train.config import RunConfig, TrainConfig, parse_count
 from sparseroute.train.loop import resolve_vocab, train
 
-TAUS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
+QUANTILES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
 TARGET_SAVED, TARGET_PPL = 0.25, 0.5
 
 
@@ -46,11 +46,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="600k", help="training budget when training (default 600k)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="where to train (default: a temporary folder)")
-    ap.add_argument("--taus", default=",".join(map(str, TAUS)), help="comma-separated thresholds")
+    ap.add_argument("--taus", default=None, help="comma-separated thresholds (default: at --quantiles)")
+    ap.add_argument("--quantiles", default=",".join(map(str, QUANTILES)),
+                    help="thresholds at these quantiles of the model's hop-0 relative update norm")
     ap.add_argument("--eval-tokens", default="64k", help="validation tokens per evaluation (default 64k)")
     ap.add_argument("--repeats", type=int, default=3, help="timed evaluations per τ, median (default 3)")
     args = ap.parse_args(argv)
-    taus = [float(t) for t in args.taus.split(",") if t.strip()]
     eval_tokens = parse_count(args.eval_tokens, "--eval-tokens")
     tmp = None
     if args.run is None:
@@ -71,6 +72,11 @@ def main(argv=None) -> int:
     if cfg.model.moe is None or cfg.model.moe.hops < 2:
         raise SystemExit("halting: the run must be a multi-hop MoE model (moe.hops >= 2)")
     corpus = prepare(cfg.data)
+    kw = {"batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len, "max_tokens": eval_tokens}
+    if args.taus:
+        taus = [float(t) for t in args.taus.split(",") if t.strip()]
+    else:
+        taus = halting_taus(model, corpus.val, [float(q) for q in args.quantiles.split(",")], **kw)
     rows = halting_curve(model, corpus.val, taus, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                          max_tokens=eval_tokens, repeats=args.repeats)
     print(f"{'tau':>6} {'ppl':>9} {'dPPL %':>8} {'MoE FLOPs saved':>16} {'time saved':>11} {'hops/token':>10}",

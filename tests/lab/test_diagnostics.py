@@ -93,3 +93,19 @@ def test_expert_specialisation_counts_top1_tokens():
     for e in spec[0]:
         for tok, cnt, lift in e:
             assert 0 <= tok < 8 and cnt > 0 and lift > 0
+
+
+def test_halting_taus_at_quantiles_halt_that_share_of_tokens(text):
+    from sparseroute.lab.diagnostics import halting_taus
+
+    m = model(hops=2)
+    taus = halting_taus(m, text, [0.25, 0.5], batch_size=4, seq_len=32, max_tokens=1024)
+    assert taus[0] < taus[1]
+    rows = halting_curve(m, text, taus, batch_size=4, seq_len=32, max_tokens=1024)
+    # with 2 hops, tau at quantile q halts a share q of the tokens after hop 0: q/2 of the expert work
+    assert rows[1]["moe_flops_saved"] == pytest.approx(0.25 / 2, abs=0.01)
+    assert rows[2]["moe_flops_saved"] == pytest.approx(0.5 / 2, abs=0.01)
+    with pytest.raises(ValueError, match="multi-hop"):
+        halting_taus(model(), text, [0.5], batch_size=4, seq_len=32, max_tokens=512)
+    with pytest.raises(ValueError, match="quantiles"):
+        halting_taus(m, text, [1.5])

@@ -33,7 +33,7 @@ from torch import Tensor
 from sparseroute.data import eval_batches
 from sparseroute.models import TransformerLM
 
-__all__ = ["routing_profile", "halting_curve", "routing_fluctuation", "router_expert_coupling",
+__all__ = ["routing_profile", "halting_taus", "halting_curve", "routing_fluctuation", "router_expert_coupling",
            "expert_specialisation", "set_halting"]
 
 
@@ -78,6 +78,31 @@ def routing_profile(model: TransformerLM, tokens, *, batch_size: int = 8, seq_le
     finally:
         model.train(was)
     return layers
+
+
+def halting_taus(model: TransformerLM, tokens, quantiles: Sequence[float], *, batch_size: int = 8,
+                 seq_len: int = 256, max_tokens: int = 32_768) -> list[float]:
+    """Thresholds at the given quantiles of the hop-0 relative update norm ||MoE(h_0)|| / ||h_0||,
+    pooled over tokens and multi-hop layers: τ at quantile q halts about a share q of the tokens
+    after their first hop (the scale of that ratio differs between models, so a fixed grid of τ
+    can miss it entirely)."""
+    if any(not 0 < q < 1 for q in quantiles):
+        raise ValueError(f"quantiles must be in (0, 1); got {list(quantiles)}")
+    was = model.training
+    model.eval()
+    ratios: list[Tensor] = []
+    try:
+        with torch.no_grad():
+            for x, _ in _batches(tokens, batch_size, seq_len, max_tokens):
+                for r in model(x).routings:
+                    if "update_ratio" in r.stats:
+                        ratios.append(r.stats["update_ratio"].float().cpu())
+    finally:
+        model.train(was)
+    if not ratios:
+        raise ValueError("halting_taus needs a multi-hop MoE model (moe.hops >= 2)")
+    pooled = torch.cat(ratios)
+    return [float(v) for v in torch.quantile(pooled, torch.tensor([float(q) for q in quantiles]))]
 
 
 def halting_curve(model: TransformerLM, tokens, taus: Sequence[float], *, batch_size: int = 8, seq_len: int = 256,

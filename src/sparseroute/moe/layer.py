@@ -279,6 +279,9 @@ class MoE(nn.Module):
                     d0 = delta0_TD if active_A is None else delta0_TD[active_A]
                     cos = torch.nn.functional.cosine_similarity(d0.float(), d_AD.detach().float(), dim=-1)
                     hop_cos = cos.mean() if cos.numel() else torch.zeros((), device=x_TD.device)
+            if hop == 0:
+                with torch.no_grad():  # the relative update norm halting compares with tau
+                    ratio0_T = d_AD.detach().float().norm(dim=-1) / h_AD.detach().float().norm(dim=-1).clamp_min(1e-12)
             if halting and hop < self.config.hops - 1:
                 with torch.no_grad():
                     ratio_A = d_AD.detach().float().norm(dim=-1) / h_AD.detach().float().norm(dim=-1).clamp_min(1e-12)
@@ -295,6 +298,7 @@ class MoE(nn.Module):
         stats["halted_fraction"] = (hops_T < self.config.hops).float().mean() if T else torch.zeros(())
         if hop_cos is not None:
             stats["hop_cos"] = hop_cos
+        stats["update_ratio"] = ratio0_T  # per token ||MoE_0(h_0)|| / ||h_0|| (a [T] vector)
         routing = Routing(indices=first.indices, weights=first.weights, num_experts=first.num_experts,
                           losses=losses, stats=stats)
         return y_TD, routing

@@ -39,6 +39,8 @@ class TrainConfig:
     eval_every / log_every / checkpoint_every: in steps (0 = only at the end).
     halting_taus: for multi-hop MoE models, relative-norm halting thresholds evaluated (zero-shot,
         on the validation text) at the end of training; the curve goes into the final metrics.
+    halting_quantiles: more thresholds, taken at these quantiles (in (0, 1)) of the trained
+        model's own hop-0 relative update norms (τ at q halts about a share q of the tokens).
     """
 
     tokens: int = 2_000_000
@@ -58,8 +60,17 @@ class TrainConfig:
     checkpoint_every: int = 50
     device: str = "cpu"
     halting_taus: tuple[float, ...] = ()
+    halting_quantiles: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        qs = self.halting_quantiles
+        if isinstance(qs, list):
+            qs = tuple(qs)
+            object.__setattr__(self, "halting_quantiles", qs)
+        if not isinstance(qs, tuple) or any(
+            isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 1 for q in qs
+        ):
+            raise ValueError(f"halting_quantiles must be a list of numbers in (0, 1); got {self.halting_quantiles!r}")
         taus = self.halting_taus
         if isinstance(taus, list):
             taus = tuple(taus)

@@ -326,11 +326,14 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
         extra["routing_profile"] = val["routing"]
         extra["diagnostics"] = _diagnostics(model, cfg, corpus, out)
     moe = cfg.model.moe
-    if tc.halting_taus and moe is not None and moe.hops > 1:
-        from sparseroute.lab.diagnostics import halting_curve
+    if (tc.halting_taus or tc.halting_quantiles) and moe is not None and moe.hops > 1:
+        from sparseroute.lab.diagnostics import halting_curve, halting_taus
 
-        extra["halting"] = halting_curve(model, corpus.val, tc.halting_taus, batch_size=tc.batch_size,
-                                         seq_len=tc.seq_len, max_tokens=tc.eval_tokens)
+        kw = {"batch_size": tc.batch_size, "seq_len": tc.seq_len, "max_tokens": tc.eval_tokens}
+        taus = list(tc.halting_taus)
+        if tc.halting_quantiles:
+            taus += halting_taus(model, corpus.val, tc.halting_quantiles, **kw)
+        extra["halting"] = halting_curve(model, corpus.val, sorted(set(taus)), **kw)
     return {**extra, 
         "steps": tc.steps,
         "tokens": tc.steps * tc.batch_size * tc.seq_len,
