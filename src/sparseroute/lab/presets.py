@@ -34,17 +34,24 @@ def _moe(**kw) -> dict:
     return {"model": {"moe": kw}}
 
 
+def _tiny_base(tokens: str, moe: dict | None = None, **train) -> dict:
+    """The CPU presets' base: the ``tiny`` byte LM with 8 experts, top-2, in every layer, on the
+    stdlib corpus, batches of 8 x 256; ``moe`` and ``train`` add or change settings."""
+    settings = {"tokens": tokens, "batch_size": 8, "seq_len": 256, "lr": 3e-3, "eval_tokens": "64k",
+                "log_every": 10, "checkpoint_every": 50, **train}
+    return {
+        "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2, **(moe or {})}},
+        "data": {"corpus": "stdlib"},
+        "train": settings,
+    }
+
+
 def quick() -> SweepSpec:
     """3 routers x 2 seeds, MoE in every layer of ``tiny`` (8 experts, top-2), 240k tokens each."""
     return SweepSpec(
         name="quick",
         description="softmax top-2 vs cosine vs hash routing on the tiny byte LM, 2 seeds (a few minutes on a CPU)",
-        base={
-            "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2}},
-            "data": {"corpus": "stdlib"},
-            "train": {"tokens": "240k", "batch_size": 8, "seq_len": 256, "lr": 3e-3, "eval_tokens": "32k",
-                      "log_every": 5, "checkpoint_every": 25},
-        },
+        base=_tiny_base("240k", eval_tokens="32k", log_every=5, checkpoint_every=25),
         variants=(
             Variant("linear", _moe(router="topk")),
             Variant("cosine", _moe(router="cosine")),
@@ -76,12 +83,7 @@ def equifinality() -> SweepSpec:
     return SweepSpec(
         name="equifinality",
         description="Equifinality in MoE, CPU scale: cosine variants vs linear, hash, random-fixed and top-1",
-        base={
-            "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2}},
-            "data": {"corpus": "stdlib"},
-            "train": {"tokens": "2M", "batch_size": 16, "seq_len": 256, "lr": 3e-3, "eval_tokens": "64k",
-                      "log_every": 10, "checkpoint_every": 50},
-        },
+        base=_tiny_base("2M", batch_size=16),
         variants=_equifinality_variants(),
         seeds=(0, 1, 2),
         reference="cosine",
@@ -115,12 +117,7 @@ HALTING_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def _hop_base(tokens: str) -> dict:
-    return {
-        "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2, "router": "cosine"}},
-        "data": {"corpus": "stdlib"},
-        "train": {"tokens": tokens, "batch_size": 8, "seq_len": 256, "lr": 3e-3, "eval_tokens": "64k",
-                  "log_every": 10, "checkpoint_every": 50, "halting_quantiles": list(HALTING_QUANTILES)},
-    }
+    return _tiny_base(tokens, {"router": "cosine"}, halting_quantiles=list(HALTING_QUANTILES))
 
 
 def hops() -> SweepSpec:
@@ -168,12 +165,7 @@ def blockffn() -> SweepSpec:
     return SweepSpec(
         name="blockffn",
         description="ReLU routing with and without the BlockFFN objectives vs softmax top-2 (TLS, CLS8, PPL)",
-        base={
-            "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2, "activation": "silu"}},
-            "data": {"corpus": "stdlib"},
-            "train": {"tokens": "1M", "batch_size": 8, "seq_len": 256, "lr": 3e-3, "eval_tokens": "64k",
-                      "log_every": 10, "checkpoint_every": 50},
-        },
+        base=_tiny_base("1M", {"activation": "silu"}),
         variants=(
             Variant("topk", _moe(router="topk")),
             Variant("relu", _moe(router="relu")),
@@ -184,15 +176,6 @@ def blockffn() -> SweepSpec:
     )
 
 
-def _router_base(tokens: str) -> dict:
-    return {
-        "model": {"preset": "tiny", "moe": {"num_experts": 8, "top_k": 2}},
-        "data": {"corpus": "stdlib"},
-        "train": {"tokens": tokens, "batch_size": 8, "seq_len": 256, "lr": 3e-3, "eval_tokens": "64k",
-                  "log_every": 10, "checkpoint_every": 50},
-    }
-
-
 def similarity() -> SweepSpec:
     """Similarity-aware routing on ``tiny`` MoE: softmax top-2 vs mixing each token's routing
     distribution with those of similar earlier tokens (temperature 0.1, learned 32-d features; and
@@ -201,7 +184,7 @@ def similarity() -> SweepSpec:
     return SweepSpec(
         name="similarity",
         description="softmax top-2 vs similarity-aware routing: PPL, selection entropy, routing fluctuation",
-        base=_router_base("1M"),
+        base=_tiny_base("1M"),
         variants=(
             Variant("linear", _moe(router="topk")),
             Variant("similarity", _moe(router="similarity")),
@@ -219,7 +202,7 @@ def geometry() -> SweepSpec:
     return SweepSpec(
         name="geometry",
         description="linear routers with/without the balance loss vs online k-means routing",
-        base=_router_base("1M"),
+        base=_tiny_base("1M"),
         variants=(
             Variant("linear", _moe(router="topk")),
             Variant("linear-no-balance", _moe(router="topk", router_options={"load_balance_coef": 0.0})),
