@@ -47,37 +47,18 @@ def set_halting(model: TransformerLM, threshold: float) -> None:
         moe.set_halting(threshold)
 
 
-@torch.no_grad()
-def _run(model: TransformerLM, batches) -> tuple[float, int, list[dict[str, float]]]:
-    """Summed cross-entropy, target count, and per-layer means of the scalar routing stats."""
-    total, count = 0.0, 0
-    sums: list[dict[str, float]] = []
-    n_batches = 0
-    for x, y in batches:
-        out = model(x)
-        total += float(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1),
-                                       reduction="sum"))
-        count += y.numel()
-        if not sums:
-            sums = [{} for _ in out.routings]
-        for lay, r in zip(sums, out.routings):
-            for k, v in r.stats.items():
-                if v.numel() == 1:
-                    lay[k] = lay.get(k, 0.0) + float(v) * y.numel()
-        n_batches += 1
-    return total, count, [{k: v / max(1, count) for k, v in lay.items()} for lay in sums]
+def _evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_tokens: int) -> dict[str, Any]:
+    """The training loop's evaluation (loss, ppl, tokens, per-layer routing statistics), on the
+    model's own device."""
+    from sparseroute.train.loop import evaluate
+
+    return evaluate(model, tokens, batch_size, seq_len, max_tokens, next(model.parameters()).device)
 
 
 def routing_profile(model: TransformerLM, tokens, *, batch_size: int = 8, seq_len: int = 256,
                     max_tokens: int = 32_768) -> list[dict[str, float]]:
     """Per MoE layer, token-weighted means of the routing statistics on ``tokens`` (eval mode)."""
-    was = model.training
-    model.eval()
-    try:
-        _, _, layers = _run(model, _batches(tokens, batch_size, seq_len, max_tokens))
-    finally:
-        model.train(was)
-    return layers
+    return _evaluate(model, tokens, batch_size, seq_len, max_tokens).get("routing", [])
 
 
 def halting_taus(model: TransformerLM, tokens, quantiles: Sequence[float], *, batch_size: int = 8,
@@ -116,9 +97,6 @@ def halting_curve(model: TransformerLM, tokens, taus: Sequence[float], *, batch_
     if any(t < 0 or math.isnan(t) for t in taus):
         raise ValueError(f"taus must be >= 0; got {list(taus)}")
     ordered = [0.0] + [float(t) for t in taus if t != 0]
-    batches = _batches(tokens, batch_size, seq_len, max_tokens)
-    was = model.training
-    model.eval()
     rows: list[dict[str, Any]] = []
     try:
         for tau in ordered:
@@ -126,18 +104,17 @@ def halting_curve(model: TransformerLM, tokens, taus: Sequence[float], *, batch_
             times = []
             for _ in range(max(1, repeats)):
                 t0 = time.perf_counter()
-                total, count, layers = _run(model, batches)
+                res = _evaluate(model, tokens, batch_size, seq_len, max_tokens)
                 times.append(time.perf_counter() - t0)
-            loss = total / count
-            pairs = sum(lay.get("active_per_token", 0.0) for lay in layers)
+            layers = res["routing"]
             rows.append({
-                "tau": tau, "loss": loss, "ppl": math.exp(min(loss, 700.0)), "expert_pairs_per_token": pairs,
+                "tau": tau, "loss": res["loss"], "ppl": res["ppl"],
+                "expert_pairs_per_token": sum(lay.get("active_per_token", 0.0) for lay in layers),
                 "hops_per_token": float(np.mean([lay.get("hops_per_token", 1.0) for lay in layers])),
-                "seconds": float(np.median(times)), "tokens": count,
+                "seconds": float(np.median(times)), "tokens": res["tokens"],
             })
     finally:
         set_halting(model, 0.0)
-        model.train(was)
     base = rows[0]
     for r in rows:
         r["ppl_change_pct"] = 100.0 * (r["ppl"] / base["ppl"] - 1.0)
@@ -217,9 +194,9 @@ def expert_specialisation(model: TransformerLM, tokens, *, top: int = 8, batch_s
     base = Counter(ids_T.tolist())
     n = ids_T.numel()
     result = []
+    E = model.moe_layers()[0].config.num_experts
     for top1_T in _top1_per_layer(model, batches):
         layer = []
-        E = model.moe_layers()[0].config.num_experts
         for e in range(E):
             routed = ids_T[top1_T == e].tolist()
             c = Counter(routed)

@@ -46,8 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparseroute.data import DataConfig
-from sparseroute.models import LMConfig, preset, sized
+from sparseroute.models import preset, sized
 from sparseroute.train.config import RunConfig, TrainConfig, parse_count
 
 __all__ = ["Variant", "SweepSpec", "PlannedRun", "load_spec", "apply_setting"]
@@ -276,7 +275,7 @@ def _resolve(base: dict[str, Any], overrides: dict[str, Any], seed: int) -> RunC
     seq_len = train.get("seq_len", TrainConfig.seq_len)
     if isinstance(seq_len, int) and seq_len > model.get("max_seq_len", 0):
         model["max_seq_len"] = seq_len
-    return RunConfig(model=LMConfig.from_dict(model), data=_section(DataConfig, data), train=_section(TrainConfig, train))
+    return RunConfig.from_dict({"model": model, "data": data, "train": train})
 
 
 def _merge_moe(model: dict[str, Any], var_model: dict[str, Any]) -> dict[str, Any]:
@@ -294,14 +293,3 @@ def _merge_moe(model: dict[str, Any], var_model: dict[str, Any]) -> dict[str, An
     else:
         raise ValueError(f"model.moe must be a table of MoE settings or false (dense); got {moe_over!r}")
     return out
-
-
-def _section(cls, d: dict[str, Any]):
-    from dataclasses import fields
-
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    section = "data" if cls is DataConfig else "train"
-    if unknown:
-        raise ValueError(f"unknown {section} field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-    return cls(**d)

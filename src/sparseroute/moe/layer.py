@@ -249,6 +249,7 @@ class MoE(nn.Module):
         hops_T = torch.zeros(T, device=x_TD.device)
         delta0_TD: Tensor | None = None
         hop_cos: Tensor | None = None
+        ratio0_T: Tensor | None = None
         for hop in range(self.config.hops):
             if active_A is None:
                 h_AD, ids_A, sl, mix_A = h_TD, ids_T, seq_len, token_mixing
@@ -279,12 +280,14 @@ class MoE(nn.Module):
                     d0 = delta0_TD if active_A is None else delta0_TD[active_A]
                     cos = torch.nn.functional.cosine_similarity(d0.float(), d_AD.detach().float(), dim=-1)
                     hop_cos = cos.mean() if cos.numel() else torch.zeros((), device=x_TD.device)
-            if hop == 0:
-                with torch.no_grad():  # the relative update norm halting compares with tau
-                    ratio0_T = d_AD.detach().float().norm(dim=-1) / h_AD.detach().float().norm(dim=-1).clamp_min(1e-12)
-            if halting and hop < self.config.hops - 1:
-                with torch.no_grad():
+            halt_here = halting and hop < self.config.hops - 1
+            if halt_here or (hop == 0 and not self.training):
+                with torch.no_grad():  # the relative update norm ||MoE_i(h_i)|| / ||h_i|| that halting compares with tau
                     ratio_A = d_AD.detach().float().norm(dim=-1) / h_AD.detach().float().norm(dim=-1).clamp_min(1e-12)
+                if hop == 0:
+                    ratio0_T = ratio_A
+            if halt_here:
+                with torch.no_grad():
                     keep_A = ratio_A >= self.halt_threshold
                     # while no token has halted, later hops still see whole sequences
                     if active_A is not None or not bool(keep_A.all()):
@@ -298,7 +301,8 @@ class MoE(nn.Module):
         stats["halted_fraction"] = (hops_T < self.config.hops).float().mean() if T else torch.zeros(())
         if hop_cos is not None:
             stats["hop_cos"] = hop_cos
-        stats["update_ratio"] = ratio0_T  # per token ||MoE_0(h_0)|| / ||h_0|| (a [T] vector)
+        if ratio0_T is not None:  # eval mode: per token ||MoE_0(h_0)|| / ||h_0|| (a [T] vector)
+            stats["update_ratio"] = ratio0_T
         routing = Routing(indices=first.indices, weights=first.weights, num_experts=first.num_experts,
                           losses=losses, stats=stats)
         return y_TD, routing

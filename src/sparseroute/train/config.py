@@ -63,22 +63,15 @@ class TrainConfig:
     halting_quantiles: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        qs = self.halting_quantiles
-        if isinstance(qs, list):
-            qs = tuple(qs)
-            object.__setattr__(self, "halting_quantiles", qs)
-        if not isinstance(qs, tuple) or any(
-            isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 1 for q in qs
-        ):
-            raise ValueError(f"halting_quantiles must be a list of numbers in (0, 1); got {self.halting_quantiles!r}")
-        taus = self.halting_taus
-        if isinstance(taus, list):
-            taus = tuple(taus)
-            object.__setattr__(self, "halting_taus", taus)
-        if not isinstance(taus, tuple) or any(
-            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf for t in taus
-        ):
-            raise ValueError(f"halting_taus must be a list of numbers >= 0; got {self.halting_taus!r}")
+        for name, ok, allowed in (("halting_quantiles", lambda v: 0 < v < 1, "in (0, 1)"),
+                                  ("halting_taus", lambda v: 0 <= v < math.inf, ">= 0")):
+            given = getattr(self, name)
+            values = tuple(given) if isinstance(given, list) else given
+            object.__setattr__(self, name, values)
+            if not isinstance(values, tuple) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v) for v in values
+            ):
+                raise ValueError(f"{name} must be a list of numbers {allowed}; got {given!r}")
         for name in ("tokens", "batch_size", "seq_len", "eval_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
