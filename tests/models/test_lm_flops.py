@@ -84,6 +84,22 @@ def test_router_costs():
         assert flops_per_token(cfg, S)["router"] == 2 * 2 * 64 * 4
 
 
+def test_similarity_router_costs():
+    def router(**opts):
+        cfg = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, router="similarity", router_options=opts))
+        return flops_per_token(cfg, S)["router"]
+
+    # per layer: logits 2·D·E, mixing 2·E·S; features: projection 2·D·R and scores 2·R·S
+    assert router(d_feat=8) == L * (2 * D * E + 2 * E * S + 2 * D * 8 + 2 * 8 * S)
+    assert router(features="logits") == L * (2 * D * E + 2 * E * S + 2 * E * S)
+    # attention-aware: no features, but the attention layer's explicit q kᵀ (2·D·S)
+    assert router(features="attention") == L * (2 * D * E + 2 * E * S + 2 * D * S)
+    hops2 = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, hops=2, router="similarity",
+                                        router_options={"features": "attention"}))
+    # the routing decision is paid per hop, the attention probabilities once per layer
+    assert flops_per_token(hops2, S)["router"] == L * (2 * (2 * D * E + 2 * E * S) + 2 * D * S)
+
+
 def test_partial_moe_shared_experts_and_activation():
     cfg = DENSE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, layers=(1,), num_shared_experts=1))
     d = flops_per_token(cfg, S)
@@ -112,13 +128,26 @@ def test_errors():
         flops_per_token(DENSE, 0)
 
 
-@pytest.mark.parametrize("router", [None, "topk", "cosine", "relu", "hash"])
-def test_matches_torch_flop_counter(router):
+@pytest.mark.parametrize(
+    "router, opts",
+    [
+        (None, {}),
+        ("topk", {}),
+        ("cosine", {"d_space": 16}),
+        ("relu", {}),
+        ("hash", {}),
+        ("kmeans", {}),
+        ("similarity", {"d_feat": 8}),
+        ("similarity", {"features": "logits"}),
+        ("similarity", {"features": "attention"}),
+    ],
+)
+def test_matches_torch_flop_counter(router, opts):
     """The matmul part against torch's own count (its CPU SDPA is not counted, so compare without
-    the QK^T/AV term); active experts measured from the routings."""
+    the QK^T/AV term); active experts measured from the routings. The similarity routers' [S, S]
+    products and the attention-aware form's explicit q kᵀ are counted by torch too."""
     cfg = DENSE
     if router is not None:
-        opts = {"d_space": 16} if router == "cosine" else {}
         cfg = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, router=router, router_options=opts))
     torch.manual_seed(0)
     model = TransformerLM(cfg)

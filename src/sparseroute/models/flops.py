@@ -10,7 +10,11 @@ Matmuls only (plus the attention score and value products), one multiply-add = 2
 - dense_ffn, per non-MoE layer: SwiGLU gate, up, down 3·2·D·F;
 - experts, per MoE layer: a_i × one expert (``Experts.flops_per_row``: 3·2·D·Fe for SwiGLU,
   2·2·D·Fe otherwise) plus the shared experts (hidden ``num_shared_experts``·Fe), every token;
-- router, per MoE layer: linear routers 2·D·E; cosine 2·(D·R + R·E); hash and the oracles 0;
+- router, per MoE layer and hop: what the router class says (``Router.flops_per_token``): linear
+  routers 2·D·E; cosine 2·(D·R + R·E); hash and the oracles 0; the similarity router adds its
+  [S, S] products (see :mod:`sparseroute.moe.routers.similarity`); and, once per MoE layer, what
+  the router makes its attention layer spend (``Router.attention_flops_per_token``: the
+  attention-aware similarity router's explicit q kᵀ, 2·D·S);
 - embedding_head: the output head 2·D·V (the input lookup costs nothing).
 
 Norms, softmax, activations and the routing bookkeeping are not counted. Training (forward +
@@ -31,19 +35,11 @@ from sparseroute.moe.routers.base import make_config
 
 __all__ = ["flops_per_token", "forward_backward_flops", "router_flops_per_token", "parameter_counts"]
 
-#: routers whose decision costs no matmul (decided from ids or a fixed pattern)
-_FREE_ROUTERS = frozenset({"hash", "round_robin", "all_to_one"})
-
-
-def router_flops_per_token(moe: MoESettings, d_model: int) -> float:
-    """Forward FLOPs of one router on one token (see the module docstring)."""
-    E = moe.num_experts
-    if moe.router in _FREE_ROUTERS:
-        return 0.0
-    if moe.router == "cosine":
-        R = make_config(ROUTERS.get("cosine"), moe.router_options).d_space
-        return 2.0 * (d_model * R + R * E)
-    return 2.0 * d_model * E
+def router_flops_per_token(moe: MoESettings, d_model: int, seq_len: int) -> float:
+    """Forward FLOPs of one routing decision on one token in sequences of ``seq_len`` (see the
+    module docstring), not counting what the router makes the attention layer spend."""
+    cls = ROUTERS.get(moe.router)
+    return float(cls.flops_per_token(make_config(cls, moe.router_options), d_model, moe.num_experts, seq_len))
 
 
 def flops_per_token(
@@ -85,7 +81,11 @@ def flops_per_token(
         per_expert = float(expert_flops_per_row(D, fe, m.activation))
         shared = float(expert_flops_per_row(D, m.num_shared_experts * fe, m.activation)) if m.num_shared_experts else 0.0
         experts = sum(a * per_expert + m.hops * shared for a in active)
-        router = n_moe * m.hops * router_flops_per_token(m, D)
+        cls = ROUTERS.get(m.router)
+        router = n_moe * (
+            m.hops * router_flops_per_token(m, D, seq_len)
+            + cls.attention_flops_per_token(make_config(cls, m.router_options), D, seq_len)
+        )
     embedding_head = 2.0 * D * V
     out = {
         "attention": attention,

@@ -132,8 +132,10 @@ def loop_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
 
 class FusedExpertMLP(torch.autograd.Function):
     """The whole expert MLP, one expert at a time: gather that expert's rows, up-project,
-    activate, scale by the routing weight, down-project, add into the output. Each expert's
-    rows stay in cache from gather to scatter, so no [S, D] buffer is ever written; the [S, F]
+    activate, scale by the routing weight, down-project, add into the output. Per-expert
+    intermediates that are not saved for the backward (gathered rows, down-projected rows,
+    gradient rows) live in a few buffers of the largest expert's size, reused from expert to
+    expert, so they stay in cache and no [S, D] buffer is ever written; the [S, F]
     pre-activations and weighted activations are kept for the hand-written backward. The CPU
     default; on GPUs the grouped matmul path wins.
     """
@@ -141,8 +143,11 @@ class FusedExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, activation):
         out_TD = torch.zeros_like(x_TD)
-        h_SH = x_TD.new_empty(tok_S.shape[0], w_in.shape[2])
-        a_SF = x_TD.new_empty(tok_S.shape[0], w_out.shape[1])
+        S, D = tok_S.shape[0], x_TD.shape[1]
+        h_SH = x_TD.new_empty(S, w_in.shape[2])
+        a_SF = x_TD.new_empty(S, w_out.shape[1])
+        most = max(counts)
+        x_buf, y_buf = x_TD.new_empty(most, D), x_TD.new_empty(most, D)
         saved = []  # what each expert's activation backward needs (e.g. silu(gate))
         start = 0
         for e, n in enumerate(counts):
@@ -150,11 +155,10 @@ class FusedExpertMLP(torch.autograd.Function):
                 continue
             rows = slice(start, start + n)
             t = tok_S[rows]
-            h = torch.mm(x_TD.index_select(0, t), w_in[e], out=h_SH[rows])
-            a, keep = activation.forward(h)
-            saved.append(keep)
-            a = torch.mul(a, w_S[rows].unsqueeze(1), out=a_SF[rows])
-            out_TD.index_add_(0, t, a @ w_out[e])
+            x_e = torch.index_select(x_TD, 0, t, out=x_buf[:n])
+            h = torch.mm(x_e, w_in[e], out=h_SH[rows])
+            saved.append(activation.forward(h, w_S[rows].unsqueeze(1), a_SF[rows]))
+            out_TD.index_add_(0, t, torch.mm(a_SF[rows], w_out[e], out=y_buf[:n]))
             start += n
         ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, *saved)
         ctx.counts, ctx.activation = counts, activation
@@ -173,6 +177,10 @@ class FusedExpertMLP(torch.autograd.Function):
         g_in = torch.empty_like(w_in) if need_in else None
         g_out = torch.empty_like(w_out) if need_out else None
         act = ctx.activation
+        most, D = max(ctx.counts), x_TD.shape[1]
+        g_buf, xd_buf = x_TD.new_empty(most, D), x_TD.new_empty(most, D)
+        ga_buf, scratch = a_SF.new_empty(most, a_SF.shape[1]), a_SF.new_empty(most, a_SF.shape[1])
+        gh_buf = h_SH.new_empty(most, h_SH.shape[1])
         start = 0
         for e, n in enumerate(ctx.counts):
             if not n:
@@ -183,19 +191,20 @@ class FusedExpertMLP(torch.autograd.Function):
             rows = slice(start, start + n)
             start += n
             t, keep = tok_S[rows], next(saved_iter)
-            ge = g_TD.index_select(0, t)
+            ge = torch.index_select(g_TD, 0, t, out=g_buf[:n])
             if g_out is not None:
                 torch.mm(a_SF[rows].t(), ge, out=g_out[e])
             if not (need_x or need_w or need_in):
                 continue
-            ga = ge @ w_out[e].t()  # dL/d(weighted activation)
-            gh, gw_rows = act.backward(h_SH[rows], keep, ga, w_S[rows].unsqueeze(1))
+            ga = torch.mm(ge, w_out[e].t(), out=ga_buf[:n])  # dL/d(weighted activation)
+            gh = gh_buf[:n]
+            gw_rows = act.backward(h_SH[rows], keep, ga, w_S[rows].unsqueeze(1), gh, scratch[:n])
             if gw is not None:
                 gw[rows] = gw_rows
             if g_in is not None:
-                torch.mm(x_TD.index_select(0, t).t(), gh, out=g_in[e])
+                torch.mm(torch.index_select(x_TD, 0, t, out=xd_buf[:n]).t(), gh, out=g_in[e])
             if gx is not None:
-                gx.index_add_(0, t, gh @ w_in[e].t())
+                gx.index_add_(0, t, torch.mm(gh, w_in[e].t(), out=xd_buf[:n]))
         return gx, gw, g_in, g_out, None, None, None
 
 

@@ -20,39 +20,42 @@ def _swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def _rowdot(a_NF: Tensor, b_NF: Tensor) -> Tensor:
-    """Row-wise dot products [N] (faster than a batched [1, F] @ [F, 1] matmul on CPU)."""
-    return (a_NF * b_NF).sum(dim=-1)
+def _rowdot(a_NF: Tensor, b_NF: Tensor, scratch_NF: Tensor) -> Tensor:
+    """Row-wise dot products [N] through a scratch buffer (faster than a batched [1, F] @ [F, 1]
+    matmul on CPU, and no fresh [N, F] temporary)."""
+    return torch.mul(a_NF, b_NF, out=scratch_NF).sum(dim=-1)
 
 
-def _swiglu_forward(h_N2F: Tensor) -> tuple[Tensor, Tensor]:
+def _swiglu_forward(h_N2F: Tensor, w_N1: Tensor, out_NF: Tensor) -> Tensor:
     gate, up = h_N2F.chunk(2, dim=-1)
     silu = F.silu(gate)
-    return silu * up, silu
+    torch.mul(silu, up, out=out_NF).mul_(w_N1)
+    return silu
 
 
-def _swiglu_backward(h_N2F: Tensor, silu: Tensor, g_NF: Tensor, w_N1: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients through a = silu(gate) * up scaled by w, given g = dL/d(a·w) (consumed) and the
-    saved silu(gate)."""
+def _swiglu_backward(h_N2F: Tensor, silu: Tensor, g_NF: Tensor, w_N1: Tensor, out_N2F: Tensor, scratch_NF: Tensor) -> Tensor:
+    """Gradients through a = silu(gate) * up scaled by w, given g = dL/d(a·w) (overwritten) and
+    the saved silu(gate): dL/dh into ``out_N2F`` ([gate | up] halves), dL/dw returned."""
     gate, up = h_N2F.chunk(2, dim=-1)
     F_ = g_NF.shape[-1]
-    g_N2F = torch.empty_like(h_N2F)
-    torch.mul(g_NF, silu, out=g_N2F[:, F_:])  # g·silu, scaled by w below
-    g_NF.mul_(up)  # g·up
-    grad_w = _rowdot(g_NF, silu)  # <g, silu·up>
-    torch.ops.aten.silu_backward.grad_input(g_NF.mul_(w_N1), gate, grad_input=g_N2F[:, :F_])
-    g_N2F[:, F_:].mul_(w_N1)
-    return g_N2F, grad_w
+    g_up = torch.mul(g_NF, silu, out=out_N2F[:, F_:])  # g·silu, scaled by w below
+    grad_w = _rowdot(g_up, up, scratch_NF)  # <g, silu·up>
+    g_NF.mul_(w_N1).mul_(up)  # g·w·up
+    torch.ops.aten.silu_backward.grad_input(g_NF, gate, grad_input=out_N2F[:, :F_])
+    g_up.mul_(w_N1)
+    return grad_w
 
 
-def _elementwise(fn: Callable[[Tensor], Tensor], grad: Callable[[Tensor, Tensor], Tensor]):
-    def forward(h: Tensor) -> tuple[Tensor, Tensor]:
+def _elementwise(fn: Callable[[Tensor], Tensor], grad: Callable[..., Tensor]):
+    def forward(h: Tensor, w_N1: Tensor, out: Tensor) -> Tensor:
         a = fn(h)
-        return a, a
+        torch.mul(a, w_N1, out=out)
+        return a
 
-    def backward(h: Tensor, a: Tensor, g: Tensor, w_N1: Tensor) -> tuple[Tensor, Tensor]:
-        grad_w = _rowdot(g, a)
-        return grad(g.mul_(w_N1), h), grad_w
+    def backward(h: Tensor, a: Tensor, g: Tensor, w_N1: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+        grad_w = _rowdot(g, a, scratch)
+        grad(g.mul_(w_N1), h, grad_input=out)
+        return grad_w
 
     return forward, backward
 
@@ -60,13 +63,16 @@ def _elementwise(fn: Callable[[Tensor], Tensor], grad: Callable[[Tensor, Tensor]
 @dataclass(frozen=True)
 class Activation:
     """An expert activation on the w_in output, with a hand-written pair for the fused executor:
-    ``forward(h) -> (act(h), saved)`` and ``backward(h, saved, g, w) -> (dL/dh, dL/dw)`` for the
-    output act(h)·w, where ``g`` is dL/d(act(h)·w) (it may be overwritten) and ``w`` the [N, 1]
-    routing weights."""
+    ``forward(h, w, out) -> saved`` writes act(h)·w into ``out`` and returns what the backward
+    needs;
+    ``backward(h, saved, g, w, out, scratch) -> dL/dw`` writes dL/dh into ``out`` for the output
+    act(h)·w, where ``g`` is dL/d(act(h)·w) (it is overwritten), ``w`` the [N, 1] routing weights
+    and ``scratch`` an [N, F] buffer it may use. Writing into caller-owned buffers lets the
+    executor reuse a few buffers across experts instead of allocating fresh ones per expert."""
 
     fn: Callable[[Tensor], Tensor]
-    forward: Callable[[Tensor], tuple[Tensor, Tensor]]
-    backward: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+    forward: Callable[[Tensor, Tensor, Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
     gated: bool
 
 
@@ -76,9 +82,9 @@ def _act(fn, grad) -> Activation:
 
 ACTIVATIONS: dict[str, Activation] = {
     "swiglu": Activation(_swiglu, _swiglu_forward, _swiglu_backward, gated=True),
-    "gelu": _act(F.gelu, torch.ops.aten.gelu_backward),
-    "silu": _act(F.silu, torch.ops.aten.silu_backward),
-    "relu": _act(F.relu, lambda g, h: torch.ops.aten.threshold_backward(g, h, 0)),
+    "gelu": _act(F.gelu, torch.ops.aten.gelu_backward.grad_input),
+    "silu": _act(F.silu, torch.ops.aten.silu_backward.grad_input),
+    "relu": _act(F.relu, lambda g, h, grad_input: torch.ops.aten.threshold_backward.grad_input(g, h, 0, grad_input=grad_input)),
 }
 
 

@@ -148,6 +148,19 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
         """What a linear router (D·E) would use, for comparison."""
         return self.d_model * self.num_experts
 
+    @classmethod
+    def flops_per_token(cls, config: RouterConfig, d_model: int, num_experts: int, seq_len: int) -> float:
+        """Forward matmul FLOPs of one routing decision for one token (2 per multiply-add) in
+        sequences of ``seq_len`` tokens (what sequence-aware routers look across). The default is
+        a linear router's logits, 2·D·E."""
+        return 2.0 * d_model * num_experts
+
+    @classmethod
+    def attention_flops_per_token(cls, config: RouterConfig, d_model: int, seq_len: int) -> float:
+        """Extra forward FLOPs per token that the preceding attention layer spends for this router
+        (e.g. materialising its probabilities); charged once per MoE layer. Default 0."""
+        return 0.0
+
     # -- helpers for subclasses ----------------------------------------------------------
     def finish(
         self,

@@ -65,6 +65,11 @@ class CosineRouter(Router):
         idx_TK, w_TK = topk_of(probs_TE, self.top_k, renorm)
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=probs_TE)
 
+    @classmethod
+    def flops_per_token(cls, config, d_model, num_experts, seq_len):
+        """Projection to the routing space and cosine against the centroids: 2·(D·R + R·E)."""
+        return 2.0 * (d_model * config.d_space + config.d_space * num_experts)
+
     def routing_parameters(self) -> int:
         """D·R + E·R + 1 (the temperature counts whether or not it is learned)."""
         return self.proj.numel() + self.centroids.numel() + 1

@@ -52,5 +52,10 @@ class HashRouter(Router):
         w_TK = torch.full(idx_TK.shape, 1.0 / self.top_k, device=x_TD.device)
         return self.finish(idx_TK, w_TK)
 
+    @classmethod
+    def flops_per_token(cls, config, d_model, num_experts, seq_len):
+        """Hashing token ids costs no matmul."""
+        return 0.0
+
     def routing_parameters(self) -> int:
         return 0

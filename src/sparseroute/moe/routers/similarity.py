@@ -147,6 +147,25 @@ class SimilarityRouter(LinearRouter):
     def needs_token_mixing(self) -> bool:
         return self.config.features == "attention"
 
+    @classmethod
+    def flops_per_token(cls, config, d_model, num_experts, seq_len):
+        """Logits 2·D·E, plus per token a row of the [S, S] mixing product 2·E·S, plus for the
+        similarity features their projection 2·D·R (R = E for "logits") and a row of the [S, S]
+        score product 2·R·S. The batched products run over the full S x S square (the causal mask
+        is applied after), so S, not the mean causal context, is what they cost."""
+        flops = 2.0 * d_model * num_experts + 2.0 * num_experts * seq_len
+        if config.features == "projection":
+            flops += 2.0 * d_model * config.d_feat + 2.0 * config.d_feat * seq_len
+        elif config.features == "logits":
+            flops += 2.0 * num_experts * seq_len
+        return flops
+
+    @classmethod
+    def attention_flops_per_token(cls, config, d_model, seq_len):
+        """The attention-aware form makes the attention layer materialise its probabilities: one
+        more full q kᵀ product, 2·D·S per token."""
+        return 2.0 * d_model * seq_len if config.features == "attention" else 0.0
+
     def similarity(self, x_TD: Tensor, logits_TE: Tensor, seq_len: int) -> Tensor:
         """[N, S, S] causal, row-stochastic a_ij = softmax_{j <= i}(cos(f_i, f_j) / temperature)."""
         feats = logits_TE if self.proj is None else F.linear(x_TD, self.proj).float()
