@@ -160,7 +160,9 @@ def blockffn() -> SweepSpec:
     adaptive schedule, its windows scaled from 100 steps after step 1000 to 25 after step 100 for
     a run of a few hundred steps) and ``topk`` (softmax top-2). 3 seeds, 1M tokens. The relu
     variants' active experts are not fixed: the report gives the measured expert FLOPs per token
-    next to TLS and CLS8, so equal-FLOPs comparisons are read off the table."""
+    next to TLS and CLS8, so equal-FLOPs comparisons are read off the table. At a few hundred
+    steps the objectives can collapse routing to the same experts for every token (CLS8 = TLS);
+    check the expert-load heatmaps before reading CLS8 as locality (docs/RESULTS.md)."""
     objectives = {"al_coef": 2e-3, "cs_coef": 5e-2, "cs_adaptive": True, "cs_adapt_every": 25, "cs_adapt_after": 100}
     return SweepSpec(
         name="blockffn",
