@@ -35,11 +35,17 @@ from sparseroute.moe.routers.base import make_config
 
 __all__ = ["flops_per_token", "forward_backward_flops", "router_flops_per_token", "parameter_counts"]
 
+def _router_class(moe: MoESettings):
+    """The configured router class and its validated config."""
+    cls = ROUTERS.get(moe.router)
+    return cls, make_config(cls, moe.router_options)
+
+
 def router_flops_per_token(moe: MoESettings, d_model: int, seq_len: int) -> float:
     """Forward FLOPs of one routing decision on one token in sequences of ``seq_len`` (see the
     module docstring), not counting what the router makes the attention layer spend."""
-    cls = ROUTERS.get(moe.router)
-    return float(cls.flops_per_token(make_config(cls, moe.router_options), d_model, moe.num_experts, seq_len))
+    cls, rcfg = _router_class(moe)
+    return float(cls.flops_per_token(rcfg, d_model, moe.num_experts, seq_len))
 
 
 def flops_per_token(
@@ -81,11 +87,9 @@ def flops_per_token(
         per_expert = float(expert_flops_per_row(D, fe, m.activation))
         shared = float(expert_flops_per_row(D, m.num_shared_experts * fe, m.activation)) if m.num_shared_experts else 0.0
         experts = sum(a * per_expert + m.hops * shared for a in active)
-        cls = ROUTERS.get(m.router)
-        router = n_moe * (
-            m.hops * router_flops_per_token(m, D, seq_len)
-            + cls.attention_flops_per_token(make_config(cls, m.router_options), D, seq_len)
-        )
+        cls, rcfg = _router_class(m)
+        router = n_moe * (m.hops * cls.flops_per_token(rcfg, D, m.num_experts, seq_len)
+                          + cls.attention_flops_per_token(rcfg, D, seq_len))
     embedding_head = 2.0 * D * V
     out = {
         "attention": attention,

@@ -192,11 +192,7 @@ class MoE(nn.Module):
         token_mixing: Tensor | None = None,
     ) -> Routing:
         """Router decision (of hop ``hop``) plus the capacity drop, if configured."""
-        router = self.router_for_hop(hop)
-        if token_mixing is None:
-            routing = router(x_TD, token_ids_T, seq_len=seq_len)
-        else:
-            routing = router(x_TD, token_ids_T, seq_len=seq_len, token_mixing=token_mixing)
+        routing = self.router_for_hop(hop)(x_TD, token_ids_T, seq_len=seq_len, token_mixing=token_mixing)
         if self.config.capacity_factor is not None:
             cap = capacity_for(self.config.capacity_factor, x_TD.shape[0], self.router.top_k, self.config.num_experts)
             routing = apply_capacity(routing, cap)

@@ -126,11 +126,12 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
                     f"token_ids must be an integer tensor with one id per token ({x_TD.shape[0]}); "
                     f"got {tuple(token_ids_T.shape)} {token_ids_T.dtype}"
                 )
+        S = seq_len if seq_len is not None else max(T, 1)
         if token_mixing is not None:
-            _check_token_mixing(token_mixing, T, seq_len)
+            _check_token_mixing(token_mixing, T, S)
         extra = {"token_mixing": token_mixing} if self.uses_token_mixing else {}
         if self.sequence_aware:
-            return self.route(x_TD, token_ids_T, seq_len=seq_len if seq_len is not None else max(T, 1), **extra)
+            return self.route(x_TD, token_ids_T, seq_len=S, **extra)
         return self.route(x_TD, token_ids_T, **extra)
 
     @abc.abstractmethod
@@ -192,8 +193,8 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, config={self.config}"
 
 
-def _check_token_mixing(token_mixing: Any, T: int, seq_len: int | None) -> None:
-    S = seq_len if seq_len is not None else max(T, 1)
+def _check_token_mixing(token_mixing: Any, T: int, S: int) -> None:
+    """``token_mixing`` must be a floating-point [N, S, S] for T tokens in sequences of S."""
     N = T // S
     if not isinstance(token_mixing, Tensor) or not token_mixing.is_floating_point():
         what = f"dtype {token_mixing.dtype}" if isinstance(token_mixing, Tensor) else type(token_mixing).__name__
@@ -201,7 +202,7 @@ def _check_token_mixing(token_mixing: Any, T: int, seq_len: int | None) -> None:
     if tuple(token_mixing.shape) != (N, S, S):
         raise ValueError(
             f"token_mixing must be [N, S, S] = [{N}, {S}, {S}] for {T} tokens in sequences of {S} "
-            f"(seq_len={seq_len}); got shape {tuple(token_mixing.shape)}"
+            f"(seq_len={S}); got shape {tuple(token_mixing.shape)}"
         )
 
 
