@@ -17,7 +17,17 @@ from typing import Callable, Generic, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "Registry", "routing_stats", "apply_capacity", "capacity_for", "routing_fluctuation"]
+__all__ = ["Routing", "Registry", "expert_load", "routing_stats", "apply_capacity", "capacity_for", "routing_fluctuation"]
+
+
+def expert_load(indices: Tensor, num_experts: int) -> Tensor:
+    """[E] int64: how many entries of ``indices`` (any shape, ``-1`` = unused) name each expert.
+
+    Unused entries are counted in an extra bin that is cut off, rather than removed by a boolean
+    mask (which costs a nonzero and an index kernel)."""
+    flat = indices.reshape(-1)
+    binned = torch.where(flat >= 0, flat, num_experts)
+    return torch.bincount(binned, minlength=num_experts + 1)[:num_experts]
 
 
 @dataclass
@@ -58,8 +68,7 @@ class Routing:
 
     def tokens_per_expert(self) -> Tensor:
         """[E] int64: how many (token, slot) pairs each expert receives."""
-        flat = self.indices.reshape(-1)
-        return torch.bincount(flat[flat >= 0], minlength=self.num_experts)[: self.num_experts]
+        return expert_load(self.indices, self.num_experts)
 
     def active_slots(self) -> Tensor:
         """[T] int64: how many experts each token uses."""
@@ -85,7 +94,7 @@ def routing_stats(
     dropped_fraction: 0 here; capacity dropping (:func:`apply_capacity`) overwrites it.
     active_per_token: mean number of experts a token uses.
     """
-    load = torch.bincount(indices_TK[indices_TK >= 0], minlength=num_experts)[:num_experts]
+    load = expert_load(indices_TK, num_experts)
     mean_load = load.double().mean()
     imbalance = (load.max().double() / mean_load) if mean_load > 0 else torch.zeros((), dtype=torch.float64)
     if probs_TE is not None:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparseroute.routing import expert_load
+
 
 def load_balance_loss(probs_TE: Tensor, indices_TK: Tensor, num_experts: int) -> Tensor:
     """Switch Transformer load-balancing loss: E * sum_e f_e * P_e.
@@ -16,9 +18,7 @@ def load_balance_loss(probs_TE: Tensor, indices_TK: Tensor, num_experts: int) ->
     T = probs_TE.shape[0]
     if T == 0:
         return probs_TE.sum() * 0
-    flat = indices_TK.reshape(-1)
-    valid = flat[flat >= 0]
-    counts = torch.bincount(valid, minlength=num_experts)[:num_experts].to(probs_TE.dtype)
+    counts = expert_load(indices_TK, num_experts).to(probs_TE.dtype)
     f_E = counts / counts.sum().clamp_min(1)
     P_E = probs_TE.mean(dim=0)
     return num_experts * (f_E * P_E).sum()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparseroute.moe.routers.base import RouterConfig, register_router
+from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router
 from sparseroute.moe.routers.topk import LinearRouter
 from sparseroute.routing import Routing, capacity_for
 
@@ -42,7 +42,7 @@ class ExpertChoiceRouter(LinearRouter):
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = self.logits(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
+        probs_TE = expert_softmax(logits_TE)
         if T == 0:
             idx = torch.empty(0, E, dtype=torch.long, device=x_TD.device)
             return self.finish(idx, probs_TE[:, :E] * 0, logits_TE=logits_TE, probs_TE=probs_TE)

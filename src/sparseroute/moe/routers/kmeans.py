@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparseroute.moe.routers.base import Router, RouterConfig, register_router
+from sparseroute.moe.routers.base import Router, RouterConfig, expert_softmax, register_router
 from sparseroute.routing import Routing
 
 _STATE = ("centroids", "sum_since_update", "count_since_update", "selection_bias", "last_drift")
@@ -105,7 +105,7 @@ class KMeansRouter(Router):
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
         scores_TE = self.scores(x_TD)
         logits_TE = self.config.temperature * scores_TE
-        probs_TE = logits_TE.softmax(dim=-1)
+        probs_TE = expert_softmax(logits_TE)
         select_TE = scores_TE.detach()
         if self.config.balance > 0:
             select_TE = select_TE + self.selection_bias

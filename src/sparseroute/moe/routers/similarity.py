@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseroute.moe.routers.base import RouterConfig, register_router, topk_of
+from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router, topk_of
 from sparseroute.moe.routers.topk import LinearRouter
 from sparseroute.routing import Routing
 
@@ -186,7 +186,7 @@ class SimilarityRouter(LinearRouter):
                 "causal matrix) to the router / MoE layer"
             )
         logits_TE = self.logits(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
+        probs_TE = expert_softmax(logits_TE)
         if self.config.mix == 0:
             return logits_TE, probs_TE, probs_TE
         if self.needs_token_mixing:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparseroute.moe.routers.base import RouterConfig, register_router, topk_of
+from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router, topk_of
 from sparseroute.moe.routers.topk import LinearRouter
 from sparseroute.routing import Routing
 
@@ -89,7 +89,7 @@ class SinkhornRouter(LinearRouter):
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
         logits_TE = self.logits(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
+        probs_TE = expert_softmax(logits_TE)
         renorm = self.renormalize()
         extra = {"sinkhorn_applied": torch.zeros(())}
         if self.use_plan() and x_TD.shape[0] > 0:
