@@ -183,3 +183,17 @@ def test_help_explains_every_flag():
     assert proc.returncode == 0
     for flag in ("--preset", "--router", "--tokens", "--seed", "--out", "--resume", "--quiet", "--corpus"):
         assert flag in proc.stdout
+
+
+def test_every_help_text_renders_cleanly():
+    """argparse %-formats help strings but not descriptions: no literal '%%' may reach the user."""
+    import argparse
+
+    from sparseroute.cli import make_parser
+
+    parser = make_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "eval", "compare"} <= set(subs.choices)
+    for name, sub in subs.choices.items():
+        text = sub.format_help()
+        assert "%%" not in text and "%(" not in text, name

@@ -34,7 +34,7 @@ def add_lab_commands(sub) -> None:
         description="Run a sweep (a preset or a TOML spec): every variant is trained once per seed with the same "
         "model size, token budget, data order and evaluation text; results go to a SQLite store. Stop it at any "
         "moment and run the same command again: finished runs are kept, the interrupted one resumes from its "
-        "checkpoint. Ends with a table (mean test PPL with 95%% CI, TOST equivalence against the reference "
+        "checkpoint. Ends with a table (mean test PPL with 95% CI, TOST equivalence against the reference "
         "variant) and a self-contained report.html.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
