@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per variant, median taken (default 7)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument(
-        "--dispatch", nargs="*", default=["grouped", "loop", "fused"], help="extra dispatch modes to time (informational)"
+        "--dispatch", nargs="*", default=["grouped", "loop", "fused", "parallel"], help="extra dispatch modes to time (informational)"
     )
     ap.add_argument("--no-hf", action="store_true", help="skip transformers even if installed")
     ap.add_argument("--shape", action="append", metavar="E,k,F", help="shape(s) to run (default: 8,2,1024 and 64,8,128)")
@@ -177,6 +177,8 @@ def main(argv=None) -> int:
             "dense_split": make_dense(D, k * Fh, device, dtype, fused_gate_up=False),
         }
         for d in args.dispatch:
+            if d == "parallel" and device.type != "cpu":
+                continue  # a CPU kernel
             if d != moe.config.dispatch:
                 variants[f"moe_{d}"] = (lambda xx, m=moe, d=d: m(xx, dispatch=d)[0], list(moe.parameters()))
         if have_hf:

@@ -73,7 +73,7 @@ def test_forward_matches(kind):
             block.experts.config._experts_implementation = impl
             y_hf = _out(block, x)
             assert y_hf.abs().mean() > 1e-2  # not a trivially zero output
-            for dispatch in ("grouped", "loop", "fused"):
+            for dispatch in ("grouped", "loop", "fused", "parallel"):
                 y, routing = moe(x, dispatch=dispatch)
                 torch.testing.assert_close(y, y_hf, msg=lambda m: f"{impl=} {dispatch=}: {m}")
                 assert routing.losses == {}

@@ -81,7 +81,7 @@ def test_multi_hop_matches_the_definition_outputs_and_gradients(hops, hop_router
         assert not torch.equal(m.hop_routers[0].weight, m.router.weight)
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "loop", "fused"])
+@pytest.mark.parametrize("dispatch", ["grouped", "loop", "fused", "parallel"])
 def test_fast_executors_agree_on_multi_hop(dispatch):
     m = layer(hops=2)
     x = inputs().requires_grad_(True)

@@ -11,6 +11,7 @@ expert_choice, capacity drops) use the same path.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -208,19 +209,91 @@ class FusedExpertMLP(torch.autograd.Function):
         return gx, gw, g_in, g_out, None, None, None
 
 
-@EXECUTORS.register("fused")
-def fused_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
-    """Per-expert fused MLP (:class:`FusedExpertMLP`): the fastest path on CPUs."""
+def _fused(x_TD: Tensor, routing: Routing, experts: Experts, kernels=None) -> Tensor:
+    """Sort, then the per-expert fused MLP: the compiled expert-parallel one when ``kernels`` is
+    given, else the Python loop."""
     order_S, tok_S, counts_E = sort_by_expert(routing)
     if order_S.numel() == 0:
         return x_TD.new_zeros(x_TD.shape)
     w_S = routing.weights.reshape(-1).index_select(0, order_S).to(x_TD.dtype)
     counts = tuple(counts_E.tolist())
+    if kernels is not None:
+        return ExpertParallelMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, kernels)
     return FusedExpertMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, experts.activation_fn)
+
+
+@EXECUTORS.register("fused")
+def fused_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """Per-expert fused MLP as a Python loop (:class:`FusedExpertMLP`), any activation."""
+    return _fused(x_TD, routing, experts)
+
+
+class ExpertParallelMLP(torch.autograd.Function):
+    """:class:`FusedExpertMLP` for SwiGLU experts with the experts split over the intra-op
+    threads: each thread runs whole experts of its share with single-threaded ops, inside one
+    parallel region of the compiled kernel (:mod:`sparseroute.moe.cpu_kernels`). The split is a
+    fixed function of the expert loads and the thread count, so results are deterministic for a
+    given thread count (they differ from :class:`FusedExpertMLP` by summation order only)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, kernels):
+        threads = torch.get_num_threads()
+        out_TD, h_SH, a_SF, silu_SF = kernels.swiglu_forward(
+            x_TD.contiguous(), w_S.contiguous(), w_in.contiguous(), w_out.contiguous(), tok_S, list(counts), threads
+        )
+        ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, silu_SF)
+        ctx.counts, ctx.kernels, ctx.threads = counts, kernels, threads
+        return out_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_TD):
+        x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, silu_SF = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+        gx, gw, g_in, g_out = ctx.kernels.swiglu_backward(
+            g_TD.contiguous(), x_TD.contiguous(), w_S.contiguous(), w_in.contiguous(), w_out.contiguous(), tok_S,
+            list(ctx.counts), h_SH, a_SF, silu_SF, needs, ctx.threads,
+        )
+        return gx, gw, g_in, g_out, None, None, None
+
+
+def _parallel_kernels(experts: Experts, device: torch.device):
+    """The compiled module if the expert-parallel path applies (SwiGLU experts on the CPU), with
+    the reason it does not otherwise."""
+    if experts.activation != "swiglu":
+        return None, f"it runs SwiGLU experts only (these use {experts.activation!r})"
+    if device.type != "cpu":
+        return None, f"it runs on the CPU only (the input is on {device.type})"
+    from sparseroute.moe import cpu_kernels
+
+    module = cpu_kernels.load()
+    if module is None:
+        return None, f"the compiled kernel is unavailable ({cpu_kernels.unavailable_reason()})"
+    return module, None
+
+
+@EXECUTORS.register("parallel")
+def parallel_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """Expert-parallel fused MLP (:class:`ExpertParallelMLP`): SwiGLU experts on the CPU, through
+    the compiled kernel; a ValueError says why when it does not apply."""
+    kernels, why = _parallel_kernels(experts, x_TD.device)
+    if kernels is None:
+        raise ValueError(f"dispatch 'parallel' cannot run here: {why}; use 'fused' or 'auto'")
+    return _fused(x_TD, routing, experts, kernels)
+
+
+_warned: set[str] = set()
 
 
 @EXECUTORS.register("auto")
 def auto_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
-    """``grouped`` on CUDA, ``fused`` elsewhere (see docs/RESULTS.md for the measurements)."""
-    fn = grouped_dispatch if x_TD.device.type == "cuda" else fused_dispatch
-    return fn(x_TD, routing, experts)
+    """``grouped`` on CUDA; on the CPU ``parallel`` where it applies, else ``fused`` (see
+    docs/RESULTS.md for the measurements). When only the missing compiled kernel stands in the
+    way, a warning says so once (the results are the same, only slower)."""
+    if x_TD.device.type == "cuda":
+        return grouped_dispatch(x_TD, routing, experts)
+    kernels, why = _parallel_kernels(experts, x_TD.device)
+    if kernels is None and why is not None and why.startswith("the compiled kernel") and why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"sparseroute: the expert-parallel CPU executor is off: {why}; using 'fused'", stacklevel=2)
+    return _fused(x_TD, routing, experts, kernels)

@@ -1,0 +1,80 @@
+"""The compiled expert-parallel CPU kernel (``csrc/expert_parallel.cpp``), built on first use.
+
+torch's JIT extension builder compiles it once (about a minute) into torch's extension folder
+(``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), shared by every process
+and rebuilt only when the source, the flags or torch change; that needs a C++ compiler and the
+``ninja`` package (the ``kernels`` extra). :func:`load` returns the module, or None when it
+cannot be built, and :func:`unavailable_reason` says why. The compiler's output goes to
+``build.log`` in the build folder, not to the terminal. ``SPARSEROUTE_NO_EXTENSIONS=1`` turns the
+kernel off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+
+_NAME = "sparseroute_expert_parallel"
+_SOURCE = Path(__file__).with_name("csrc") / "expert_parallel.cpp"
+_LOCK = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def build_dir() -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(_NAME, verbose=False))
+
+
+def load() -> ModuleType | None:
+    """The compiled module, building it on the first call; None when that fails (see
+    :func:`unavailable_reason`). A disabled build (``SPARSEROUTE_NO_EXTENSIONS=1``) counts as a
+    failure."""
+    with _LOCK:
+        if "module" in _state or "error" in _state:
+            return _state.get("module")  # type: ignore[return-value]
+        try:
+            _state["module"] = _build()
+        except Exception as exc:  # a missing compiler or ninja, a failed build, a disabled build
+            text = f"{type(exc).__name__}: {exc}".strip()
+            first = text.splitlines()[0][:300]
+            _state["error"] = first if first == text else f"{first} … (the whole message: {_log_path()})"
+            with contextlib.suppress(OSError):
+                _log_path().parent.mkdir(parents=True, exist_ok=True)
+                _log_path().write_text(text + "\n")
+        return _state.get("module")  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`load` returned None (after it was called), else None."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def _log_path() -> Path:
+    return build_dir() / "build.log"
+
+
+def _build() -> ModuleType:
+    if os.environ.get("SPARSEROUTE_NO_EXTENSIONS") == "1":
+        raise RuntimeError("compiled kernels disabled by SPARSEROUTE_NO_EXTENSIONS=1")
+    from torch.utils.cpp_extension import load as jit_load
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        module = jit_load(
+            name=_NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(out),
+            verbose=False,
+        )
+    _log_path().write_text(log.getvalue())
+    return module

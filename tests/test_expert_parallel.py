@@ -1,0 +1,102 @@
+"""The compiled expert-parallel executor ("parallel"): it builds, its hand-written backward passes
+finite differences, it is deterministic for a thread count, and it refuses what it cannot run."""
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sparseroute.moe import MoE, cpu_kernels
+from sparseroute.moe.dispatch import ExpertParallelMLP, sort_by_expert
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_kernel_builds():
+    """The kernel must build wherever the test suite runs (a compiler and ninja are part of the
+    dev install); only an explicit SPARSEROUTE_NO_EXTENSIONS=1 turns it off."""
+    module = cpu_kernels.load()
+    if os.environ.get("SPARSEROUTE_NO_EXTENSIONS") == "1":
+        assert module is None and "SPARSEROUTE_NO_EXTENSIONS" in cpu_kernels.unavailable_reason()
+    else:
+        assert module is not None, cpu_kernels.unavailable_reason()
+
+
+def _fn(moe, x):
+    routing = moe.route(x)
+    order_S, tok_S, counts_E = sort_by_expert(routing)
+    w_S = routing.weights.reshape(-1).index_select(0, order_S).detach().to(x.dtype)
+    return w_S, tok_S, tuple(counts_E.tolist())
+
+
+def test_gradcheck(two_threads):
+    kernels = cpu_kernels.load()
+    torch.manual_seed(0)
+    moe = MoE(6, 5, 4, 2).double()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    w_S, tok_S, counts = _fn(moe, x)
+    assert sum(c > 0 for c in counts) >= 2  # both threads get experts
+    inputs = (
+        x.requires_grad_(),
+        w_S.requires_grad_(),
+        moe.experts.w_in.detach().clone().requires_grad_(),
+        moe.experts.w_out.detach().clone().requires_grad_(),
+    )
+    assert torch.autograd.gradcheck(lambda a, b, c, d: ExpertParallelMLP.apply(a, b, c, d, tok_S, counts, kernels), inputs)
+
+
+def _train_step(moe, x, g, dispatch):
+    moe.zero_grad(set_to_none=True)
+    xr = x.detach().clone().requires_grad_()
+    y, r = moe(xr, dispatch=dispatch)
+    torch.autograd.backward([y, sum(r.losses.values())], [g, None])
+    return [y.detach(), xr.grad] + [p.grad.clone() for p in moe.parameters()]
+
+
+def test_deterministic_for_a_thread_count_and_close_across_counts(two_threads):
+    torch.manual_seed(0)
+    moe = MoE(32, 24, 6, 2)
+    x, g = torch.randn(200, 32), torch.randn(200, 32)
+    first = _train_step(moe, x, g, "parallel")
+    again = _train_step(moe, x, g, "parallel")
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    torch.set_num_threads(1)
+    single = _train_step(moe, x, g, "parallel")
+    ref = _train_step(moe, x, g, "reference")
+    for a, b, r in zip(first, single, ref):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_refuses_other_activations_and_devices():
+    moe = MoE(8, 8, 4, 2, activation="gelu")
+    with pytest.raises(ValueError, match="SwiGLU experts only"):
+        moe(torch.randn(3, 8), dispatch="parallel")
+    y_auto, _ = moe(torch.randn(3, 8), dispatch="auto")  # auto takes the Python loop instead
+    assert y_auto.shape == (3, 8)
+
+
+def test_without_the_kernel_parallel_raises_and_auto_warns_once(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {"error": "RuntimeError: no compiler"})
+    monkeypatch.setattr("sparseroute.moe.dispatch._warned", set())
+    torch.manual_seed(0)
+    moe = MoE(8, 8, 4, 2)
+    x = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="compiled kernel is unavailable .*no compiler"):
+        moe(x, dispatch="parallel")
+    with pytest.warns(UserWarning, match="no compiler"):
+        y, _ = moe(x, dispatch="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call does not warn again
+        y2, _ = moe(x, dispatch="auto")
+    assert_close(y, moe(x, dispatch="fused")[0], rtol=0, atol=0)
+    assert torch.equal(y, y2)
