@@ -85,6 +85,24 @@ def test_refuses_other_activations_and_devices():
     assert y_auto.shape == (3, 8)
 
 
+def test_dispatch_modes_see_every_op():
+    """Under a Python dispatch mode (here torch's FLOP counter) auto takes the Python loop, whose
+    ops the mode sees, and an explicit "parallel" says why it cannot run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    moe = MoE(16, 8, 4, 2)
+    x = torch.randn(10, 16)
+    counts = {}
+    for dispatch in ("auto", "fused"):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            moe(x, dispatch=dispatch)
+        counts[dispatch] = counter.get_total_flops()
+    assert counts["auto"] == counts["fused"] > 2 * 10 * 16 * 4  # more than the router's matmul
+    with FlopCounterMode(display=False), pytest.raises(ValueError, match="dispatch mode"):
+        moe(x, dispatch="parallel")
+
+
 def test_without_the_kernel_parallel_raises_and_auto_warns_once(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_state", {"error": "RuntimeError: no compiler"})
     monkeypatch.setattr("sparseroute.moe.dispatch._warned", set())

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from sparseroute.moe.experts import Experts
 from sparseroute.routing import Registry, Routing
@@ -264,6 +265,9 @@ def _parallel_kernels(experts: Experts, device: torch.device):
         return None, f"it runs SwiGLU experts only (these use {experts.activation!r})"
     if device.type != "cpu":
         return None, f"it runs on the CPU only (the input is on {device.type})"
+    if is_in_torch_dispatch_mode():
+        # a Python dispatch mode (FlopCounterMode, fake tensors, ...) sees only the calling thread
+        return None, "a Python dispatch mode (e.g. FlopCounterMode) is active and would miss the kernel's ops"
     from sparseroute.moe import cpu_kernels
 
     module = cpu_kernels.load()
