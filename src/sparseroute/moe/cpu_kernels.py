@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -66,6 +67,12 @@ def _build() -> ModuleType:
 
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
+    if not any(out.glob(f"{_NAME}*.so")):
+        print(
+            "sparseroute: building the expert-parallel CPU kernel (once per torch version, about a minute)...",
+            file=sys.stderr,
+            flush=True,
+        )
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         module = jit_load(
