@@ -81,7 +81,7 @@ def test_dispatch_modes_see_every_op():
 
 def test_without_the_kernel_parallel_raises_and_auto_warns_once(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_state", {"error": "RuntimeError: no compiler"})
-    monkeypatch.setattr("sparseroute.moe.dispatch._warned", set())
+    monkeypatch.setattr("sparseroute.moe.dispatch._warned_unavailable", False)
     torch.manual_seed(0)
     moe = MoE(8, 8, 4, 2)
     x = torch.randn(5, 8)

@@ -17,17 +17,29 @@ from typing import Callable, Generic, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "Registry", "expert_load", "routing_stats", "apply_capacity", "capacity_for", "routing_fluctuation"]
+__all__ = [
+    "Routing",
+    "Registry",
+    "expert_keys",
+    "expert_load",
+    "routing_stats",
+    "apply_capacity",
+    "capacity_for",
+    "routing_fluctuation",
+]
+
+
+def expert_keys(indices: Tensor, num_experts: int) -> Tensor:
+    """The flattened ``indices`` (any shape, ``-1`` = unused) with unused entries mapped to E, so
+    that they count in (or sort into) an extra last bin instead of being removed by a boolean
+    mask (which costs a nonzero and an index kernel)."""
+    flat = indices.reshape(-1)
+    return torch.where(flat >= 0, flat, num_experts)
 
 
 def expert_load(indices: Tensor, num_experts: int) -> Tensor:
-    """[E] int64: how many entries of ``indices`` (any shape, ``-1`` = unused) name each expert.
-
-    Unused entries are counted in an extra bin that is cut off, rather than removed by a boolean
-    mask (which costs a nonzero and an index kernel)."""
-    flat = indices.reshape(-1)
-    binned = torch.where(flat >= 0, flat, num_experts)
-    return torch.bincount(binned, minlength=num_experts + 1)[:num_experts]
+    """[E] int64: how many entries of ``indices`` (any shape, ``-1`` = unused) name each expert."""
+    return torch.bincount(expert_keys(indices, num_experts), minlength=num_experts + 1)[:num_experts]
 
 
 @dataclass

@@ -36,6 +36,8 @@ def load() -> ModuleType | None:
     """The compiled module, building it on the first call; None when that fails (see
     :func:`unavailable_reason`). A disabled build (``SPARSEROUTE_NO_EXTENSIONS=1``) counts as a
     failure."""
+    if "module" in _state:  # every MoE forward asks; no lock once built
+        return _state["module"]  # type: ignore[return-value]
     with _LOCK:
         if "module" in _state or "error" in _state:
             return _state.get("module")  # type: ignore[return-value]

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from sparseroute.moe import cpu_kernels
 from sparseroute.moe.experts import Experts
-from sparseroute.routing import Registry, Routing
+from sparseroute.routing import Registry, Routing, expert_keys
 
 Executor = Callable[[Tensor, Routing, Experts], Tensor]
 EXECUTORS: Registry[Executor] = Registry("dispatch")
@@ -29,13 +30,11 @@ EXECUTORS: Registry[Executor] = Registry("dispatch")
 def sort_by_expert(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
     """Return (order_S, token_S, counts_E): flat (token·K + slot) positions of the used slots,
     stably sorted by expert; the token of each; and how many rows each expert gets."""
-    idx_TK = routing.indices
-    E, K = routing.num_experts, idx_TK.shape[1]
-    flat = idx_TK.reshape(-1)
-    key = torch.where(flat >= 0, flat, torch.full_like(flat, E))
+    E, K = routing.num_experts, routing.indices.shape[1]
+    key = expert_keys(routing.indices, E)
     counts = torch.bincount(key, minlength=E + 1)
     order = torch.argsort(key, stable=True)
-    used = flat.numel() - int(counts[E])
+    used = key.numel() - int(counts[E])
     order_S = order[:used]
     return order_S, torch.div(order_S, K, rounding_mode="floor"), counts[:E]
 
@@ -239,9 +238,9 @@ class ExpertParallelMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, kernels):
         threads = torch.get_num_threads()
-        out_TD, h_SH, a_SF, silu_SF = kernels.swiglu_forward(
-            x_TD.contiguous(), w_S.contiguous(), w_in.contiguous(), w_out.contiguous(), tok_S, list(counts), threads
-        )
+        # the kernel wants dense inputs; the dense copies are what the backward reuses
+        x_TD, w_S, w_in, w_out = (t.contiguous() for t in (x_TD, w_S, w_in, w_out))
+        out_TD, h_SH, a_SF, silu_SF = kernels.swiglu_forward(x_TD, w_S, w_in, w_out, tok_S, list(counts), threads)
         ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, silu_SF)
         ctx.counts, ctx.kernels, ctx.threads = counts, kernels, threads
         return out_TD
@@ -252,41 +251,38 @@ class ExpertParallelMLP(torch.autograd.Function):
         x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, silu_SF = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:4]]
         gx, gw, g_in, g_out = ctx.kernels.swiglu_backward(
-            g_TD.contiguous(), x_TD.contiguous(), w_S.contiguous(), w_in.contiguous(), w_out.contiguous(), tok_S,
-            list(ctx.counts), h_SH, a_SF, silu_SF, needs, ctx.threads,
+            g_TD.contiguous(), x_TD, w_S, w_in, w_out, tok_S, list(ctx.counts), h_SH, a_SF, silu_SF, needs, ctx.threads
         )
         return gx, gw, g_in, g_out, None, None, None
 
 
-def _parallel_kernels(experts: Experts, device: torch.device):
-    """The compiled module if the expert-parallel path applies (SwiGLU experts on the CPU), with
-    the reason it does not otherwise."""
+def _parallel_refusal(experts: Experts, device: torch.device) -> str | None:
+    """Why the expert-parallel kernel does not apply to these experts and this input (None: it
+    applies; whether it could be built is a separate question, :func:`cpu_kernels.load`)."""
     if experts.activation != "swiglu":
-        return None, f"it runs SwiGLU experts only (these use {experts.activation!r})"
+        return f"it runs SwiGLU experts only (these use {experts.activation!r})"
     if device.type != "cpu":
-        return None, f"it runs on the CPU only (the input is on {device.type})"
+        return f"it runs on the CPU only (the input is on {device.type})"
     if is_in_torch_dispatch_mode():
         # a Python dispatch mode (FlopCounterMode, fake tensors, ...) sees only the calling thread
-        return None, "a Python dispatch mode (e.g. FlopCounterMode) is active and would miss the kernel's ops"
-    from sparseroute.moe import cpu_kernels
-
-    module = cpu_kernels.load()
-    if module is None:
-        return None, f"the compiled kernel is unavailable ({cpu_kernels.unavailable_reason()})"
-    return module, None
+        return "a Python dispatch mode (e.g. FlopCounterMode) is active and would miss the kernel's ops"
+    return None
 
 
 @EXECUTORS.register("parallel")
 def parallel_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
     """Expert-parallel fused MLP (:class:`ExpertParallelMLP`): SwiGLU experts on the CPU, through
     the compiled kernel; a ValueError says why when it does not apply."""
-    kernels, why = _parallel_kernels(experts, x_TD.device)
-    if kernels is None:
+    why = _parallel_refusal(experts, x_TD.device)
+    kernels = cpu_kernels.load() if why is None else None
+    if why is None and kernels is None:
+        why = f"the compiled kernel is unavailable ({cpu_kernels.unavailable_reason()})"
+    if why is not None:
         raise ValueError(f"dispatch 'parallel' cannot run here: {why}; use 'fused' or 'auto'")
     return _fused(x_TD, routing, experts, kernels)
 
 
-_warned: set[str] = set()
+_warned_unavailable = False
 
 
 @EXECUTORS.register("auto")
@@ -294,10 +290,17 @@ def auto_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
     """``grouped`` on CUDA; on the CPU ``parallel`` where it applies, else ``fused`` (see
     docs/RESULTS.md for the measurements). When only the missing compiled kernel stands in the
     way, a warning says so once (the results are the same, only slower)."""
+    global _warned_unavailable
     if x_TD.device.type == "cuda":
         return grouped_dispatch(x_TD, routing, experts)
-    kernels, why = _parallel_kernels(experts, x_TD.device)
-    if kernels is None and why is not None and why.startswith("the compiled kernel") and why not in _warned:
-        _warned.add(why)
-        warnings.warn(f"sparseroute: the expert-parallel CPU executor is off: {why}; using 'fused'", stacklevel=2)
+    kernels = None
+    if _parallel_refusal(experts, x_TD.device) is None:
+        kernels = cpu_kernels.load()
+        if kernels is None and not _warned_unavailable:
+            _warned_unavailable = True
+            warnings.warn(
+                "sparseroute: the expert-parallel CPU executor is off: the compiled kernel is unavailable "
+                f"({cpu_kernels.unavailable_reason()}); using 'fused'",
+                stacklevel=2,
+            )
     return _fused(x_TD, routing, experts, kernels)
