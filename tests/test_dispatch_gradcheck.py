@@ -33,13 +33,36 @@ def test_fused_expert_mlp_gradcheck(activation):
     _expert_mlp_gradcheck(activation, FusedExpertMLP, lambda moe: moe.experts.activation_fn)
 
 
-def test_expert_parallel_mlp_gradcheck():
+@pytest.fixture
+def threads(request):
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _expert_mlp_gradcheck("swiglu", ExpertParallelMLP, lambda moe: cpu_kernels.load())
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+def test_expert_parallel_mlp_gradcheck(threads):
+    _expert_mlp_gradcheck("swiglu", ExpertParallelMLP, lambda moe: cpu_kernels.load())
+
+
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+@pytest.mark.parametrize("counts", [(0, 9, 0, 0), (4, 0, 5, 0), (1, 1, 6, 1)])
+def test_expert_parallel_mlp_gradcheck_experts_cut_by_parts(threads, counts):
+    """The kernel splits the sorted rows into equal parts, one per thread, so a part boundary can
+    cut an expert (here: one expert with every row, spanning all parts; a boundary inside or at
+    the edge of an expert); the cut expert's weight gradients are summed over its pieces."""
+    torch.manual_seed(1)
+    T, D, F, E = 9, 6, 5, len(counts)
+    tok_S = torch.randperm(T)
+    inputs = (
+        torch.randn(T, D, dtype=torch.float64, requires_grad=True),
+        torch.rand(T, dtype=torch.float64, requires_grad=True),
+        torch.randn(E, D, 2 * F, dtype=torch.float64, requires_grad=True),
+        torch.randn(E, F, D, dtype=torch.float64, requires_grad=True),
+    )
+    kernels = cpu_kernels.load()
+    assert torch.autograd.gradcheck(lambda a, b, c, d: ExpertParallelMLP.apply(a, b, c, d, tok_S, counts, kernels), inputs)
 
 
 def test_segment_mm_gradcheck_with_empty_group():

@@ -229,29 +229,30 @@ def fused_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
 
 
 class ExpertParallelMLP(torch.autograd.Function):
-    """:class:`FusedExpertMLP` for SwiGLU experts with the experts split over the intra-op
-    threads: each thread runs whole experts of its share with single-threaded ops, inside one
-    parallel region of the compiled kernel (:mod:`sparseroute.moe.cpu_kernels`). The split is a
-    fixed function of the expert loads and the thread count, so results are deterministic for a
-    given thread count (they differ from :class:`FusedExpertMLP` by summation order only)."""
+    """:class:`FusedExpertMLP` for SwiGLU experts, split over the intra-op threads: the rows
+    sorted by expert are cut into one equal part per thread, and each thread runs its part
+    expert by expert with single-threaded ops, inside one parallel region of the compiled kernel
+    (:mod:`sparseroute.moe.cpu_kernels`). The split is a fixed function of the expert loads and
+    the thread count, so results are deterministic for a given thread count (they differ from
+    :class:`FusedExpertMLP` by summation order only)."""
 
     @staticmethod
     def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, kernels):
         threads = torch.get_num_threads()
         # the kernel wants dense inputs; the dense copies are what the backward reuses
         x_TD, w_S, w_in, w_out = (t.contiguous() for t in (x_TD, w_S, w_in, w_out))
-        out_TD, h_SH, a_SF, silu_SF = kernels.swiglu_forward(x_TD, w_S, w_in, w_out, tok_S, list(counts), threads)
-        ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, silu_SF)
+        out_TD, h_SH, a_SF, sig_SF = kernels.swiglu_forward(x_TD, w_S, w_in, w_out, tok_S, list(counts), threads)
+        ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, sig_SF)
         ctx.counts, ctx.kernels, ctx.threads = counts, kernels, threads
         return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_TD):
-        x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, silu_SF = ctx.saved_tensors
+        x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, sig_SF = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:4]]
         gx, gw, g_in, g_out = ctx.kernels.swiglu_backward(
-            g_TD.contiguous(), x_TD, w_S, w_in, w_out, tok_S, list(ctx.counts), h_SH, a_SF, silu_SF, needs, ctx.threads
+            g_TD.contiguous(), x_TD, w_S, w_in, w_out, tok_S, list(ctx.counts), h_SH, a_SF, sig_SF, needs, ctx.threads
         )
         return gx, gw, g_in, g_out, None, None, None
 

@@ -1,17 +1,23 @@
-// Expert-parallel SwiGLU expert MLP for CPUs: the experts are split into as many parts as there
-// are intra-op threads, and each thread runs whole experts of its part with single-threaded ATen
-// ops inside one at::parallel_for region (ATen and MKL do not nest parallelism). Small
-// per-expert matmuls then run without a fork/join per op. Python: sparseroute.moe.cpu_kernels.
+// Expert-parallel SwiGLU expert MLP for CPUs: the routed rows, sorted by expert, are split into
+// as many equal parts as there are intra-op threads, and each thread runs its part expert by
+// expert with single-threaded ATen ops inside one at::parallel_for region (ATen and MKL do not
+// nest parallelism). Small per-expert matmuls then run without a fork/join per op, and the
+// threads get equal numbers of rows however skewed the expert loads are. Python:
+// sparseroute.moe.cpu_kernels.
 //
 // Legend: T tokens, D model dim, E experts, F expert hidden, S routed rows sorted by expert,
 // P parts. The rows of expert e are [offset[e], offset[e] + counts[e]) of the S rows; tok_S[s]
-// is the token of row s and w_S[s] its routing weight.
+// is the token of row s and w_S[s] its routing weight. A piece is the rows of one expert that
+// fall into one part; an expert cut by a part boundary has a piece in each of those parts.
 //
-// Determinism: the parts are a fixed function of the counts and of P (greedy, largest expert
-// first, ties to the lowest index), each part adds into its own [T, D] buffer in expert order,
-// and the buffers are added in part order, so a result depends only on the inputs and P.
+// Determinism: the pieces are a fixed function of the counts and of P; each part adds into its
+// own [T, D] buffer in row order, and the buffers are added in part order; the weight gradient
+// of a cut expert is its first piece's, plus the later pieces' in part order. A result thus
+// depends only on the inputs and P.
 
 #include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -22,21 +28,10 @@ namespace {
 
 using at::Tensor;
 
-std::vector<std::vector<int64_t>> make_parts(const std::vector<int64_t>& counts, int64_t parts) {
-  std::vector<int64_t> order(counts.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
-  std::vector<std::vector<int64_t>> out(parts);
-  std::vector<int64_t> load(parts, 0);
-  for (int64_t e : order) {
-    if (counts[e] == 0) continue;
-    int64_t p = std::min_element(load.begin(), load.end()) - load.begin();
-    out[p].push_back(e);
-    load[p] += counts[e];
-  }
-  for (auto& part : out) std::sort(part.begin(), part.end());
-  return out;
-}
+struct Piece {
+  int64_t expert, start, rows;
+  bool continues;  // not the expert's first rows: its weight gradient is a partial sum to add
+};
 
 std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
   std::vector<int64_t> off(counts.size() + 1, 0);
@@ -44,15 +39,77 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
   return off;
 }
 
-int64_t nonempty(const std::vector<int64_t>& counts) {
-  return std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; });
+// The pieces of each of P parts of rows [p*S/P, (p+1)*S/P), in row order.
+std::vector<std::vector<Piece>> split_rows(const std::vector<int64_t>& counts, int64_t P) {
+  const auto off = offsets_of(counts);
+  const int64_t S = off.back();
+  std::vector<std::vector<Piece>> parts(P);
+  size_t e = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t lo = S * p / P, hi = S * (p + 1) / P;
+    while (e < counts.size() && off[e + 1] <= lo) ++e;
+    for (size_t f = e; f < counts.size() && off[f] < hi; ++f) {
+      const int64_t start = std::max(off[f], lo), stop = std::min(off[f + 1], hi);
+      if (stop > start) parts[p].push_back({static_cast<int64_t>(f), start, stop - start, start > off[f]});
+    }
+  }
+  return parts;
 }
 
-// Run fn(part_index, experts_of_part) for every part, one part per thread. Grad mode is
+int64_t largest_piece(const std::vector<std::vector<Piece>>& parts) {
+  int64_t most = 0;
+  for (const auto& part : parts)
+    for (const auto& piece : part) most = std::max(most, piece.rows);
+  return most;
+}
+
+int64_t part_count(int64_t rows, int64_t threads) { return std::max<int64_t>(1, std::min(threads, rows)); }
+
+// The SwiGLU of n rows of h = [gate | up] (row stride 2F), with sg = sigmoid(gate) given and each
+// row scaled by its routing weight: a = gate * sg * up * w, in one pass.
+template <typename scalar_t>
+void weighted_swiglu(int64_t n, int64_t F, const scalar_t* h, const scalar_t* sg, const scalar_t* w, scalar_t* a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t *gate = h + r * 2 * F, *up = gate + F, *sig = sg + r * F;
+    scalar_t* out = a + r * F;
+    const acc_t wr = static_cast<acc_t>(w[r]);
+#pragma omp simd
+    for (int64_t f = 0; f < F; ++f)
+      out[f] = static_cast<scalar_t>(static_cast<acc_t>(gate[f]) * static_cast<acc_t>(sig[f]) *
+                                     static_cast<acc_t>(up[f]) * wr);
+  }
+}
+
+// Its backward, in one pass: from ga = dL/da, gh = [dL/dgate | dL/dup] (row stride 2F) and, when
+// gw is not null, gw[r] = dL/dw[r] = sum_f ga * silu(gate) * up. silu'(x) = s (1 + x (1 - s)).
+template <typename scalar_t>
+void weighted_swiglu_backward(int64_t n, int64_t F, const scalar_t* ga, const scalar_t* h, const scalar_t* sg,
+                              const scalar_t* w, scalar_t* gh, scalar_t* gw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t *gate = h + r * 2 * F, *up = gate + F, *sig = sg + r * F, *g = ga + r * F;
+    scalar_t *g_gate = gh + r * 2 * F, *g_up = g_gate + F;
+    const acc_t wr = static_cast<acc_t>(w[r]);
+    acc_t dw = 0;
+#pragma omp simd reduction(+ : dw)
+    for (int64_t f = 0; f < F; ++f) {
+      const acc_t x = static_cast<acc_t>(gate[f]), s = static_cast<acc_t>(sig[f]);
+      const acc_t u = static_cast<acc_t>(up[f]), gr = static_cast<acc_t>(g[f]);
+      const acc_t g_silu = gr * x * s;  // ga * silu(gate)
+      dw += g_silu * u;
+      g_up[f] = static_cast<scalar_t>(g_silu * wr);
+      g_gate[f] = static_cast<scalar_t>(gr * wr * u * s * (acc_t(1) + x * (acc_t(1) - s)));
+    }
+    if (gw != nullptr) gw[r] = static_cast<scalar_t>(dw);
+  }
+}
+
+// Run fn(part_index, pieces_of_part) for every part, one part per thread. Grad mode is
 // thread-local, so each worker dispatches below autograd itself (the caller is an autograd
 // Function that does its own backward).
 template <class Fn>
-void for_each_part(const std::vector<std::vector<int64_t>>& parts, const Fn& fn) {
+void for_each_part(const std::vector<std::vector<Piece>>& parts, const Fn& fn) {
   const int64_t P = static_cast<int64_t>(parts.size());
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -68,32 +125,34 @@ Tensor add_parts(std::vector<Tensor>& bufs) {
 
 }  // namespace
 
-// Returns {out_TD, h_S2F (pre-activations), a_SF (weighted activations), s_SF (silu(gate))}.
+// Returns {out_TD, h_S2F (pre-activations [gate | up]), a_SF (weighted activations), s_SF
+// (sigmoid(gate))}.
 std::vector<Tensor> swiglu_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in,
                                    const Tensor& w_out, const Tensor& tok_S, std::vector<int64_t> counts,
                                    int64_t threads) {
   const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1);
-  const auto off = offsets_of(counts);
-  const int64_t most = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
   Tensor h = x_TD.new_empty({S, 2 * F});
   Tensor a = x_TD.new_empty({S, F});
   Tensor s = x_TD.new_empty({S, F});
-  const int64_t P = std::max<int64_t>(1, std::min(threads, nonempty(counts)));
-  const auto parts = make_parts(counts, P);
+  const int64_t P = part_count(S, threads);
+  const auto parts = split_rows(counts, P);
+  const int64_t most = largest_piece(parts);
   std::vector<Tensor> outs(P);
   for (auto& o : outs) o = at::zeros_like(x_TD);
-  for_each_part(parts, [&](int64_t p, const std::vector<int64_t>& experts) {
+  for_each_part(parts, [&](int64_t p, const std::vector<Piece>& pieces) {
     Tensor x_buf = x_TD.new_empty({most, D}), y_buf = x_TD.new_empty({most, D});
-    for (int64_t e : experts) {
-      const int64_t n = counts[e], start = off[e];
+    for (const Piece& piece : pieces) {
+      const int64_t e = piece.expert, n = piece.rows, start = piece.start;
       Tensor t = tok_S.narrow(0, start, n);
       Tensor x_e = x_buf.narrow(0, 0, n), y_e = y_buf.narrow(0, 0, n);
       Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n), s_e = s.narrow(0, start, n);
       at::index_select_out(x_e, x_TD, 0, t);
       at::mm_out(h_e, x_e, w_in.select(0, e));
-      at::silu_out(s_e, h_e.narrow(1, 0, F));
-      at::mul_out(a_e, s_e, h_e.narrow(1, F, F));
-      a_e.mul_(w_S.narrow(0, start, n).unsqueeze(1));
+      at::sigmoid_out(s_e, h_e.narrow(1, 0, F));
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
+        weighted_swiglu<scalar_t>(n, F, h_e.const_data_ptr<scalar_t>(), s_e.const_data_ptr<scalar_t>(),
+                                  w_S.const_data_ptr<scalar_t>() + start, a_e.mutable_data_ptr<scalar_t>());
+      });
       at::mm_out(y_e, a_e, w_out.select(0, e));
       outs[p].index_add_(0, t, y_e);
     }
@@ -108,11 +167,10 @@ std::vector<Tensor> swiglu_backward(const Tensor& g_TD, const Tensor& x_TD, cons
                                     const Tensor& s, std::vector<bool> needs, int64_t threads) {
   const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0);
   const bool need_x = needs[0], need_w = needs[1], need_in = needs[2], need_out = needs[3];
-  const auto off = offsets_of(counts);
-  const int64_t most = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
-  const int64_t P = std::max<int64_t>(1, std::min(threads, nonempty(counts)));
-  const auto parts = make_parts(counts, P);
-  Tensor gw = need_w ? at::zeros_like(w_S) : Tensor();
+  const int64_t P = part_count(tok_S.size(0), threads);
+  const auto parts = split_rows(counts, P);
+  const int64_t most = largest_piece(parts);
+  Tensor gw = need_w ? at::empty_like(w_S) : Tensor();
   Tensor g_in = need_in ? at::empty_like(w_in) : Tensor();
   Tensor g_out = need_out ? at::empty_like(w_out) : Tensor();
   for (int64_t e = 0; e < E; ++e) {  // experts without rows get zero weight gradients
@@ -125,40 +183,41 @@ std::vector<Tensor> swiglu_backward(const Tensor& g_TD, const Tensor& x_TD, cons
     gxs.resize(P);
     for (auto& b : gxs) b = at::zeros_like(x_TD);
   }
+  // a part's first piece may continue an expert begun in an earlier part: its weight gradients
+  // go to the part's own buffers, added to the expert's after the parallel region
+  std::vector<Tensor> rest_in(P), rest_out(P);
+  for (int64_t p = 0; p < P; ++p) {
+    if (parts[p].empty() || !parts[p].front().continues) continue;
+    if (need_in) rest_in[p] = at::empty_like(w_in.select(0, 0));
+    if (need_out) rest_out[p] = at::empty_like(w_out.select(0, 0));
+  }
   const bool need_hidden = need_x || need_w || need_in;
-  for_each_part(parts, [&](int64_t p, const std::vector<int64_t>& experts) {
+  for_each_part(parts, [&](int64_t p, const std::vector<Piece>& pieces) {
     Tensor g_buf = x_TD.new_empty({most, D}), xd_buf = x_TD.new_empty({most, D});
-    Tensor ga_buf = a.new_empty({most, F}), scratch = a.new_empty({most, F});
+    Tensor ga_buf = a.new_empty({most, F});
     Tensor gh_buf = h.new_empty({most, 2 * F});
-    for (int64_t e : experts) {
-      const int64_t n = counts[e], start = off[e];
+    for (const Piece& piece : pieces) {
+      const int64_t e = piece.expert, n = piece.rows, start = piece.start;
       Tensor t = tok_S.narrow(0, start, n);
       Tensor ge = g_buf.narrow(0, 0, n);
       at::index_select_out(ge, g_TD, 0, t);
       if (need_out) {
-        Tensor g_out_e = g_out.select(0, e);
+        Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
         at::mm_out(g_out_e, a.narrow(0, start, n).t(), ge);
       }
       if (!need_hidden) continue;
-      Tensor ga = ga_buf.narrow(0, 0, n), gh = gh_buf.narrow(0, 0, n), sc = scratch.narrow(0, 0, n);
+      Tensor ga = ga_buf.narrow(0, 0, n), gh = gh_buf.narrow(0, 0, n);
       at::mm_out(ga, ge, w_out.select(0, e).t());  // dL/d(weighted activation)
-      Tensor h_e = h.narrow(0, start, n), s_e = s.narrow(0, start, n);
-      Tensor gate = h_e.narrow(1, 0, F), up = h_e.narrow(1, F, F);
-      Tensor w_e = w_S.narrow(0, start, n).unsqueeze(1);
-      Tensor g_up = gh.narrow(1, F, F);
-      at::mul_out(g_up, ga, s_e);  // g·silu, scaled by w below
-      if (need_w) {  // dL/dw = <g, silu·up>
-        Tensor gw_e = gw.narrow(0, start, n);
-        at::sum_out(gw_e, at::mul_out(sc, g_up, up), {1});
-      }
-      ga.mul_(w_e).mul_(up);
-      Tensor g_gate = gh.narrow(1, 0, F);
-      at::silu_backward_out(g_gate, ga, gate);
-      g_up.mul_(w_e);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu_backward", [&] {
+        weighted_swiglu_backward<scalar_t>(
+            n, F, ga.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>() + start * 2 * F,
+            s.const_data_ptr<scalar_t>() + start * F, w_S.const_data_ptr<scalar_t>() + start,
+            gh.mutable_data_ptr<scalar_t>(), need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr);
+      });
       Tensor xd = xd_buf.narrow(0, 0, n);
       if (need_in) {
         at::index_select_out(xd, x_TD, 0, t);
-        Tensor g_in_e = g_in.select(0, e);
+        Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
         at::mm_out(g_in_e, xd.t(), gh);
       }
       if (need_x) {
@@ -167,6 +226,12 @@ std::vector<Tensor> swiglu_backward(const Tensor& g_TD, const Tensor& x_TD, cons
       }
     }
   });
+  for (int64_t p = 0; p < P; ++p) {
+    if (parts[p].empty() || !parts[p].front().continues) continue;
+    const int64_t e = parts[p].front().expert;
+    if (need_in) g_in.select(0, e).add_(rest_in[p]);
+    if (need_out) g_out.select(0, e).add_(rest_out[p]);
+  }
   Tensor gx = need_x ? add_parts(gxs) : Tensor();
   return {gx, gw, g_in, g_out};
 }
