@@ -94,3 +94,22 @@ def test_without_the_kernel_parallel_raises_and_auto_warns_once(monkeypatch):
         y2, _ = moe(x, dispatch="auto")
     assert_close(y, moe(x, dispatch="fused")[0], rtol=0, atol=0)
     assert torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (37, 3, 5), (500, 8, 64)])
+def test_counting_sort_equals_the_argsort(T, K, E):
+    """The kernel's one-pass counting sort gives exactly the stable argsort's order, tokens and
+    counts, unused (-1) slots included."""
+    from sparseroute.moe.dispatch import sort_by_expert
+    from sparseroute.routing import Routing
+
+    kernels = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(T + K + E)
+    indices = torch.randint(-1, E, (T, K), generator=gen)
+    routing = Routing(indices, torch.rand(T, K, generator=gen), E)
+    order, tok, counts = sort_by_expert(routing)
+    k_order, k_tok, k_counts = kernels.sort_by_expert(indices, E)
+    assert torch.equal(k_order, order) and torch.equal(k_tok, tok)
+    assert k_counts == counts.tolist()
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.sort_by_expert(torch.full((2, 1), E), E)

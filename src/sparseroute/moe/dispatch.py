@@ -212,11 +212,15 @@ class FusedExpertMLP(torch.autograd.Function):
 def _fused(x_TD: Tensor, routing: Routing, experts: Experts, kernels=None) -> Tensor:
     """Sort, then the per-expert fused MLP: the compiled expert-parallel one when ``kernels`` is
     given, else the Python loop."""
-    order_S, tok_S, counts_E = sort_by_expert(routing)
+    if kernels is not None:  # the same sort, by counting in one pass
+        order_S, tok_S, counts_list = kernels.sort_by_expert(routing.indices, routing.num_experts)
+        counts = tuple(counts_list)
+    else:
+        order_S, tok_S, counts_E = sort_by_expert(routing)
+        counts = tuple(counts_E.tolist())
     if order_S.numel() == 0:
         return x_TD.new_zeros(x_TD.shape)
     w_S = routing.weights.reshape(-1).index_select(0, order_S).to(x_TD.dtype)
-    counts = tuple(counts_E.tolist())
     if kernels is not None:
         return ExpertParallelMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, kernels)
     return FusedExpertMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, experts.activation_fn)
