@@ -48,18 +48,19 @@ def test_expert_parallel_mlp_gradcheck(threads):
 
 @pytest.mark.parametrize("threads", [2, 3], indirect=True)
 @pytest.mark.parametrize("counts", [(0, 9, 0, 0), (4, 0, 5, 0), (1, 1, 6, 1)])
-def test_expert_parallel_mlp_gradcheck_experts_cut_by_parts(threads, counts):
+@pytest.mark.parametrize("trainable", [(0, 1, 2, 3), (3,), (0,)])
+def test_expert_parallel_mlp_gradcheck_experts_cut_by_parts(threads, counts, trainable):
     """The kernel splits the sorted rows into equal parts, one per thread, so a part boundary can
     cut an expert (here: one expert with every row, spanning all parts; a boundary inside or at
-    the edge of an expert); the cut expert's weight gradients are summed over its pieces."""
+    the edge of an expert); the cut expert's weight gradients are summed over its pieces. Also
+    with only the down projection (whose gradient needs the recomputed activation alone) or only
+    x trainable."""
     torch.manual_seed(1)
     T, D, F, E = 9, 6, 5, len(counts)
     tok_S = torch.randperm(T)
-    inputs = (
-        torch.randn(T, D, dtype=torch.float64, requires_grad=True),
-        torch.rand(T, dtype=torch.float64, requires_grad=True),
-        torch.randn(E, D, 2 * F, dtype=torch.float64, requires_grad=True),
-        torch.randn(E, F, D, dtype=torch.float64, requires_grad=True),
+    shapes = [(T, D), (T,), (E, D, 2 * F), (E, F, D)]
+    inputs = tuple(
+        torch.randn(*shape, dtype=torch.float64, requires_grad=i in trainable) for i, shape in enumerate(shapes)
     )
     kernels = cpu_kernels.load()
     assert torch.autograd.gradcheck(lambda a, b, c, d: ExpertParallelMLP.apply(a, b, c, d, tok_S, counts, kernels), inputs)
