@@ -8,13 +8,15 @@ warm-up block. Prints a table to stderr and one JSON line last.
 The headline ``moe_over_dense_tokens_per_s`` is the ratio of the two median throughputs. Because
 the speed of a shared machine drifts over seconds, the JSON also gives the ratio within each
 repeat (the dense block and the MoE block that ran next to each other): its median and its
-range, so that one run shows how far a single figure can be trusted.
+range, so that one run shows how far a single figure can be trusted, and a 95% bootstrap
+interval of the headline (the repeats resampled as dense/MoE pairs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -30,12 +32,25 @@ from sparseroute.train.config import TrainConfig
 from sparseroute.train.loop import make_optimizer
 
 
+def bootstrap_ratio_ci(dense_times: list[float], moe_times: list[float], draws: int = 2000) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of median(dense) / median(moe) block time (= the MoE/dense
+    tokens/s ratio), resampling the repeats as pairs; seeded, so a run's figures reproduce."""
+    rng = random.Random(0)
+    n = len(dense_times)
+    ratios = []
+    for _ in range(draws):
+        pick = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(dense_times[i] for i in pick) / statistics.median(moe_times[i] for i in pick))
+    ratios.sort()
+    return ratios[int(0.025 * (draws - 1))], ratios[int(0.975 * (draws - 1))]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5, help="training steps per timed block (default 5)")
-    ap.add_argument("--repeats", type=int, default=11, help="timed blocks per model (default 11)")
+    ap.add_argument("--repeats", type=int, default=21, help="timed blocks per model (default 21)")
     ap.add_argument("--router", default="topk", help="router of the MoE model (default topk)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -81,6 +96,7 @@ def main(argv=None) -> int:
     tps = {name: tokens_per_block / statistics.median(r["times"]) for name, r in runs.items()}
     params = {name: sum(p.numel() for p in r["model"].parameters()) for name, r in runs.items()}
     paired = sorted(d / m for d, m in zip(runs["dense"]["times"], runs["moe"]["times"]))
+    ci = bootstrap_ratio_ci(runs["dense"]["times"], runs["moe"]["times"])
     for name in runs:
         print(f"{name:6s} {tps[name]:10,.0f} tokens/s  {params[name]:,} parameters", file=sys.stderr)
     print(f"moe/dense per repeat: {' '.join(f'{r:.3f}' for r in paired)}", file=sys.stderr)
@@ -95,6 +111,7 @@ def main(argv=None) -> int:
         "moe_over_dense_tokens_per_s": round(tps["moe"] / tps["dense"], 3),
         "paired_ratio_median": round(statistics.median(paired), 3),
         "paired_ratio_range": [round(paired[0], 3), round(paired[-1], 3)],
+        "ratio_ci95": [round(ci[0], 3), round(ci[1], 3)],
         "repeats": args.repeats,
         "steps_per_block": args.steps,
         "dense_parameters": params["dense"],

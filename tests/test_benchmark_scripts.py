@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,22 @@ def test_train_throughput_json(capsys, tmp_path, monkeypatch):
     assert out["moe_over_dense_tokens_per_s"] == pytest.approx(ratio, abs=2e-3)
     lo, hi = out["paired_ratio_range"]
     assert 0 < lo <= out["paired_ratio_median"] <= hi
+    ci_lo, ci_hi = out["ratio_ci95"]
+    assert 0 < ci_lo <= ci_hi
     assert out["moe_parameters"] > out["dense_parameters"]
+
+
+def test_bootstrap_interval_brackets_the_ratio_and_narrows_with_repeats():
+    bench = _load("train_throughput")
+    rng = random.Random(1)
+    dense = [1.0 + 0.1 * rng.random() for _ in range(9)]
+    moe = [1.1 + 0.1 * rng.random() for _ in range(9)]
+    lo, hi = bench.bootstrap_ratio_ci(dense, moe)
+    ratio = statistics.median(dense) / statistics.median(moe)
+    assert lo <= ratio <= hi < 1.0
+    assert bench.bootstrap_ratio_ci([1.0] * 5, [2.0] * 5) == (0.5, 0.5)
+    narrow = bench.bootstrap_ratio_ci(dense * 8, moe * 8)  # the same spread, 8x the repeats
+    assert narrow[1] - narrow[0] < 0.7 * (hi - lo)
 
 
 def test_train_throughput_rejects_zero_repeats(capsys):
