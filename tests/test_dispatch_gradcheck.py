@@ -1,11 +1,11 @@
 """Finite-difference gradient checks of the hand-written backwards (float64): the fused expert MLP
-for every activation, the compiled expert-parallel one (SwiGLU), the segment matmul."""
+for every activation, the compiled expert-parallel one (every activation), the segment matmul."""
 
 import pytest
 import torch
 
 from sparseroute.moe import MoE, cpu_kernels
-from sparseroute.moe.dispatch import ExpertParallelMLP, FusedExpertMLP, segment_mm, sort_by_expert
+from sparseroute.moe.dispatch import KERNEL_ACTIVATIONS, ExpertParallelMLP, FusedExpertMLP, segment_mm, sort_by_expert
 from sparseroute.moe.experts import ACTIVATIONS
 
 
@@ -19,13 +19,14 @@ def _expert_mlp_gradcheck(activation: str, function, extra_for):
     w_S = routing.weights.reshape(-1).index_select(0, order_S).detach().double()
     counts = tuple(counts_E.tolist())
     extra = extra_for(moe)
+    extra = extra if isinstance(extra, tuple) else (extra,)
     inputs = (
         x.requires_grad_(),
         w_S.requires_grad_(),
         moe.experts.w_in.detach().clone().requires_grad_(),
         moe.experts.w_out.detach().clone().requires_grad_(),
     )
-    assert torch.autograd.gradcheck(lambda a, b, c, d: function.apply(a, b, c, d, tok_S, counts, extra), inputs)
+    assert torch.autograd.gradcheck(lambda a, b, c, d: function.apply(a, b, c, d, tok_S, counts, *extra), inputs)
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -42,14 +43,18 @@ def threads(request):
 
 
 @pytest.mark.parametrize("threads", [2, 3], indirect=True)
-def test_expert_parallel_mlp_gradcheck(threads):
-    _expert_mlp_gradcheck("swiglu", ExpertParallelMLP, lambda moe: cpu_kernels.load())
+@pytest.mark.parametrize("activation", sorted(KERNEL_ACTIVATIONS))
+def test_expert_parallel_mlp_gradcheck(threads, activation):
+    _expert_mlp_gradcheck(
+        activation, ExpertParallelMLP, lambda moe: (cpu_kernels.load(), KERNEL_ACTIVATIONS[activation])
+    )
 
 
 @pytest.mark.parametrize("threads", [2, 3], indirect=True)
 @pytest.mark.parametrize("counts", [(0, 9, 0, 0), (4, 0, 5, 0), (1, 1, 6, 1)])
 @pytest.mark.parametrize("trainable", [(0, 1, 2, 3), (3,), (0,)])
-def test_expert_parallel_mlp_gradcheck_experts_cut_by_parts(threads, counts, trainable):
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_expert_parallel_mlp_gradcheck_experts_cut_by_parts(threads, counts, trainable, activation):
     """The kernel splits the sorted rows into equal parts, one per thread, so a part boundary can
     cut an expert (here: one expert with every row, spanning all parts; a boundary inside or at
     the edge of an expert); the cut expert's weight gradients are summed over its pieces. Also
@@ -58,12 +63,12 @@ def test_expert_parallel_mlp_gradcheck_experts_cut_by_parts(threads, counts, tra
     torch.manual_seed(1)
     T, D, F, E = 9, 6, 5, len(counts)
     tok_S = torch.randperm(T)
-    shapes = [(T, D), (T,), (E, D, 2 * F), (E, F, D)]
+    shapes = [(T, D), (T,), (E, D, (2 if activation == "swiglu" else 1) * F), (E, F, D)]
     inputs = tuple(
         torch.randn(*shape, dtype=torch.float64, requires_grad=i in trainable) for i, shape in enumerate(shapes)
     )
-    kernels = cpu_kernels.load()
-    assert torch.autograd.gradcheck(lambda a, b, c, d: ExpertParallelMLP.apply(a, b, c, d, tok_S, counts, kernels), inputs)
+    kernels, act = cpu_kernels.load(), KERNEL_ACTIVATIONS[activation]
+    assert torch.autograd.gradcheck(lambda a, b, c, d: ExpertParallelMLP.apply(a, b, c, d, tok_S, counts, kernels, act), inputs)
 
 
 def test_segment_mm_gradcheck_with_empty_group():

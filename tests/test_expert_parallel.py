@@ -53,12 +53,19 @@ def test_deterministic_for_a_thread_count_and_close_across_counts(two_threads):
         assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
-def test_refuses_other_activations_and_devices():
+def test_refuses_activations_and_devices_it_lacks(monkeypatch):
+    """Every activation sparseroute has runs in the kernel; one it lacked (here: GELU, removed
+    from its table) would be refused with the reason, and auto would take the Python loop."""
+    from sparseroute.moe import dispatch
+
+    monkeypatch.setattr(dispatch, "KERNEL_ACTIVATIONS", {"swiglu": 0})
     moe = MoE(8, 8, 4, 2, activation="gelu")
-    with pytest.raises(ValueError, match="SwiGLU experts only"):
-        moe(torch.randn(3, 8), dispatch="parallel")
-    y_auto, _ = moe(torch.randn(3, 8), dispatch="auto")  # auto takes the Python loop instead
-    assert y_auto.shape == (3, 8)
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="these use 'gelu'"):
+        moe(x, dispatch="parallel")
+    y_auto, _ = moe(x, dispatch="auto")
+    assert torch.equal(y_auto, moe(x, dispatch="fused")[0])
+    assert "CPU only" in dispatch._parallel_refusal(MoE(8, 8, 4, 2).experts, torch.device("meta"))
 
 
 def test_dispatch_modes_see_every_op():

@@ -222,7 +222,8 @@ def _fused(x_TD: Tensor, routing: Routing, experts: Experts, kernels=None) -> Te
         return x_TD.new_zeros(x_TD.shape)
     w_S = routing.weights.reshape(-1).index_select(0, order_S).to(x_TD.dtype)
     if kernels is not None:
-        return ExpertParallelMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, kernels)
+        act = KERNEL_ACTIVATIONS[experts.activation]
+        return ExpertParallelMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, kernels, act)
     return FusedExpertMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, experts.activation_fn)
 
 
@@ -232,8 +233,13 @@ def fused_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
     return _fused(x_TD, routing, experts)
 
 
+#: activations the compiled kernel runs, by its code for each
+KERNEL_ACTIVATIONS = {"swiglu": 0, "gelu": 1, "silu": 2, "relu": 3}
+
+
 class ExpertParallelMLP(torch.autograd.Function):
-    """:class:`FusedExpertMLP` for SwiGLU experts, split over the intra-op threads: the rows
+    """:class:`FusedExpertMLP` (activations of :data:`KERNEL_ACTIVATIONS`; ``act`` is the code),
+    split over the intra-op threads: the rows
     sorted by expert are cut into one equal part per thread, and each thread runs its part
     expert by expert with single-threaded ops, inside one parallel region of the compiled kernel
     (:mod:`sparseroute.moe.cpu_kernels`). The split is a fixed function of the expert loads and
@@ -241,31 +247,31 @@ class ExpertParallelMLP(torch.autograd.Function):
     :class:`FusedExpertMLP` by summation order only)."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, kernels):
+    def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, kernels, act):
         threads = torch.get_num_threads()
         # the kernel wants dense inputs; the dense copies are what the backward reuses
         x_TD, w_S, w_in, w_out = (t.contiguous() for t in (x_TD, w_S, w_in, w_out))
-        out_TD, h_SH, a_SF, sig_SF = kernels.swiglu_forward(x_TD, w_S, w_in, w_out, tok_S, list(counts), threads)
-        ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, sig_SF)
-        ctx.counts, ctx.kernels, ctx.threads = counts, kernels, threads
+        out_TD, h_SH, a_SF, s_SF = kernels.mlp_forward(x_TD, w_S, w_in, w_out, tok_S, list(counts), act, threads)
+        ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, s_SF)
+        ctx.counts, ctx.kernels, ctx.threads, ctx.act = counts, kernels, threads, act
         return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_TD):
-        x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, sig_SF = ctx.saved_tensors
+        x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, s_SF = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-        gx, gw, g_in, g_out = ctx.kernels.swiglu_backward(
-            g_TD.contiguous(), x_TD, w_S, w_in, w_out, tok_S, list(ctx.counts), h_SH, a_SF, sig_SF, needs, ctx.threads
+        gx, gw, g_in, g_out = ctx.kernels.mlp_backward(
+            g_TD.contiguous(), x_TD, w_S, w_in, w_out, tok_S, list(ctx.counts), h_SH, a_SF, s_SF, ctx.act, needs, ctx.threads
         )
-        return gx, gw, g_in, g_out, None, None, None
+        return gx, gw, g_in, g_out, None, None, None, None
 
 
 def _parallel_refusal(experts: Experts, device: torch.device) -> str | None:
     """Why the expert-parallel kernel does not apply to these experts and this input (None: it
     applies; whether it could be built is a separate question, :func:`cpu_kernels.load`)."""
-    if experts.activation != "swiglu":
-        return f"it runs SwiGLU experts only (these use {experts.activation!r})"
+    if experts.activation not in KERNEL_ACTIVATIONS:
+        return f"it runs {', '.join(KERNEL_ACTIVATIONS)} experts (these use {experts.activation!r})"
     if device.type != "cpu":
         return f"it runs on the CPU only (the input is on {device.type})"
     if is_in_torch_dispatch_mode():
@@ -276,8 +282,9 @@ def _parallel_refusal(experts: Experts, device: torch.device) -> str | None:
 
 @EXECUTORS.register("parallel")
 def parallel_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
-    """Expert-parallel fused MLP (:class:`ExpertParallelMLP`): SwiGLU experts on the CPU, through
-    the compiled kernel; a ValueError says why when it does not apply."""
+    """Expert-parallel fused MLP (:class:`ExpertParallelMLP`): experts of every activation in
+    :data:`KERNEL_ACTIVATIONS`, on the CPU, through the compiled kernel; a ValueError says why
+    when it does not apply."""
     why = _parallel_refusal(experts, x_TD.device)
     kernels = cpu_kernels.load() if why is None else None
     if why is None and kernels is None:

@@ -1,4 +1,4 @@
-// Expert-parallel SwiGLU expert MLP for CPUs: the routed rows, sorted by expert, are split into
+// Expert-parallel expert MLP for CPUs (SwiGLU, GELU, SiLU or ReLU experts): the routed rows, sorted by expert, are split into
 // as many equal parts as there are intra-op threads, and each thread runs its part expert by
 // expert with single-threaded ATen ops inside one at::parallel_for region (ATen and MKL do not
 // nest parallelism). Small per-expert matmuls then run without a fork/join per op, and the
@@ -106,6 +106,51 @@ void weighted_swiglu_backward(int64_t n, int64_t F, const scalar_t* ga, const sc
   }
 }
 
+// Activations, numbered as sparseroute.moe.dispatch.KERNEL_ACTIVATIONS.
+enum Activation : int64_t { kSwiGLU = 0, kGELU = 1, kSiLU = 2, kReLU = 3 };
+
+void check_activation(int64_t act) {
+  TORCH_CHECK(act >= kSwiGLU && act <= kReLU, "expert_parallel: unknown activation code ", act);
+}
+
+// s = act(h) for the non-gated activations.
+void activation_out(int64_t act, Tensor& s, const Tensor& h) {
+  switch (act) {
+    case kGELU: at::gelu_out(s, h); break;
+    case kSiLU: at::silu_out(s, h); break;
+    default: at::clamp_min_out(s, h, 0); break;
+  }
+}
+
+// dL/dh = act'(h) * g for the non-gated activations.
+void activation_backward_out(int64_t act, Tensor& gh, const Tensor& g, const Tensor& h) {
+  switch (act) {
+    case kGELU: at::gelu_backward_out(gh, g, h); break;
+    case kSiLU: at::silu_backward_out(gh, g, h); break;
+    default: at::threshold_backward_out(gh, g, h, 0); break;
+  }
+}
+
+// For a = s * w (non-gated): gw[r] = <ga[r], s[r]> when gw is not null, then ga[r] *= w[r]
+// (dL/ds), in one pass.
+template <typename scalar_t>
+void scaled_rows_backward(int64_t n, int64_t F, scalar_t* ga, const scalar_t* s, const scalar_t* w, scalar_t* gw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t r = 0; r < n; ++r) {
+    scalar_t* g = ga + r * F;
+    const scalar_t* sr = s + r * F;
+    const acc_t wr = static_cast<acc_t>(w[r]);
+    acc_t dw = 0;
+#pragma omp simd reduction(+ : dw)
+    for (int64_t f = 0; f < F; ++f) {
+      const acc_t gf = static_cast<acc_t>(g[f]);
+      dw += gf * static_cast<acc_t>(sr[f]);
+      g[f] = static_cast<scalar_t>(gf * wr);
+    }
+    if (gw != nullptr) gw[r] = static_cast<scalar_t>(dw);
+  }
+}
+
 // Run fn(part_index, pieces_of_part) for every part, one part per thread. Grad mode is
 // thread-local, so each worker dispatches below autograd itself (the caller is an autograd
 // Function that does its own backward).
@@ -126,13 +171,14 @@ Tensor add_parts(std::vector<Tensor>& bufs) {
 
 }  // namespace
 
-// Returns {out_TD, h_S2F (pre-activations [gate | up]), a_SF (weighted activations), s_SF
-// (sigmoid(gate))}.
-std::vector<Tensor> swiglu_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in,
-                                   const Tensor& w_out, const Tensor& tok_S, std::vector<int64_t> counts,
-                                   int64_t threads) {
-  const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1);
-  Tensor h = x_TD.new_empty({S, 2 * F});
+// Returns {out_TD, h_SH (pre-activations: [gate | up] for SwiGLU, H = 2F; else H = F), a_SF
+// (weighted activations), s_SF (sigmoid(gate) for SwiGLU, else act(h))}.
+std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in, const Tensor& w_out,
+                                const Tensor& tok_S, std::vector<int64_t> counts, int64_t act, int64_t threads) {
+  check_activation(act);
+  const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1), H = w_in.size(2);
+  TORCH_CHECK(H == (act == kSwiGLU ? 2 * F : F), "expert_parallel: w_in has ", H, " columns for F = ", F);
+  Tensor h = x_TD.new_empty({S, H});
   Tensor a = x_TD.new_empty({S, F});
   Tensor s = x_TD.new_empty({S, F});
   const int64_t P = part_count(S, threads);
@@ -149,11 +195,16 @@ std::vector<Tensor> swiglu_forward(const Tensor& x_TD, const Tensor& w_S, const 
       Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n), s_e = s.narrow(0, start, n);
       at::index_select_out(x_e, x_TD, 0, t);
       at::mm_out(h_e, x_e, w_in.select(0, e));
-      at::sigmoid_out(s_e, h_e.narrow(1, 0, F));
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
-        weighted_swiglu<scalar_t>(n, F, h_e.const_data_ptr<scalar_t>(), s_e.const_data_ptr<scalar_t>(),
-                                  w_S.const_data_ptr<scalar_t>() + start, a_e.mutable_data_ptr<scalar_t>());
-      });
+      if (act == kSwiGLU) {
+        at::sigmoid_out(s_e, h_e.narrow(1, 0, F));
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
+          weighted_swiglu<scalar_t>(n, F, h_e.const_data_ptr<scalar_t>(), s_e.const_data_ptr<scalar_t>(),
+                                    w_S.const_data_ptr<scalar_t>() + start, a_e.mutable_data_ptr<scalar_t>());
+        });
+      } else {
+        activation_out(act, s_e, h_e);
+        at::mul_out(a_e, s_e, w_S.narrow(0, start, n).unsqueeze(1));
+      }
       at::mm_out(y_e, a_e, w_out.select(0, e));
       outs[p].index_add_(0, t, y_e);
     }
@@ -162,10 +213,11 @@ std::vector<Tensor> swiglu_forward(const Tensor& x_TD, const Tensor& w_S, const 
 }
 
 // Gradients {x, w_S, w_in, w_out}; an undefined tensor where ``needs`` is false.
-std::vector<Tensor> swiglu_backward(const Tensor& g_TD, const Tensor& x_TD, const Tensor& w_S,
-                                    const Tensor& w_in, const Tensor& w_out, const Tensor& tok_S,
-                                    std::vector<int64_t> counts, const Tensor& h, const Tensor& a,
-                                    const Tensor& s, std::vector<bool> needs, int64_t threads) {
+std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in,
+                                 const Tensor& w_out, const Tensor& tok_S, std::vector<int64_t> counts,
+                                 const Tensor& h, const Tensor& a, const Tensor& s, int64_t act,
+                                 std::vector<bool> needs, int64_t threads) {
+  check_activation(act);
   const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0);
   const bool need_x = needs[0], need_w = needs[1], need_in = needs[2], need_out = needs[3];
   const int64_t P = part_count(tok_S.size(0), threads);
@@ -196,7 +248,7 @@ std::vector<Tensor> swiglu_backward(const Tensor& g_TD, const Tensor& x_TD, cons
   for_each_part(parts, [&](int64_t p, const std::vector<Piece>& pieces) {
     Tensor g_buf = x_TD.new_empty({most, D}), xd_buf = x_TD.new_empty({most, D});
     Tensor ga_buf = a.new_empty({most, F});
-    Tensor gh_buf = h.new_empty({most, 2 * F});
+    Tensor gh_buf = h.new_empty({most, h.size(1)});
     for (const Piece& piece : pieces) {
       const int64_t e = piece.expert, n = piece.rows, start = piece.start;
       Tensor t = tok_S.narrow(0, start, n);
@@ -209,12 +261,20 @@ std::vector<Tensor> swiglu_backward(const Tensor& g_TD, const Tensor& x_TD, cons
       if (!need_hidden) continue;
       Tensor ga = ga_buf.narrow(0, 0, n), gh = gh_buf.narrow(0, 0, n);
       at::mm_out(ga, ge, w_out.select(0, e).t());  // dL/d(weighted activation)
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu_backward", [&] {
-        weighted_swiglu_backward<scalar_t>(
-            n, F, ga.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>() + start * 2 * F,
-            s.const_data_ptr<scalar_t>() + start * F, w_S.const_data_ptr<scalar_t>() + start,
-            gh.mutable_data_ptr<scalar_t>(), need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
+        scalar_t* gw_e = need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr;
+        const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
+        if (act == kSwiGLU) {
+          weighted_swiglu_backward<scalar_t>(n, F, ga.const_data_ptr<scalar_t>(),
+                                             h.const_data_ptr<scalar_t>() + start * 2 * F,
+                                             s.const_data_ptr<scalar_t>() + start * F, w_e,
+                                             gh.mutable_data_ptr<scalar_t>(), gw_e);
+        } else {
+          scaled_rows_backward<scalar_t>(n, F, ga.mutable_data_ptr<scalar_t>(),
+                                         s.const_data_ptr<scalar_t>() + start * F, w_e, gw_e);
+        }
       });
+      if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, start, n));
       Tensor xd = xd_buf.narrow(0, 0, n);
       if (need_in) {
         at::index_select_out(xd, x_TD, 0, t);
@@ -268,6 +328,6 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> sort_by_expert(const Tensor& in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sort_by_expert", &sort_by_expert, "routed pairs stably sorted by expert (counting sort)");
-  m.def("swiglu_forward", &swiglu_forward, "expert-parallel SwiGLU expert MLP, forward");
-  m.def("swiglu_backward", &swiglu_backward, "expert-parallel SwiGLU expert MLP, backward");
+  m.def("mlp_forward", &mlp_forward, "expert-parallel expert MLP, forward");
+  m.def("mlp_backward", &mlp_backward, "expert-parallel expert MLP, backward");
 }
