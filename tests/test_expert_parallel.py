@@ -120,3 +120,19 @@ def test_counting_sort_equals_the_argsort(T, K, E):
     assert k_counts == counts.tolist()
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.sort_by_expert(torch.full((2, 1), E), E)
+
+
+def test_kernel_rejects_inconsistent_layouts():
+    """Counts that do not cover the sorted rows, or name the wrong number of experts, and unknown
+    activation codes are refused with a message, not read out of bounds."""
+    kernels = cpu_kernels.load()
+    x, w_S, tok_S = torch.randn(4, 3), torch.rand(4), torch.arange(4)
+    w_in, w_out = torch.randn(2, 3, 10), torch.randn(2, 5, 3)
+    with pytest.raises(RuntimeError, match="counts sum to 3 rows, tok_S has 4"):
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [1, 2], 0, 2)
+    with pytest.raises(RuntimeError, match="3 counts for 2 experts"):
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [1, 2, 1], 0, 2)
+    with pytest.raises(RuntimeError, match="unknown activation code 7"):
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 7, 2)
+    with pytest.raises(RuntimeError, match="10 columns for F = 5"):
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 1, 2)  # GELU wants [E, D, F]

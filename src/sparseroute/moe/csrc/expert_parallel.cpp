@@ -1,7 +1,7 @@
-// Expert-parallel expert MLP for CPUs (SwiGLU, GELU, SiLU or ReLU experts): the routed rows, sorted by expert, are split into
-// as many equal parts as there are intra-op threads, and each thread runs its part expert by
-// expert with single-threaded ATen ops inside one at::parallel_for region (ATen and MKL do not
-// nest parallelism). Small per-expert matmuls then run without a fork/join per op, and the
+// Expert-parallel expert MLP for CPUs (SwiGLU, GELU, SiLU or ReLU experts): the routed rows,
+// sorted by expert, are split into as many equal parts as there are intra-op threads, and each
+// thread runs its part expert by expert with single-threaded ATen ops inside one
+// at::parallel_for region (ATen and MKL do not nest parallelism). Small per-expert matmuls then run without a fork/join per op, and the
 // threads get equal numbers of rows however skewed the expert loads are. Python:
 // sparseroute.moe.cpu_kernels.
 //
@@ -65,6 +65,15 @@ int64_t largest_piece(const std::vector<std::vector<Piece>>& parts) {
 }
 
 int64_t part_count(int64_t rows, int64_t threads) { return std::max<int64_t>(1, std::min(threads, rows)); }
+
+// The counts must give one entry per expert and cover the S sorted rows exactly.
+void check_layout(const std::vector<int64_t>& counts, const Tensor& w_in, const Tensor& tok_S) {
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == w_in.size(0), "expert_parallel: ", counts.size(),
+              " counts for ", w_in.size(0), " experts");
+  for (int64_t c : counts) TORCH_CHECK(c >= 0, "expert_parallel: negative count ", c);
+  TORCH_CHECK(offsets_of(counts).back() == tok_S.size(0), "expert_parallel: the counts sum to ",
+              offsets_of(counts).back(), " rows, tok_S has ", tok_S.size(0));
+}
 
 // The SwiGLU of n rows of h = [gate | up] (row stride 2F), with sg = sigmoid(gate) given and each
 // row scaled by its routing weight: a = gate * sg * up * w, in one pass.
@@ -176,6 +185,7 @@ Tensor add_parts(std::vector<Tensor>& bufs) {
 std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in, const Tensor& w_out,
                                 const Tensor& tok_S, std::vector<int64_t> counts, int64_t act, int64_t threads) {
   check_activation(act);
+  check_layout(counts, w_in, tok_S);
   const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1), H = w_in.size(2);
   TORCH_CHECK(H == (act == kSwiGLU ? 2 * F : F), "expert_parallel: w_in has ", H, " columns for F = ", F);
   Tensor h = x_TD.new_empty({S, H});
@@ -218,6 +228,7 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
                                  const Tensor& h, const Tensor& a, const Tensor& s, int64_t act,
                                  std::vector<bool> needs, int64_t threads) {
   check_activation(act);
+  check_layout(counts, w_in, tok_S);
   const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0);
   const bool need_x = needs[0], need_w = needs[1], need_in = needs[2], need_out = needs[3];
   const int64_t P = part_count(tok_S.size(0), threads);
