@@ -238,11 +238,10 @@ KERNEL_ACTIVATIONS = {"swiglu": 0, "gelu": 1, "silu": 2, "relu": 3}
 
 
 class ExpertParallelMLP(torch.autograd.Function):
-    """:class:`FusedExpertMLP` (activations of :data:`KERNEL_ACTIVATIONS`; ``act`` is the code),
-    split over the intra-op threads: the rows
-    sorted by expert are cut into one equal part per thread, and each thread runs its part
-    expert by expert with single-threaded ops, inside one parallel region of the compiled kernel
-    (:mod:`sparseroute.moe.cpu_kernels`). The split is a fixed function of the expert loads and
+    """:class:`FusedExpertMLP` (for the activations of :data:`KERNEL_ACTIVATIONS`; ``act`` is the
+    code) split over the intra-op threads: the rows sorted by expert are cut into one equal part
+    per thread, and each thread runs its part expert by expert with single-threaded ops, inside
+    one parallel region of the compiled kernel (:mod:`sparseroute.moe.cpu_kernels`). The split is a fixed function of the expert loads and
     the thread count, so results are deterministic for a given thread count (they differ from
     :class:`FusedExpertMLP` by summation order only)."""
 
