@@ -34,14 +34,6 @@ def test_fused_expert_mlp_gradcheck(activation):
     _expert_mlp_gradcheck(activation, FusedExpertMLP, lambda moe: moe.experts.activation_fn)
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [2, 3], indirect=True)
 @pytest.mark.parametrize("activation", sorted(KERNEL_ACTIVATIONS))
 def test_expert_parallel_mlp_gradcheck(threads, activation):

@@ -11,14 +11,6 @@ from torch.testing import assert_close
 from sparseroute.moe import MoE, cpu_kernels
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_kernel_builds():
     """The kernel must build wherever the test suite runs (a compiler and ninja are part of the
     dev install); only an explicit SPARSEROUTE_NO_EXTENSIONS=1 turns it off."""
@@ -37,7 +29,8 @@ def _train_step(moe, x, g, dispatch):
     return [y.detach(), xr.grad] + [p.grad.clone() for p in moe.parameters()]
 
 
-def test_deterministic_for_a_thread_count_and_close_across_counts(two_threads):
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_deterministic_for_a_thread_count_and_close_across_counts(threads):
     torch.manual_seed(0)
     moe = MoE(32, 24, 6, 2)
     x, g = torch.randn(200, 32), torch.randn(200, 32)

@@ -212,19 +212,18 @@ class FusedExpertMLP(torch.autograd.Function):
 def _fused(x_TD: Tensor, routing: Routing, experts: Experts, kernels=None) -> Tensor:
     """Sort, then the per-expert fused MLP: the compiled expert-parallel one when ``kernels`` is
     given, else the Python loop."""
-    if kernels is not None:  # the same sort, by counting in one pass
-        order_S, tok_S, counts_list = kernels.sort_by_expert(routing.indices, routing.num_experts)
-        counts = tuple(counts_list)
-    else:
+    if kernels is None:
         order_S, tok_S, counts_E = sort_by_expert(routing)
-        counts = tuple(counts_E.tolist())
+        counts = counts_E.tolist()
+    else:  # the same sort, by counting in one pass
+        order_S, tok_S, counts = kernels.sort_by_expert(routing.indices, routing.num_experts)
     if order_S.numel() == 0:
         return x_TD.new_zeros(x_TD.shape)
     w_S = routing.weights.reshape(-1).index_select(0, order_S).to(x_TD.dtype)
-    if kernels is not None:
-        act = KERNEL_ACTIVATIONS[experts.activation]
-        return ExpertParallelMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, kernels, act)
-    return FusedExpertMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, counts, experts.activation_fn)
+    w_in, w_out, counts = experts.w_in, experts.w_out, tuple(counts)
+    if kernels is None:
+        return FusedExpertMLP.apply(x_TD, w_S, w_in, w_out, tok_S, counts, experts.activation_fn)
+    return ExpertParallelMLP.apply(x_TD, w_S, w_in, w_out, tok_S, counts, kernels, KERNEL_ACTIVATIONS[experts.activation])
 
 
 @EXECUTORS.register("fused")
@@ -241,9 +240,10 @@ class ExpertParallelMLP(torch.autograd.Function):
     """:class:`FusedExpertMLP` (for the activations of :data:`KERNEL_ACTIVATIONS`; ``act`` is the
     code) split over the intra-op threads: the rows sorted by expert are cut into one equal part
     per thread, and each thread runs its part expert by expert with single-threaded ops, inside
-    one parallel region of the compiled kernel (:mod:`sparseroute.moe.cpu_kernels`). The split is a fixed function of the expert loads and
-    the thread count, so results are deterministic for a given thread count (they differ from
-    :class:`FusedExpertMLP` by summation order only)."""
+    one parallel region of the compiled kernel (:mod:`sparseroute.moe.cpu_kernels`). The split
+    is a fixed function of the expert loads and the thread count, so results are deterministic
+    for a given thread count (they differ from :class:`FusedExpertMLP` by summation order
+    only)."""
 
     @staticmethod
     def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, kernels, act):

@@ -57,24 +57,6 @@ std::vector<std::vector<Piece>> split_rows(const std::vector<int64_t>& counts, i
   return parts;
 }
 
-int64_t largest_piece(const std::vector<std::vector<Piece>>& parts) {
-  int64_t most = 0;
-  for (const auto& part : parts)
-    for (const auto& piece : part) most = std::max(most, piece.rows);
-  return most;
-}
-
-int64_t part_count(int64_t rows, int64_t threads) { return std::max<int64_t>(1, std::min(threads, rows)); }
-
-// The counts must give one entry per expert and cover the S sorted rows exactly.
-void check_layout(const std::vector<int64_t>& counts, const Tensor& w_in, const Tensor& tok_S) {
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == w_in.size(0), "expert_parallel: ", counts.size(),
-              " counts for ", w_in.size(0), " experts");
-  for (int64_t c : counts) TORCH_CHECK(c >= 0, "expert_parallel: negative count ", c);
-  TORCH_CHECK(offsets_of(counts).back() == tok_S.size(0), "expert_parallel: the counts sum to ",
-              offsets_of(counts).back(), " rows, tok_S has ", tok_S.size(0));
-}
-
 // The SwiGLU of n rows of h = [gate | up] (row stride 2F), with sg = sigmoid(gate) given and each
 // row scaled by its routing weight: a = gate * sg * up * w, in one pass.
 template <typename scalar_t>
@@ -118,9 +100,34 @@ void weighted_swiglu_backward(int64_t n, int64_t F, const scalar_t* ga, const sc
 // Activations, numbered as sparseroute.moe.dispatch.KERNEL_ACTIVATIONS.
 enum Activation : int64_t { kSwiGLU = 0, kGELU = 1, kSiLU = 2, kReLU = 3 };
 
-void check_activation(int64_t act) {
-  TORCH_CHECK(act >= kSwiGLU && act <= kReLU, "expert_parallel: unknown activation code ", act);
-}
+// The checked inputs' split over the threads, the same in the forward and the backward.
+struct Plan {
+  std::vector<std::vector<Piece>> parts;
+  int64_t most = 0;  // rows of the largest piece: the size of the per-thread buffers
+
+  Plan(const std::vector<int64_t>& counts, const Tensor& w_in, const Tensor& w_out, const Tensor& tok_S,
+       int64_t act, int64_t threads) {
+    TORCH_CHECK(act >= kSwiGLU && act <= kReLU, "expert_parallel: unknown activation code ", act);
+    const int64_t E = w_in.size(0), F = w_out.size(1), H = w_in.size(2), S = tok_S.size(0);
+    TORCH_CHECK(H == (act == kSwiGLU ? 2 * F : F), "expert_parallel: w_in has ", H, " columns for F = ", F);
+    TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "expert_parallel: ", counts.size(), " counts for ", E,
+                " experts");
+    for (int64_t c : counts) TORCH_CHECK(c >= 0, "expert_parallel: negative count ", c);
+    const int64_t rows = offsets_of(counts).back();
+    TORCH_CHECK(rows == S, "expert_parallel: the counts sum to ", rows, " rows, tok_S has ", S);
+    parts = split_rows(counts, std::max<int64_t>(1, std::min(threads, S)));
+    for (const auto& part : parts)
+      for (const auto& piece : part) most = std::max(most, piece.rows);
+  }
+
+  int64_t size() const { return static_cast<int64_t>(parts.size()); }
+
+  // The expert whose rows part p continues from an earlier part (its weight gradient is a partial
+  // sum, added after the parallel region), or -1.
+  int64_t continued(int64_t p) const {
+    return parts[p].empty() || !parts[p].front().continues ? -1 : parts[p].front().expert;
+  }
+};
 
 // s = act(h) for the non-gated activations.
 void activation_out(int64_t act, Tensor& s, const Tensor& h) {
@@ -184,19 +191,14 @@ Tensor add_parts(std::vector<Tensor>& bufs) {
 // (weighted activations), s_SF (sigmoid(gate) for SwiGLU, else act(h))}.
 std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in, const Tensor& w_out,
                                 const Tensor& tok_S, std::vector<int64_t> counts, int64_t act, int64_t threads) {
-  check_activation(act);
-  check_layout(counts, w_in, tok_S);
-  const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1), H = w_in.size(2);
-  TORCH_CHECK(H == (act == kSwiGLU ? 2 * F : F), "expert_parallel: w_in has ", H, " columns for F = ", F);
-  Tensor h = x_TD.new_empty({S, H});
+  const Plan plan(counts, w_in, w_out, tok_S, act, threads);
+  const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1), most = plan.most;
+  Tensor h = x_TD.new_empty({S, w_in.size(2)});
   Tensor a = x_TD.new_empty({S, F});
   Tensor s = x_TD.new_empty({S, F});
-  const int64_t P = part_count(S, threads);
-  const auto parts = split_rows(counts, P);
-  const int64_t most = largest_piece(parts);
-  std::vector<Tensor> outs(P);
+  std::vector<Tensor> outs(plan.size());
   for (auto& o : outs) o = at::zeros_like(x_TD);
-  for_each_part(parts, [&](int64_t p, const std::vector<Piece>& pieces) {
+  for_each_part(plan.parts, [&](int64_t p, const std::vector<Piece>& pieces) {
     Tensor x_buf = x_TD.new_empty({most, D}), y_buf = x_TD.new_empty({most, D});
     for (const Piece& piece : pieces) {
       const int64_t e = piece.expert, n = piece.rows, start = piece.start;
@@ -227,13 +229,9 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
                                  const Tensor& w_out, const Tensor& tok_S, std::vector<int64_t> counts,
                                  const Tensor& h, const Tensor& a, const Tensor& s, int64_t act,
                                  std::vector<bool> needs, int64_t threads) {
-  check_activation(act);
-  check_layout(counts, w_in, tok_S);
-  const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0);
+  const Plan plan(counts, w_in, w_out, tok_S, act, threads);
+  const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0), P = plan.size(), most = plan.most;
   const bool need_x = needs[0], need_w = needs[1], need_in = needs[2], need_out = needs[3];
-  const int64_t P = part_count(tok_S.size(0), threads);
-  const auto parts = split_rows(counts, P);
-  const int64_t most = largest_piece(parts);
   Tensor gw = need_w ? at::empty_like(w_S) : Tensor();
   Tensor g_in = need_in ? at::empty_like(w_in) : Tensor();
   Tensor g_out = need_out ? at::empty_like(w_out) : Tensor();
@@ -251,12 +249,12 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   // go to the part's own buffers, added to the expert's after the parallel region
   std::vector<Tensor> rest_in(P), rest_out(P);
   for (int64_t p = 0; p < P; ++p) {
-    if (parts[p].empty() || !parts[p].front().continues) continue;
+    if (plan.continued(p) < 0) continue;
     if (need_in) rest_in[p] = at::empty_like(w_in.select(0, 0));
     if (need_out) rest_out[p] = at::empty_like(w_out.select(0, 0));
   }
   const bool need_hidden = need_x || need_w || need_in;
-  for_each_part(parts, [&](int64_t p, const std::vector<Piece>& pieces) {
+  for_each_part(plan.parts, [&](int64_t p, const std::vector<Piece>& pieces) {
     Tensor g_buf = x_TD.new_empty({most, D}), xd_buf = x_TD.new_empty({most, D});
     Tensor ga_buf = a.new_empty({most, F});
     Tensor gh_buf = h.new_empty({most, h.size(1)});
@@ -299,8 +297,8 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     }
   });
   for (int64_t p = 0; p < P; ++p) {
-    if (parts[p].empty() || !parts[p].front().continues) continue;
-    const int64_t e = parts[p].front().expert;
+    const int64_t e = plan.continued(p);
+    if (e < 0) continue;
     if (need_in) g_in.select(0, e).add_(rest_in[p]);
     if (need_out) g_out.select(0, e).add_(rest_out[p]);
   }
