@@ -3,8 +3,20 @@
 import pytest
 import torch
 
-from sparseroute.moe.routers.base import expert_softmax
+from sparseroute.moe import cpu_kernels
+from sparseroute.moe.routers.base import _softmax_topk_kernels, expert_softmax, softmax_topk, topk_of
 from sparseroute.routing import expert_load
+
+
+def _plain_softmax_topk(logits, k, renormalize):
+    probs = logits.softmax(dim=-1)
+    idx, w = topk_of(probs, k, renormalize)
+    return probs, idx, w
+
+
+def _compiled():
+    if cpu_kernels.load() is None:
+        pytest.skip(f"compiled kernels unavailable: {cpu_kernels.unavailable_reason()}")
 
 
 @pytest.mark.parametrize("E", [1, 2, 8, 15, 16, 64])
@@ -36,3 +48,66 @@ def test_expert_load_matches_a_masked_bincount(shape):
     want = torch.bincount(flat[flat >= 0], minlength=E)
     assert torch.equal(expert_load(idx, E), want)
     assert expert_load(idx, E).dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("T,E,k", [(0, 4, 2), (1, 1, 1), (37, 8, 2), (300, 8, 1), (300, 64, 8), (50, 5, 5), (600, 16, 3)])
+def test_compiled_softmax_topk_matches_the_plain_ops(T, E, k, renormalize, dtype):
+    """The compiled softmax top-k gives the plain ops' probabilities, choices and weights, and the
+    same gradient through the probabilities (as the balance loss uses them) and the weights."""
+    _compiled()
+    torch.manual_seed(T + E + k)
+    logits = (2 * torch.randn(T, E, dtype=dtype)).requires_grad_()
+    ref = logits.detach().clone().requires_grad_()
+    assert _softmax_topk_kernels(logits) is not None
+    probs, idx, w = softmax_topk(logits, k, renormalize)
+    want_p, want_idx, want_w = _plain_softmax_topk(ref, k, renormalize)
+    torch.testing.assert_close(probs, want_p)
+    assert torch.equal(idx, want_idx) and idx.dtype == torch.int64
+    torch.testing.assert_close(w, want_w)
+    g_p, g_w = torch.randn(T, E, dtype=dtype), torch.randn(T, k, dtype=dtype)
+    ((probs * g_p).sum() + (w * g_w).sum() + probs.mean(dim=0).square().sum()).backward()
+    ((want_p * g_p).sum() + (want_w * g_w).sum() + want_p.mean(dim=0).square().sum()).backward()
+    torch.testing.assert_close(logits.grad, ref.grad)
+    # one output alone: the other's gradient is absent, not zero-filled by autograd
+    for pick in (0, 2):
+        logits.grad = ref.grad = None
+        softmax_topk(logits, k, renormalize)[pick].mul(1.5).sum().backward()
+        _plain_softmax_topk(ref, k, renormalize)[pick].mul(1.5).sum().backward()
+        torch.testing.assert_close(logits.grad, ref.grad)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_compiled_softmax_topk_gradcheck(renormalize):
+    _compiled()
+    torch.manual_seed(0)
+    logits = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda l: (lambda p, i, w: (p, w))(*softmax_topk(l, 3, renormalize)), (logits,))
+
+
+def test_compiled_softmax_topk_orders_ties_and_nan():
+    """Equal probabilities go to the lower expert index; a NaN logit makes its token's
+    probabilities NaN (as the softmax does), and the token still gets k distinct valid experts."""
+    _compiled()
+    nan = float("nan")
+    logits = torch.tensor(
+        [[0.0] * 8, [0, 1, 0, 1, 1, 0, 0, 0], [0, 0, 2, 1, 2, 0, 1, 0], [0, nan, 1, 2, 0, 0, 0, 0]]
+    )
+    probs, idx, w = softmax_topk(logits, 3, True)
+    assert idx[:3].tolist() == [[0, 1, 2], [1, 3, 4], [2, 4, 3]]
+    assert probs[3].isnan().all() and w[3].isnan().all()
+    assert sorted(set(idx[3].tolist())) == sorted(idx[3].tolist()) and all(0 <= int(i) < 8 for i in idx[3])
+
+
+def test_compiled_softmax_topk_is_used_only_where_it_applies():
+    _compiled()
+    assert _softmax_topk_kernels(torch.randn(4, 8)) is not None
+    assert _softmax_topk_kernels(torch.randn(4, 8, dtype=torch.bfloat16)) is None
+    assert _softmax_topk_kernels(torch.randn(2, 4, 8)) is None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):
+        assert _softmax_topk_kernels(torch.randn(4, 8)) is None
+    with pytest.raises(RuntimeError, match="k must be in"):
+        cpu_kernels.load().softmax_topk_forward(torch.randn(3, 4), 5, True)

@@ -1,4 +1,5 @@
-"""The compiled expert-parallel CPU kernel (``csrc/expert_parallel.cpp``), built on first use.
+"""The compiled CPU kernels, built on first use: the expert-parallel expert MLP
+(``csrc/expert_parallel.cpp``) and the softmax top-k routing decision (``csrc/softmax_topk.cpp``).
 
 torch's JIT extension builder compiles it once (about a minute) into torch's extension folder
 (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), shared by every process
@@ -12,6 +13,7 @@ kernel off.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import sys
@@ -21,7 +23,8 @@ from types import ModuleType
 
 
 _NAME = "sparseroute_expert_parallel"
-_SOURCE = Path(__file__).with_name("csrc") / "expert_parallel.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name for name in ("expert_parallel.cpp", "softmax_topk.cpp")]
 _LOCK = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -62,6 +65,13 @@ def _log_path() -> Path:
     return build_dir() / "build.log"
 
 
+def _headers_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(_CSRC.glob("*.h")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _build() -> ModuleType:
     if os.environ.get("SPARSEROUTE_NO_EXTENSIONS") == "1":
         raise RuntimeError("compiled kernels disabled by SPARSEROUTE_NO_EXTENSIONS=1")
@@ -71,7 +81,7 @@ def _build() -> ModuleType:
     out.mkdir(parents=True, exist_ok=True)
     if not any(out.glob(f"{_NAME}*.so")):
         print(
-            "sparseroute: building the expert-parallel CPU kernel (once per torch version, about a minute)...",
+            "sparseroute: building the CPU kernels (once per torch version, about a minute)...",
             file=sys.stderr,
             flush=True,
         )
@@ -79,8 +89,10 @@ def _build() -> ModuleType:
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         module = jit_load(
             name=_NAME,
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
+            sources=[str(path) for path in _SOURCES],
+            # torch rebuilds when a source or a flag changes; the headers' hash in a flag makes
+            # a change to a header count too
+            extra_cflags=["-O3", "-fopenmp", f"-DSPARSEROUTE_HEADERS={_headers_hash()}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(out),
             verbose=False,

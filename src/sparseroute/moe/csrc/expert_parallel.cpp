@@ -20,6 +20,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "vector_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,6 +34,7 @@
 namespace {
 
 using at::Tensor;
+using sparseroute::sigmoid_of;
 
 struct Piece {
   int64_t expert, start, rows;
@@ -59,46 +62,6 @@ std::vector<std::vector<Piece>> split_rows(const std::vector<int64_t>& counts, i
     }
   }
   return parts;
-}
-
-// The elementwise loops below are compiled twice, for AVX-512 machines (x86-64-v4) and for the
-// baseline, and the loader picks one: the build itself stays portable.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPARSEROUTE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
-#else
-#define SPARSEROUTE_VECTOR_CLONES
-#endif
-
-// exp(x) in float as plain arithmetic, so that the loops that call it vectorize: Cody-Waite
-// reduction by ln 2 and Cephes' degree-6 polynomial (within 2 ulp of expf). x is clamped to
-// [-87, 88], where 2^n stays a normal float: the sigmoid below is then exact to rounding at
-// both ends (1 / (1 + e^88) is 0 in float's precision of 1, and so on). NaN passes through.
-inline float exp_float(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  // n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to an integer (to nearest)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return (p * r * r + r + 1.0f) * two_n;
-}
-
-// sigmoid(x) = 1 / (1 + e^-x): in float through exp_float (float, bfloat16 and half inputs all
-// compute in float), in double through std::exp (the gradchecks run in double).
-template <typename acc_t>
-inline acc_t sigmoid_of(acc_t x) {
-  if constexpr (std::is_same_v<acc_t, float>)
-    return 1.0f / (1.0f + exp_float(-x));
-  else
-    return acc_t(1) / (acc_t(1) + std::exp(-x));
 }
 
 // The SwiGLU of n rows of h = [gate | up] (row stride 2F), each row scaled by its routing weight:
@@ -385,7 +348,10 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> sort_by_expert(const Tensor& in
   return {order, tok, counts};
 }
 
+void register_softmax_topk(pybind11::module& m);  // softmax_topk.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_softmax_topk(m);
   m.def("sort_by_expert", &sort_by_expert, "routed pairs stably sorted by expert (counting sort)");
   m.def("mlp_forward", &mlp_forward, "expert-parallel expert MLP, forward");
   m.def("mlp_backward", &mlp_backward, "expert-parallel expert MLP, backward");

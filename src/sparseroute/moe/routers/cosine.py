@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseroute.moe.routers.base import Router, RouterConfig, expert_softmax, register_router, topk_of
+from sparseroute.moe.routers.base import Router, RouterConfig, register_router, softmax_topk
 from sparseroute.routing import Routing
 
 
@@ -60,9 +60,8 @@ class CosineRouter(Router):
         z_TR = F.normalize(F.linear(x_TD, self.proj).float(), dim=-1)
         c_ER = F.normalize(self.centroids.float(), dim=-1)
         logits_TE = self.inv_temperature.abs() * (z_TR @ c_ER.t())
-        probs_TE = expert_softmax(logits_TE)
         renorm = self.top_k > 1 if self.config.renormalize is None else self.config.renormalize
-        idx_TK, w_TK = topk_of(probs_TE, self.top_k, renorm)
+        probs_TE, idx_TK, w_TK = softmax_topk(logits_TE, self.top_k, renorm)
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=probs_TE)
 
     @classmethod

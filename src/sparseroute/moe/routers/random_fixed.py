@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparseroute.moe.routers.base import Router, RouterConfig, expert_softmax, register_router, topk_of
+from sparseroute.moe.routers.base import Router, RouterConfig, register_router, softmax_topk
 from sparseroute.routing import Routing
 
 
@@ -36,9 +36,8 @@ class RandomFixedRouter(Router):
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
         logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype)).float()
-        probs_TE = expert_softmax(logits_TE)
         renorm = self.top_k > 1 if self.config.renormalize is None else self.config.renormalize
-        idx_TK, w_TK = topk_of(probs_TE, self.top_k, renorm)
+        probs_TE, idx_TK, w_TK = softmax_topk(logits_TE, self.top_k, renorm)
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=probs_TE)
 
     def routing_parameters(self) -> int:

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router, topk_of
+from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router, softmax_topk, topk_of
 from sparseroute.moe.routers.topk import LinearRouter
 from sparseroute.routing import Routing
 
@@ -199,7 +199,11 @@ class SimilarityRouter(LinearRouter):
         self, x_TD: Tensor, token_ids_T: Tensor | None, *, seq_len: int, token_mixing: Tensor | None = None
     ) -> Routing:
         logits_TE, probs_TE, mixed_TE = self.mixed_probs(x_TD, seq_len, token_mixing)
-        idx_TK, w_TK = topk_of(mixed_TE, self.top_k, self.renormalize())
+        if self.config.mix == 0:  # exactly the topk router, through the same (compiled) path
+            probs_TE, idx_TK, w_TK = softmax_topk(logits_TE, self.top_k, self.renormalize())
+            mixed_TE = probs_TE
+        else:
+            idx_TK, w_TK = topk_of(mixed_TE, self.top_k, self.renormalize())
         with torch.no_grad():
             stats = {"selection_entropy": _entropy(mixed_TE.detach()), "base_entropy": _entropy(probs_TE.detach())}
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=mixed_TE, extra_stats=stats)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseroute.moe.routers.base import Router, RouterConfig, expert_softmax, register_router, topk_of
+from sparseroute.moe.routers.base import Router, RouterConfig, register_router, softmax_topk
 from sparseroute.routing import Routing
 
 
@@ -59,6 +59,5 @@ class TopKRouter(LinearRouter):
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
         logits_TE = self.logits(x_TD)
-        probs_TE = expert_softmax(logits_TE)
-        idx_TK, w_TK = topk_of(probs_TE, self.top_k, self.renormalize())
+        probs_TE, idx_TK, w_TK = softmax_topk(logits_TE, self.top_k, self.renormalize())
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=probs_TE)

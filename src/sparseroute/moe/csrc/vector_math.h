@@ -1,0 +1,62 @@
+// Small math for the CPU kernels' elementwise loops, written so that the loops vectorize.
+// Included by expert_parallel.cpp and softmax_topk.cpp; sparseroute.moe.cpu_kernels rebuilds them
+// when this file changes.
+
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace sparseroute {
+
+// The elementwise loops below are compiled twice, for AVX-512 machines (x86-64-v4) and for the
+// baseline, and the loader picks one: the build itself stays portable.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARSEROUTE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define SPARSEROUTE_VECTOR_CLONES
+#endif
+
+// exp(x) in float as plain arithmetic, so that the loops that call it vectorize: Cody-Waite
+// reduction by ln 2 and Cephes' degree-6 polynomial, within 2 ulp of expf for x in [-87, 88].
+// Above 88 it returns e^88 (callers only ever divide by 1 + e^x there, where that is already 1
+// in float's precision, or 0 from 1 / (1 + e^x)); below -87, where expf leaves the normal floats,
+// it returns 0. NaN passes through.
+inline float exp_float(float x) {
+  float xc = x < -87.0f ? -87.0f : x;  // in range for the 2^n below
+  xc = xc > 88.0f ? 88.0f : xc;
+  // n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to an integer (to nearest)
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  const float e = (p * r * r + r + 1.0f) * two_n;
+  return x < -87.0f ? 0.0f : e;
+}
+
+// exp in the accumulation type: exp_float for float (also what bfloat16 and half compute in),
+// std::exp for double (the gradchecks run in double).
+template <typename acc_t>
+inline acc_t exp_of(acc_t x) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    return exp_float(x);
+  else
+    return std::exp(x);
+}
+
+// sigmoid(x) = 1 / (1 + e^-x).
+template <typename acc_t>
+inline acc_t sigmoid_of(acc_t x) {
+  return acc_t(1) / (acc_t(1) + exp_of<acc_t>(-x));
+}
+
+}  // namespace sparseroute
