@@ -1,9 +1,10 @@
 """Training throughput: the `tiny` dense LM vs `tiny` with top-2-of-8 MoE FFNs of the same active
 parameters (expert hidden = dense hidden / 2), interleaved in one process.
 
-Each timed block is ``--steps`` full training steps (forward, backward, clip, AdamW step, router
-hooks) on batches of the stdlib corpus; the median over ``--repeats`` blocks is taken after one
-warm-up block. Prints a table to stderr and one JSON line last.
+Each timed block is ``--steps`` full training steps as ``sparseroute train`` runs them (forward,
+backward, clip, AdamW step, router hooks) on batches of the stdlib corpus; the median over
+``--repeats`` blocks is taken after one warm-up block. Prints a table to stderr and one JSON line
+last.
 
 The headline ``moe_over_dense_tokens_per_s`` is the ratio of the two median throughputs. Because
 the speed of a shared machine drifts over seconds, the JSON also gives the ratio within each
@@ -29,7 +30,7 @@ from sparseroute.data import DataConfig, get_batch, prepare
 from sparseroute.models import MoESettings, TransformerLM, preset
 from sparseroute.moe import after_optimizer_step
 from sparseroute.train.config import TrainConfig
-from sparseroute.train.loop import make_optimizer
+from sparseroute.train.loop import clip_grad_norm, make_optimizer
 
 
 def bootstrap_ratio_ci(dense_times: list[float], moe_times: list[float], draws: int = 2000) -> tuple[float, float]:
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
             loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1)) + out.aux_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            clip_grad_norm(model.parameters(), 1.0)
             opt.step()
             after_optimizer_step(model)
             run["step"] += 1

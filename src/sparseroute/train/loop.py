@@ -47,6 +47,19 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm), with the same total norm and the same gradients
+    to the bit, but without its multiply when the factor it would apply is 1 (the norm is within
+    ``max_norm``), which in most steps of a typical run saves a full pass over the gradients: on
+    the CPU, checking the factor costs nothing."""
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    # torch multiplies by min(max_norm / (total + 1e-6), 1); multiplying by 1 changes nothing
+    if not bool(max_norm / (total + 1e-6) >= 1.0):  # NaN multiplies too, as in torch
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 @torch.no_grad()
 def evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_tokens: int, device) -> dict[str, Any]:
     """Mean cross-entropy (nats/token) and perplexity over up to ``max_tokens`` of ``tokens``; for MoE
@@ -251,7 +264,7 @@ def train(
         loss = ce + aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        gnorm = clip_grad_norm(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         _check_finite(step, "the gradient norm", gnorm)
         optimizer.step()
         after_optimizer_step(model)
