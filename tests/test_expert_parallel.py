@@ -131,23 +131,23 @@ def test_kernel_rejects_inconsistent_layouts():
         kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 1, 2)  # GELU wants [E, D, F]
 
 
-def test_kernel_sigmoid_matches_torch():
-    """The SwiGLU pass computes sigmoid(gate) itself (a vectorisable exp): within 2 ulp of
-    torch.sigmoid over the range where it is not vanishingly small, 0 to float precision below,
-    NaN kept, and the weighted activation built from it."""
+def test_kernel_swiglu_sigmoid_matches_torch():
+    """The SwiGLU pass computes sigmoid(gate) itself (a vectorisable exp): with up = 1 and routing
+    weight 1 the weighted activation is gate * sigmoid(gate), within 3 ulp of torch's where that
+    is not vanishingly small, about 0 below, NaN kept; and it is not kept for the backward."""
     kernels = cpu_kernels.load()
-    gate = torch.cat([torch.linspace(-100, 100, 40001), torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-30])])
+    gate = torch.cat([torch.linspace(-100, 100, 40001), torch.tensor([0.0, -0.0, float("inf"), 1e-30])])
     F = gate.numel()
-    up = torch.linspace(-3, 3, F)
-    w_in = torch.cat([gate, up]).reshape(1, 1, 2 * F)
-    x, w_S, tok_S = torch.ones(1, 1), torch.tensor([0.75]), torch.zeros(1, dtype=torch.long)
+    w_in = torch.cat([gate, torch.ones(F)]).reshape(1, 1, 2 * F)
+    x, w_S, tok_S = torch.ones(1, 1), torch.ones(1), torch.zeros(1, dtype=torch.long)
     _, _, a, s = kernels.mlp_forward(x, w_S, w_in, torch.zeros(1, F, 1), tok_S, [1], 0, 1)
-    ref = torch.sigmoid(gate)
-    ulps = (s[0].view(torch.int32) - ref.view(torch.int32)).abs()
-    assert int(ulps[gate > -80].max()) <= 2
-    assert float(s[0][gate <= -80].max()) < 1e-34 and float(s[0][gate == float("inf")]) == 1.0
-    finite = gate.isfinite()
-    assert_close(a[0][finite], (gate * s[0] * up * 0.75)[finite])
+    assert s.numel() == 0
+    ref = gate * torch.sigmoid(gate)
+    big = (gate.abs() > 1e-20) & gate.isfinite() & (gate > -80)
+    ulps = (a[0].view(torch.int32) - ref.view(torch.int32)).abs()
+    assert int(ulps[big].max()) <= 3
+    assert float(a[0][gate <= -80].abs().max()) < 1e-30
+    assert float(a[0][gate == float("inf")]) == float("inf") and float(a[0][gate == 0].abs().max()) == 0.0
     nan = torch.tensor([float("nan")])
-    _, _, a, s = kernels.mlp_forward(x, w_S, torch.cat([nan, nan]).reshape(1, 1, 2), torch.zeros(1, 1, 1), tok_S, [1], 0, 1)
-    assert s.isnan().all() and a.isnan().all()
+    _, _, a, _ = kernels.mlp_forward(x, w_S, torch.cat([nan, nan]).reshape(1, 1, 2), torch.zeros(1, 1, 1), tok_S, [1], 0, 1)
+    assert a.isnan().all()

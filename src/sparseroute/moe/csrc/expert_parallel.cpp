@@ -65,22 +65,19 @@ std::vector<std::vector<Piece>> split_rows(const std::vector<int64_t>& counts, i
 }
 
 // The SwiGLU of n rows of h = [gate | up] (row stride 2F), each row scaled by its routing weight:
-// a = gate * sg * up * w with sg = sigmoid(gate), kept for the backward, in one pass.
+// a = gate * sigmoid(gate) * up * w, in one pass. The sigmoid is not kept: the backward
+// recomputes it from the gate it reads anyway, which costs less than writing and reading it.
 template <typename scalar_t>
-SPARSEROUTE_VECTOR_CLONES void weighted_swiglu(int64_t n, int64_t F, const scalar_t* h, const scalar_t* w,
-                                               scalar_t* sg, scalar_t* a) {
+SPARSEROUTE_VECTOR_CLONES void weighted_swiglu(int64_t n, int64_t F, const scalar_t* h, const scalar_t* w, scalar_t* a) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t *gate = h + r * 2 * F, *up = gate + F;
-    scalar_t *sig = sg + r * F, *out = a + r * F;
+    scalar_t* out = a + r * F;
     const acc_t wr = static_cast<acc_t>(w[r]);
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) {
       const acc_t x = static_cast<acc_t>(gate[f]);
-      const acc_t s = sigmoid_of<acc_t>(x);
-      sig[f] = static_cast<scalar_t>(s);
-      // the backward reads sg rounded to scalar_t; a uses the same rounded value
-      out[f] = static_cast<scalar_t>(x * static_cast<acc_t>(static_cast<scalar_t>(s)) * static_cast<acc_t>(up[f]) * wr);
+      out[f] = static_cast<scalar_t>(x * sigmoid_of<acc_t>(x) * static_cast<acc_t>(up[f]) * wr);
     }
   }
 }
@@ -88,17 +85,17 @@ SPARSEROUTE_VECTOR_CLONES void weighted_swiglu(int64_t n, int64_t F, const scala
 // Its backward, in one pass: from ga = dL/da, gh = [dL/dgate | dL/dup] (row stride 2F) and, when
 // gw is not null, gw[r] = dL/dw[r] = sum_f ga * silu(gate) * up. silu'(x) = s (1 + x (1 - s)).
 template <typename scalar_t>
-SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward(int64_t n, int64_t F, const scalar_t* ga, const scalar_t* h, const scalar_t* sg,
-                              const scalar_t* w, scalar_t* gh, scalar_t* gw) {
+SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward(int64_t n, int64_t F, const scalar_t* ga, const scalar_t* h,
+                                                        const scalar_t* w, scalar_t* gh, scalar_t* gw) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t r = 0; r < n; ++r) {
-    const scalar_t *gate = h + r * 2 * F, *up = gate + F, *sig = sg + r * F, *g = ga + r * F;
+    const scalar_t *gate = h + r * 2 * F, *up = gate + F, *g = ga + r * F;
     scalar_t *g_gate = gh + r * 2 * F, *g_up = g_gate + F;
     const acc_t wr = static_cast<acc_t>(w[r]);
     acc_t dw = 0;
 #pragma omp simd reduction(+ : dw)
     for (int64_t f = 0; f < F; ++f) {
-      const acc_t x = static_cast<acc_t>(gate[f]), s = static_cast<acc_t>(sig[f]);
+      const acc_t x = static_cast<acc_t>(gate[f]), s = sigmoid_of<acc_t>(x);
       const acc_t u = static_cast<acc_t>(up[f]), gr = static_cast<acc_t>(g[f]);
       const acc_t g_silu = gr * x * s;  // ga * silu(gate)
       dw += g_silu * u;
@@ -200,14 +197,14 @@ Tensor add_parts(std::vector<Tensor>& bufs) {
 }  // namespace
 
 // Returns {out_TD, h_SH (pre-activations: [gate | up] for SwiGLU, H = 2F; else H = F), a_SF
-// (weighted activations), s_SF (sigmoid(gate) for SwiGLU, else act(h))}.
+// (weighted activations), s_SF (act(h) for the non-gated activations; empty for SwiGLU)}.
 std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in, const Tensor& w_out,
                                 const Tensor& tok_S, std::vector<int64_t> counts, int64_t act, int64_t threads) {
   const Plan plan(counts, w_in, w_out, tok_S, act, threads);
   const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1), most = plan.most;
   Tensor h = x_TD.new_empty({S, w_in.size(2)});
   Tensor a = x_TD.new_empty({S, F});
-  Tensor s = x_TD.new_empty({S, F});
+  Tensor s = x_TD.new_empty({act == kSwiGLU ? 0 : S, F});
   std::vector<Tensor> outs(plan.size());
   for (auto& o : outs) o = at::empty_like(x_TD);
   for_each_part(plan.parts, [&](int64_t p, const std::vector<Piece>& pieces) {
@@ -217,15 +214,16 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
       const int64_t e = piece.expert, n = piece.rows, start = piece.start;
       Tensor t = tok_S.narrow(0, start, n);
       Tensor x_e = x_buf.narrow(0, 0, n), y_e = y_buf.narrow(0, 0, n);
-      Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n), s_e = s.narrow(0, start, n);
+      Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n);
       at::index_select_out(x_e, x_TD, 0, t);
       at::mm_out(h_e, x_e, w_in.select(0, e));
       if (act == kSwiGLU) {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
           weighted_swiglu<scalar_t>(n, F, h_e.const_data_ptr<scalar_t>(), w_S.const_data_ptr<scalar_t>() + start,
-                                    s_e.mutable_data_ptr<scalar_t>(), a_e.mutable_data_ptr<scalar_t>());
+                                    a_e.mutable_data_ptr<scalar_t>());
         });
       } else {
+        Tensor s_e = s.narrow(0, start, n);
         activation_out(act, s_e, h_e);
         at::mul_out(a_e, s_e, w_S.narrow(0, start, n).unsqueeze(1));
       }
@@ -288,8 +286,7 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
         if (act == kSwiGLU) {
           weighted_swiglu_backward<scalar_t>(n, F, ga.const_data_ptr<scalar_t>(),
-                                             h.const_data_ptr<scalar_t>() + start * 2 * F,
-                                             s.const_data_ptr<scalar_t>() + start * F, w_e,
+                                             h.const_data_ptr<scalar_t>() + start * 2 * F, w_e,
                                              gh.mutable_data_ptr<scalar_t>(), gw_e);
         } else {
           scaled_rows_backward<scalar_t>(n, F, ga.mutable_data_ptr<scalar_t>(),
