@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router, topk_of
+from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router, softmax_topk, topk_of
 from sparseroute.moe.routers.topk import LinearRouter
 from sparseroute.routing import Routing
 
@@ -89,10 +89,10 @@ class SinkhornRouter(LinearRouter):
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
         logits_TE = self.logits(x_TD)
-        probs_TE = expert_softmax(logits_TE)
         renorm = self.renormalize()
         extra = {"sinkhorn_applied": torch.zeros(())}
         if self.use_plan() and x_TD.shape[0] > 0:
+            probs_TE = expert_softmax(logits_TE)
             cfg = self.config
             plan_TE, iters, err = sinkhorn_plan(logits_TE.detach(), cfg.xi, cfg.max_iters, cfg.tol)
             idx_TK, w_TK = topk_of(plan_TE, self.top_k, renorm, weights_from=probs_TE)
@@ -101,6 +101,6 @@ class SinkhornRouter(LinearRouter):
                 "sinkhorn_iters": torch.tensor(float(iters)),
                 "sinkhorn_marginal_error": torch.tensor(err),
             }
-        else:
-            idx_TK, w_TK = topk_of(probs_TE, self.top_k, renorm)
+        else:  # plain softmax top-k, through the compiled path on the CPU
+            probs_TE, idx_TK, w_TK = softmax_topk(logits_TE, self.top_k, renorm)
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=probs_TE, extra_stats=extra)
