@@ -40,8 +40,8 @@ class MoEConfig:
     num_shared_experts / shared_d_ff / shared_gate: dense expert(s) every token uses; their hidden
         size defaults to num_shared_experts · d_ff; shared_gate scales them by sigmoid(w·x).
     dispatch: executor name: "auto" (grouped on CUDA; on the CPU parallel, the compiled kernel,
-        or fused where it cannot be built), "grouped", "fused", "parallel", "loop", or "reference" (the per-token
-        oracle, for tests).
+        or fused where it cannot be built), "grouped", "fused", "parallel", "loop", or
+        "reference" (the per-token oracle, for tests).
     hops: H, multi-hop routing through the same experts: h_0 = x, h_{i+1} = h_i + MoE_i(h_i),
         re-routing at every hop; the layer returns h_H - x (H = 1 is the plain layer).
     hop_routers: hop i > 0 has its own router (same type and options) instead of hop 0's.

@@ -1,9 +1,9 @@
 // Expert-parallel expert MLP for CPUs (SwiGLU, GELU, SiLU or ReLU experts): the routed rows,
 // sorted by expert, are split into as many equal parts as there are intra-op threads, and each
 // thread runs its part expert by expert with single-threaded ATen ops inside one
-// at::parallel_for region (ATen and MKL do not nest parallelism). Small per-expert matmuls then run without a fork/join per op, and the
-// threads get equal numbers of rows however skewed the expert loads are. Python:
-// sparseroute.moe.cpu_kernels.
+// at::parallel_for region (ATen and MKL do not nest parallelism). Small per-expert matmuls then
+// run without a fork/join per op, and the threads get equal numbers of rows however skewed the
+// expert loads are. Python: sparseroute.moe.cpu_kernels.
 //
 // Legend: T tokens, D model dim, E experts, F expert hidden, S routed rows sorted by expert,
 // P parts. The rows of expert e are [offset[e], offset[e] + counts[e]) of the S rows; tok_S[s]
@@ -23,11 +23,7 @@
 #include "vector_math.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <numeric>
-#include <type_traits>
 #include <tuple>
 #include <vector>
 

@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from sparseroute.moe import cpu_kernels
 from sparseroute.moe.losses import load_balance_loss, z_loss
 from sparseroute.routing import Registry, Routing, routing_stats
 
@@ -250,10 +252,6 @@ class _SoftmaxTopK(torch.autograd.Function):
 def _softmax_topk_kernels(logits_TE: Tensor):
     """The compiled kernels when they apply to these logits (a float32/float64 [T, E] CPU tensor,
     no Python dispatch mode such as fake tensors active), else None."""
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
-    from sparseroute.moe import cpu_kernels
-
     if (
         logits_TE.dim() != 2
         or logits_TE.device.type != "cpu"

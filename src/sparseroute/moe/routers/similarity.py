@@ -174,17 +174,20 @@ class SimilarityRouter(LinearRouter):
         causal_SS = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x_TD.device).tril()
         return scores_NSS.masked_fill(~causal_SS, float("-inf")).softmax(dim=-1)
 
-    def mixed_probs(
-        self, x_TD: Tensor, seq_len: int, token_mixing: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(logits, base p, mixed p^), each [T, E]. ``token_mixing`` ([N, S, S]) is used (and
-        required) with features="attention" only."""
+    def _require_token_mixing(self, token_mixing: Tensor | None) -> None:
         if self.needs_token_mixing and token_mixing is None:
             raise ValueError(
                 "token_mixing: features='attention' needs the attention weights of the preceding attention "
                 "layer: use it inside TransformerLM, or pass token_mixing (an [N, S, S] row-stochastic, "
                 "causal matrix) to the router / MoE layer"
             )
+
+    def mixed_probs(
+        self, x_TD: Tensor, seq_len: int, token_mixing: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits, base p, mixed p^), each [T, E]. ``token_mixing`` ([N, S, S]) is used (and
+        required) with features="attention" only."""
+        self._require_token_mixing(token_mixing)
         logits_TE = self.logits(x_TD)
         probs_TE = expert_softmax(logits_TE)
         if self.config.mix == 0:
@@ -198,11 +201,13 @@ class SimilarityRouter(LinearRouter):
     def route(
         self, x_TD: Tensor, token_ids_T: Tensor | None, *, seq_len: int, token_mixing: Tensor | None = None
     ) -> Routing:
-        logits_TE, probs_TE, mixed_TE = self.mixed_probs(x_TD, seq_len, token_mixing)
         if self.config.mix == 0:  # exactly the topk router, through the same (compiled) path
+            self._require_token_mixing(token_mixing)
+            logits_TE = self.logits(x_TD)
             probs_TE, idx_TK, w_TK = softmax_topk(logits_TE, self.top_k, self.renormalize())
             mixed_TE = probs_TE
         else:
+            logits_TE, probs_TE, mixed_TE = self.mixed_probs(x_TD, seq_len, token_mixing)
             idx_TK, w_TK = topk_of(mixed_TE, self.top_k, self.renormalize())
         with torch.no_grad():
             stats = {"selection_entropy": _entropy(mixed_TE.detach()), "base_entropy": _entropy(probs_TE.detach())}
