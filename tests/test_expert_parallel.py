@@ -116,8 +116,9 @@ def test_counting_sort_equals_the_argsort(T, K, E):
 
 
 def test_kernel_rejects_inconsistent_layouts():
-    """Counts that do not cover the sorted rows, or name the wrong number of experts, and unknown
-    activation codes are refused with a message, not read out of bounds."""
+    """Counts that do not cover the sorted rows, or name the wrong number of experts, unknown
+    activation codes, tokens out of range and badly laid-out inputs are refused with a message,
+    not read out of bounds."""
     kernels = cpu_kernels.load()
     x, w_S, tok_S = torch.randn(4, 3), torch.rand(4), torch.arange(4)
     w_in, w_out = torch.randn(2, 3, 10), torch.randn(2, 5, 3)
@@ -129,6 +130,18 @@ def test_kernel_rejects_inconsistent_layouts():
         kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 7, 2)
     with pytest.raises(RuntimeError, match="10 columns for F = 5"):
         kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 1, 2)  # GELU wants [E, D, F]
+    # the row loops index x and the gradient with the tokens unchecked: the plan checks them once
+    w_in = torch.randn(2, 3, 5)
+    for bad in (torch.tensor([0, 1, 2, 4]), torch.tensor([0, -1, 2, 3])):
+        with pytest.raises(RuntimeError, match=f"token {bad[bad.ne(torch.arange(4))].item()} out of range for 4 tokens"):
+            kernels.mlp_forward(x, w_S, w_in, w_out, bad, [2, 2], 1, 2)
+    with pytest.raises(RuntimeError, match="tok_S must be a contiguous 1-D int64"):
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S.int(), [2, 2], 1, 2)
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        kernels.mlp_forward(torch.randn(3, 4).t(), w_S, w_in, w_out, tok_S, [2, 2], 1, 2)
+    out, h, a, s = kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 1, 2)
+    with pytest.raises(RuntimeError, match="output gradient must be a contiguous tensor of x's shape"):
+        kernels.mlp_backward(torch.randn(4, 2), x, w_S, w_in, w_out, tok_S, [2, 2], h, a, s, 1, [True] * 4, 2)
 
 
 def test_kernel_swiglu_sigmoid_matches_torch():

@@ -91,6 +91,14 @@ class Routing:
 
 
 @torch.no_grad()
+def mean_entropy(p: Tensor) -> Tensor:
+    """Mean over the rows of ``p`` (distributions over the last dimension) of their entropy in
+    nats, with 0 log 0 = 0; 0 when there are no rows."""
+    if p.numel() == 0:
+        return torch.zeros((), device=p.device)
+    return torch.special.entr(p).sum(dim=-1).mean()  # -p log p in one pass
+
+
 def routing_stats(
     indices_TK: Tensor,
     num_experts: int,
@@ -116,10 +124,7 @@ def routing_stats(
         p = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
     else:
         p = None
-    if p is not None and p.numel() > 0:
-        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean()
-    else:
-        entropy = torch.zeros(())
+    entropy = mean_entropy(p) if p is not None else torch.zeros(())
     active = (indices_TK >= 0).sum(dim=1).float()
     return {
         "tokens_per_expert": load,

@@ -1,9 +1,10 @@
 // Expert-parallel expert MLP for CPUs (SwiGLU, GELU, SiLU or ReLU experts): the routed rows,
 // sorted by expert, are split into as many equal parts as there are intra-op threads, and each
-// thread runs its part expert by expert with single-threaded ATen ops inside one
-// at::parallel_for region (ATen and MKL do not nest parallelism). Small per-expert matmuls then
-// run without a fork/join per op, and the threads get equal numbers of rows however skewed the
-// expert loads are. Python: sparseroute.moe.cpu_kernels.
+// thread runs its part expert by expert with single-threaded ATen matmuls (and its own row
+// gather and scatter-add loops) inside one at::parallel_for region (ATen and MKL do not nest
+// parallelism). Small per-expert matmuls then run without a fork/join per op, and the threads
+// get equal numbers of rows however skewed the expert loads are. Python:
+// sparseroute.moe.cpu_kernels.
 //
 // Legend: T tokens, D model dim, E experts, F expert hidden, S routed rows sorted by expert,
 // P parts. The rows of expert e are [offset[e], offset[e] + counts[e]) of the S rows; tok_S[s]
@@ -102,6 +103,43 @@ SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward(int64_t n, int64_t F, co
   }
 }
 
+// dst[r] = src[tok[r]] for n rows of D values: index_select over rows, without its per-call
+// dispatch and checks (the plan checked the tokens once).
+template <typename scalar_t>
+SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* tok, const scalar_t* src, scalar_t* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* from = src + tok[r] * D;
+    scalar_t* to = dst + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) to[d] = from[d];
+  }
+}
+
+// out[tok[r]] += y[r] for n rows of D values, in row order: index_add over rows, with the same
+// additions in the same order (so the same result to the bit), without its per-row dispatch.
+template <typename scalar_t>
+SPARSEROUTE_VECTOR_CLONES void add_rows(int64_t n, int64_t D, const int64_t* tok, const scalar_t* y, scalar_t* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    scalar_t* to = out + tok[r] * D;
+    const scalar_t* from = y + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) to[d] += from[d];
+  }
+}
+
+// The two over tensors: dst [n, D] = src[tok]; out[tok] += y [n, D]. All contiguous.
+void gather_rows_out(Tensor& dst, const Tensor& src, const int64_t* tok) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_rows", [&] {
+    gather_rows<scalar_t>(dst.size(0), src.size(1), tok, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void add_rows_out(Tensor& out, const int64_t* tok, const Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "add_rows", [&] {
+    add_rows<scalar_t>(y.size(0), y.size(1), tok, y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+  });
+}
+
 // Activations, numbered as sparseroute.moe.dispatch.KERNEL_ACTIVATIONS.
 enum Activation : int64_t { kSwiGLU = 0, kGELU = 1, kSiLU = 2, kReLU = 3 };
 
@@ -110,10 +148,16 @@ struct Plan {
   std::vector<std::vector<Piece>> parts;
   int64_t most = 0;  // rows of the largest piece: the size of the per-thread buffers
 
-  Plan(const std::vector<int64_t>& counts, const Tensor& w_in, const Tensor& w_out, const Tensor& tok_S,
-       int64_t act, int64_t threads) {
+  Plan(const std::vector<int64_t>& counts, const Tensor& x_TD, const Tensor& w_in, const Tensor& w_out,
+       const Tensor& tok_S, int64_t act, int64_t threads) {
     TORCH_CHECK(act >= kSwiGLU && act <= kReLU, "expert_parallel: unknown activation code ", act);
-    const int64_t E = w_in.size(0), F = w_out.size(1), H = w_in.size(2), S = tok_S.size(0);
+    TORCH_CHECK(x_TD.dim() == 2 && x_TD.is_contiguous(), "expert_parallel: x must be a contiguous [T, D] tensor");
+    TORCH_CHECK(tok_S.dim() == 1 && tok_S.scalar_type() == at::kLong && tok_S.is_contiguous(),
+                "expert_parallel: tok_S must be a contiguous 1-D int64 tensor");
+    const int64_t E = w_in.size(0), F = w_out.size(1), H = w_in.size(2), S = tok_S.size(0), T = x_TD.size(0);
+    const int64_t* tok = tok_S.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < S; ++r)  // the row loops index x with these unchecked
+      TORCH_CHECK(tok[r] >= 0 && tok[r] < T, "expert_parallel: token ", tok[r], " out of range for ", T, " tokens");
     TORCH_CHECK(H == (act == kSwiGLU ? 2 * F : F), "expert_parallel: w_in has ", H, " columns for F = ", F);
     TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "expert_parallel: ", counts.size(), " counts for ", E,
                 " experts");
@@ -196,7 +240,7 @@ Tensor add_parts(std::vector<Tensor>& bufs) {
 // (weighted activations), s_SF (act(h) for the non-gated activations; empty for SwiGLU)}.
 std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in, const Tensor& w_out,
                                 const Tensor& tok_S, std::vector<int64_t> counts, int64_t act, int64_t threads) {
-  const Plan plan(counts, w_in, w_out, tok_S, act, threads);
+  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads);
   const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1), most = plan.most;
   Tensor h = x_TD.new_empty({S, w_in.size(2)});
   Tensor a = x_TD.new_empty({S, F});
@@ -208,10 +252,10 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
     Tensor x_buf = x_TD.new_empty({most, D}), y_buf = x_TD.new_empty({most, D});
     for (const Piece& piece : pieces) {
       const int64_t e = piece.expert, n = piece.rows, start = piece.start;
-      Tensor t = tok_S.narrow(0, start, n);
+      const int64_t* t = tok_S.const_data_ptr<int64_t>() + start;
       Tensor x_e = x_buf.narrow(0, 0, n), y_e = y_buf.narrow(0, 0, n);
       Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n);
-      at::index_select_out(x_e, x_TD, 0, t);
+      gather_rows_out(x_e, x_TD, t);
       at::mm_out(h_e, x_e, w_in.select(0, e));
       if (act == kSwiGLU) {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
@@ -224,7 +268,7 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
         at::mul_out(a_e, s_e, w_S.narrow(0, start, n).unsqueeze(1));
       }
       at::mm_out(y_e, a_e, w_out.select(0, e));
-      outs[p].index_add_(0, t, y_e);
+      add_rows_out(outs[p], t, y_e);
     }
   });
   return {add_parts(outs), h, a, s};
@@ -235,7 +279,9 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
                                  const Tensor& w_out, const Tensor& tok_S, std::vector<int64_t> counts,
                                  const Tensor& h, const Tensor& a, const Tensor& s, int64_t act,
                                  std::vector<bool> needs, int64_t threads) {
-  const Plan plan(counts, w_in, w_out, tok_S, act, threads);
+  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads);
+  TORCH_CHECK(g_TD.sizes() == x_TD.sizes() && g_TD.scalar_type() == x_TD.scalar_type() && g_TD.is_contiguous(),
+              "expert_parallel: the output gradient must be a contiguous tensor of x's shape and dtype");
   const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0), P = plan.size(), most = plan.most;
   const bool need_x = needs[0], need_w = needs[1], need_in = needs[2], need_out = needs[3];
   Tensor gw = need_w ? at::empty_like(w_S) : Tensor();
@@ -267,9 +313,9 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     Tensor gh_buf = h.new_empty({most, h.size(1)});
     for (const Piece& piece : pieces) {
       const int64_t e = piece.expert, n = piece.rows, start = piece.start;
-      Tensor t = tok_S.narrow(0, start, n);
+      const int64_t* t = tok_S.const_data_ptr<int64_t>() + start;
       Tensor ge = g_buf.narrow(0, 0, n);
-      at::index_select_out(ge, g_TD, 0, t);
+      gather_rows_out(ge, g_TD, t);
       if (need_out) {
         Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
         at::mm_out(g_out_e, a.narrow(0, start, n).t(), ge);
@@ -292,13 +338,13 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
       if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, start, n));
       Tensor xd = xd_buf.narrow(0, 0, n);
       if (need_in) {
-        at::index_select_out(xd, x_TD, 0, t);
+        gather_rows_out(xd, x_TD, t);
         Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
         at::mm_out(g_in_e, xd.t(), gh);
       }
       if (need_x) {
         at::mm_out(xd, gh, w_in.select(0, e).t());
-        gxs[p].index_add_(0, t, xd);
+        add_rows_out(gxs[p], t, xd);
       }
     }
   });

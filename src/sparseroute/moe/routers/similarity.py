@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router, softmax_topk, topk_of
 from sparseroute.moe.routers.topk import LinearRouter
-from sparseroute.routing import Routing
+from sparseroute.routing import Routing, mean_entropy
 
 FEATURES = ("projection", "logits", "attention")
 
@@ -119,12 +119,6 @@ def attention_mixed_probs(probs_TE: Tensor, attn_NSS: Tensor, seq_len: int, mix:
     if mix == 1:
         return mixed_NSE.reshape(T, E)
     return ((1.0 - mix) * p_NSE + mix * mixed_NSE).reshape(T, E)
-
-
-def _entropy(p_TE: Tensor) -> Tensor:
-    if p_TE.numel() == 0:
-        return torch.zeros((), device=p_TE.device)
-    return -(p_TE * p_TE.clamp_min(1e-12).log()).sum(-1).mean()
 
 
 @register_router("similarity")
@@ -210,5 +204,5 @@ class SimilarityRouter(LinearRouter):
             logits_TE, probs_TE, mixed_TE = self.mixed_probs(x_TD, seq_len, token_mixing)
             idx_TK, w_TK = topk_of(mixed_TE, self.top_k, self.renormalize())
         with torch.no_grad():
-            stats = {"selection_entropy": _entropy(mixed_TE.detach()), "base_entropy": _entropy(probs_TE.detach())}
+            stats = {"selection_entropy": mean_entropy(mixed_TE.detach()), "base_entropy": mean_entropy(probs_TE.detach())}
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=mixed_TE, extra_stats=stats)
