@@ -164,3 +164,74 @@ def test_kernel_swiglu_sigmoid_matches_torch():
     nan = torch.tensor([float("nan")])
     _, _, a, _ = kernels.mlp_forward(x, w_S, torch.cat([nan, nan]).reshape(1, 1, 2), torch.zeros(1, 1, 1), tok_S, [1], 0, 1)
     assert a.isnan().all()
+
+
+@pytest.fixture
+def workspace():
+    """The activation cache on with room to spare; its limits restored afterwards."""
+    before = cpu_kernels.workspace_state()
+    cpu_kernels.set_workspace_limits(8, 1 << 30)
+    yield
+    cpu_kernels.set_workspace_limits(before["slots"], before["max_bytes"])
+
+
+def _kernel_forward(kernels, seed=0):
+    torch.manual_seed(seed)
+    T, D, E, F = 40, 16, 4, 8
+    x, w_S = torch.randn(T, D), torch.rand(2 * T)
+    w_in, w_out = torch.randn(E, D, 2 * F), torch.randn(E, F, D)
+    tok_S = torch.arange(2 * T) % T
+    return kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [20, 20, 20, 20], 0, 2)
+
+
+def test_workspace_reuses_a_buffer_only_once_nothing_uses_it(workspace):
+    """The forward's activation buffers come back for a later forward only after every tensor on
+    them (the returned one, a view of it) is gone; results never depend on the reuse."""
+    kernels = cpu_kernels.load()
+    out, h, a, _ = _kernel_forward(kernels)
+    h_ptr, a_ptr, h_first = h.data_ptr(), a.data_ptr(), h.clone()
+    out2, h2, a2, _ = _kernel_forward(kernels)  # h and a still alive: fresh buffers
+    assert h2.data_ptr() != h_ptr and a2.data_ptr() != a_ptr
+    assert torch.equal(h2, h_first) and torch.equal(out2, out)
+    view = h[3:]
+    del h, a, h2, a2
+    _, h3, a3, _ = _kernel_forward(kernels, seed=1)  # a is free again, h is not (the view)
+    assert a3.data_ptr() == a_ptr and h3.data_ptr() != h_ptr
+    assert torch.equal(view, h_first[3:])  # the data under the view is untouched
+    del view, h3, a3
+    _, h4, _, _ = _kernel_forward(kernels, seed=1)
+    assert h4.data_ptr() == h_ptr
+    assert cpu_kernels.workspace_state()["kept"] <= 8
+
+
+def test_workspace_keeps_live_graphs_intact(workspace):
+    """Two forwards before one backward (gradient accumulation, two losses), with the cache on
+    and off: the same gradients, so a graph's saved activations are never reused under it."""
+    torch.manual_seed(0)
+    moe = MoE(16, 8, 4, 2)
+    x1, x2, g1, g2 = torch.randn(30, 16), torch.randn(30, 16), torch.randn(30, 16), torch.randn(30, 16)
+
+    def grads():
+        moe.zero_grad(set_to_none=True)
+        for _ in range(2):  # the second round reuses what the first freed
+            moe.zero_grad(set_to_none=True)
+            y1, _ = moe(x1, dispatch="parallel")
+            y2, _ = moe(x2, dispatch="parallel")
+            torch.autograd.backward([y1, y2], [g1, g2])
+        return [p.grad.clone() for p in moe.parameters()]
+
+    cached = grads()
+    cpu_kernels.set_workspace_limits(0, 0)
+    assert cpu_kernels.workspace_state()["kept"] == 0
+    for a, b in zip(cached, grads()):
+        assert torch.equal(a, b)
+
+
+def test_workspace_limits_are_checked_and_kept(workspace):
+    with pytest.raises(ValueError, match="slots and max_bytes must be >= 0"):
+        cpu_kernels.set_workspace_limits(-1, 0)
+    cpu_kernels.set_workspace_limits(1, 1 << 20)
+    _kernel_forward(cpu_kernels.load())
+    state = cpu_kernels.workspace_state()
+    assert state["slots"] == 1 and state["max_bytes"] == 1 << 20 and state["kept"] <= 1
+    assert state["kept_bytes"] <= 1 << 20

@@ -56,6 +56,32 @@ def load() -> ModuleType | None:
         return _state.get("module")  # type: ignore[return-value]
 
 
+def set_workspace_limits(slots: int = 8, max_bytes: int = 1 << 30) -> None:
+    """Limits of the ``parallel`` kernel's cache of activation buffers (default: 8 buffers, 1 GiB).
+
+    The kernel's forward saves its [rows, F] activations for the backward; buffers that large
+    come straight from the OS and would fault in fresh zeroed pages every step. The kernel keeps
+    them and reuses one only once nothing uses it any more (the graph that saved it is gone), so
+    a live graph's activations are never overwritten. The cost: up to ``max_bytes`` stay
+    allocated between steps. ``slots=0`` turns the cache off and frees what it kept (buffers in
+    use stay with their tensors). Without the kernel this does nothing."""
+    if slots < 0 or max_bytes < 0:
+        raise ValueError(f"set_workspace_limits: slots and max_bytes must be >= 0, got {slots} and {max_bytes}")
+    module = load()
+    if module is not None:
+        module.set_workspace_limits(int(slots), int(max_bytes))
+
+
+def workspace_state() -> dict[str, int] | None:
+    """The activation cache's limits and what it keeps (None without the kernel):
+    ``{"slots", "max_bytes", "kept", "kept_bytes"}``."""
+    module = load()
+    if module is None:
+        return None
+    slots, max_bytes, kept, kept_bytes = module.workspace_state()
+    return {"slots": slots, "max_bytes": max_bytes, "kept": kept, "kept_bytes": kept_bytes}
+
+
 def unavailable_reason() -> str | None:
     """Why :func:`load` returned None (after it was called), else None."""
     return _state.get("error")  # type: ignore[return-value]

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -140,6 +141,86 @@ void add_rows_out(Tensor& out, const int64_t* tok, const Tensor& y) {
   });
 }
 
+// A cache of the forward's saved activation buffers (h, a, s), reused across steps. Tensors this
+// large come straight from mmap and go back to the OS when freed, so every step would otherwise
+// fault in fresh zeroed pages for them: ~25k minor faults per step at T 8192, D 512, E 64, k 8.
+// The cache keeps the buffers' storages and hands out new tensors on them. A storage is handed
+// out again only when no tensor uses it any more (no tensor, view or saved variable: the graph
+// that saved it is gone), so reuse never overwrites live data; while all are in use, a fresh
+// buffer is allocated. It keeps at most `slots` storages and `max_bytes` bytes, dropping the
+// least recently used free ones to make room; one it cannot make room for is not kept.
+// slots = 0 turns it off.
+class Workspace {
+ public:
+  Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const int64_t need = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++clock_;
+    Slot* best = nullptr;  // the smallest free storage of this dtype that holds `need` bytes, at most 5/4 of it
+    for (auto& slot : slots_) {
+      const int64_t have = static_cast<int64_t>(slot.storage.nbytes());
+      if (slot.dtype == options.dtype() && is_free(slot) && have >= need && have <= need + need / 4 &&
+          (best == nullptr || have < static_cast<int64_t>(best->storage.nbytes())))
+        best = &slot;
+    }
+    if (best != nullptr) {
+      best->used = clock_;
+      return at::empty({0}, options).set_(best->storage, 0, sizes);
+    }
+    Tensor fresh = at::empty(sizes, options);
+    while (!slots_.empty() && (static_cast<int64_t>(slots_.size()) >= slots_limit_ || held() + need > bytes_limit_)) {
+      auto victim = slots_.end();  // the least recently used free storage
+      for (auto it = slots_.begin(); it != slots_.end(); ++it)
+        if (is_free(*it) && (victim == slots_.end() || it->used < victim->used)) victim = it;
+      if (victim == slots_.end()) break;
+      slots_.erase(victim);
+    }
+    if (static_cast<int64_t>(slots_.size()) < slots_limit_ && held() + need <= bytes_limit_)
+      slots_.push_back({fresh.storage(), options.dtype(), clock_});
+    return fresh;
+  }
+
+  // Keep at most `slots` storages and `max_bytes` bytes from now on (slots = 0: none). Drops the
+  // cached storages over the limits; ones in use stay alive with their tensors.
+  void set_limits(int64_t slots, int64_t max_bytes) {
+    TORCH_CHECK(slots >= 0 && max_bytes >= 0, "expert_parallel: workspace limits must be >= 0, got slots = ", slots,
+                ", max_bytes = ", max_bytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    slots_limit_ = slots;
+    bytes_limit_ = max_bytes;
+    while (!slots_.empty() && (static_cast<int64_t>(slots_.size()) > slots_limit_ || held() > bytes_limit_))
+      slots_.erase(slots_.begin());
+  }
+
+  std::tuple<int64_t, int64_t, int64_t, int64_t> state() {  // {slots, max_bytes, storages kept, bytes kept}
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {slots_limit_, bytes_limit_, static_cast<int64_t>(slots_.size()), held()};
+  }
+
+ private:
+  struct Slot {
+    c10::Storage storage;
+    caffe2::TypeMeta dtype;
+    uint64_t used;
+  };
+  static bool is_free(const Slot& slot) { return slot.storage.use_count() == 1; }  // only the cache holds it
+  int64_t held() const {
+    int64_t total = 0;
+    for (const auto& slot : slots_) total += static_cast<int64_t>(slot.storage.nbytes());
+    return total;
+  }
+  std::mutex mutex_;
+  std::vector<Slot> slots_;
+  uint64_t clock_ = 0;
+  int64_t slots_limit_ = 8;
+  int64_t bytes_limit_ = int64_t{1} << 30;
+};
+
+Workspace& workspace() {
+  static Workspace* instance = new Workspace();  // never destroyed: no tensor freed at exit
+  return *instance;
+}
+
 // Activations, numbered as sparseroute.moe.dispatch.KERNEL_ACTIVATIONS.
 enum Activation : int64_t { kSwiGLU = 0, kGELU = 1, kSiLU = 2, kReLU = 3 };
 
@@ -242,9 +323,9 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
                                 const Tensor& tok_S, std::vector<int64_t> counts, int64_t act, int64_t threads) {
   const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads);
   const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1), most = plan.most;
-  Tensor h = x_TD.new_empty({S, w_in.size(2)});
-  Tensor a = x_TD.new_empty({S, F});
-  Tensor s = x_TD.new_empty({act == kSwiGLU ? 0 : S, F});
+  Tensor h = workspace().take({S, w_in.size(2)}, x_TD.options());
+  Tensor a = workspace().take({S, F}, x_TD.options());
+  Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({S, F}, x_TD.options());
   std::vector<Tensor> outs(plan.size());
   for (auto& o : outs) o = at::empty_like(x_TD);
   for_each_part(plan.parts, [&](int64_t p, const std::vector<Piece>& pieces) {
@@ -391,6 +472,9 @@ void register_softmax_topk(pybind11::module& m);  // softmax_topk.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_softmax_topk(m);
+  m.def("set_workspace_limits", [](int64_t slots, int64_t max_bytes) { workspace().set_limits(slots, max_bytes); },
+        "cache at most `slots` activation buffers and `max_bytes` bytes (slots = 0: none)");
+  m.def("workspace_state", []() { return workspace().state(); }, "{slots, max_bytes, storages kept, bytes kept}");
   m.def("sort_by_expert", &sort_by_expert, "routed pairs stably sorted by expert (counting sort)");
   m.def("mlp_forward", &mlp_forward, "expert-parallel expert MLP, forward");
   m.def("mlp_backward", &mlp_backward, "expert-parallel expert MLP, backward");
