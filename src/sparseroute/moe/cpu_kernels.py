@@ -56,13 +56,14 @@ def load() -> ModuleType | None:
         return _state.get("module")  # type: ignore[return-value]
 
 
-def set_workspace_limits(slots: int = 8, max_bytes: int = 1 << 30) -> None:
-    """Limits of the ``parallel`` kernel's cache of activation buffers (default: 8 buffers, 1 GiB).
+def set_workspace_limits(slots: int = 64, max_bytes: int = 1 << 30) -> None:
+    """Limits of the ``parallel`` kernel's cache of buffers (default: 64 buffers, 1 GiB).
 
-    The kernel's forward saves its [rows, F] activations for the backward; buffers that large
-    come straight from the OS and would fault in fresh zeroed pages every step. The kernel keeps
-    them and reuses one only once nothing uses it any more (the graph that saved it is gone), so
-    a live graph's activations are never overwritten. The cost: up to ``max_bytes`` stay
+    The kernel's buffers (the activations its forward saves for the backward, its outputs and
+    weight gradients, its per-thread scratch) are large enough to come straight from the OS,
+    which would fault in fresh zeroed pages for them on every call. The kernel keeps them and
+    hands one out again only once nothing uses it any more (no tensor, view, saved activation
+    or ``.grad`` on it), so live data is never overwritten. The cost: up to ``max_bytes`` stay
     allocated between steps. ``slots=0`` turns the cache off and frees what it kept (buffers in
     use stay with their tensors). Without the kernel this does nothing."""
     if slots < 0 or max_bytes < 0:
@@ -73,7 +74,7 @@ def set_workspace_limits(slots: int = 8, max_bytes: int = 1 << 30) -> None:
 
 
 def workspace_state() -> dict[str, int] | None:
-    """The activation cache's limits and what it keeps (None without the kernel):
+    """The buffer cache's limits and what it keeps (None without the kernel):
     ``{"slots", "max_bytes", "kept", "kept_bytes"}``."""
     module = load()
     if module is None:

@@ -141,15 +141,15 @@ void add_rows_out(Tensor& out, const int64_t* tok, const Tensor& y) {
   });
 }
 
-// A cache of the forward's saved activation buffers (h, a, s), reused across steps. Tensors this
-// large come straight from mmap and go back to the OS when freed, so every step would otherwise
-// fault in fresh zeroed pages for them: ~25k minor faults per step at T 8192, D 512, E 64, k 8.
-// The cache keeps the buffers' storages and hands out new tensors on them. A storage is handed
-// out again only when no tensor uses it any more (no tensor, view or saved variable: the graph
-// that saved it is gone), so reuse never overwrites live data; while all are in use, a fresh
-// buffer is allocated. It keeps at most `slots` storages and `max_bytes` bytes, dropping the
-// least recently used free ones to make room; one it cannot make room for is not kept.
-// slots = 0 turns it off.
+// A cache of the kernel's buffers (saved activations, outputs, weight gradients, per-thread
+// scratch), reused across calls. Tensors this large come straight from mmap and go back to the
+// OS when freed, so every call would otherwise fault in fresh zeroed pages for them: ~23k minor
+// faults per training step at T 8192, D 512, E 64, k 8 (~3.7k with the cache). The cache keeps
+// the buffers' storages and hands out new tensors on them. A storage is handed out again only
+// when no tensor uses it any more (no tensor, view, saved variable or .grad on it), so reuse
+// never overwrites live data; while all are in use, a fresh buffer is allocated. It keeps at
+// most `slots` storages and `max_bytes` bytes, dropping the least recently used free ones to
+// make room; one it cannot make room for is not kept. slots = 0 turns it off.
 class Workspace {
  public:
   Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -212,7 +212,7 @@ class Workspace {
   std::mutex mutex_;
   std::vector<Slot> slots_;
   uint64_t clock_ = 0;
-  int64_t slots_limit_ = 8;
+  int64_t slots_limit_ = 64;
   int64_t bytes_limit_ = int64_t{1} << 30;
 };
 
@@ -327,10 +327,10 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   Tensor a = workspace().take({S, F}, x_TD.options());
   Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({S, F}, x_TD.options());
   std::vector<Tensor> outs(plan.size());
-  for (auto& o : outs) o = at::empty_like(x_TD);
+  for (auto& o : outs) o = workspace().take(x_TD.sizes(), x_TD.options());
   for_each_part(plan.parts, [&](int64_t p, const std::vector<Piece>& pieces) {
     outs[p].zero_();  // by its own thread: the fill and the first touch of fresh pages in parallel
-    Tensor x_buf = x_TD.new_empty({most, D}), y_buf = x_TD.new_empty({most, D});
+    Tensor x_buf = workspace().take({most, D}, x_TD.options()), y_buf = workspace().take({most, D}, x_TD.options());
     for (const Piece& piece : pieces) {
       const int64_t e = piece.expert, n = piece.rows, start = piece.start;
       const int64_t* t = tok_S.const_data_ptr<int64_t>() + start;
@@ -366,8 +366,8 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0), P = plan.size(), most = plan.most;
   const bool need_x = needs[0], need_w = needs[1], need_in = needs[2], need_out = needs[3];
   Tensor gw = need_w ? at::empty_like(w_S) : Tensor();
-  Tensor g_in = need_in ? at::empty_like(w_in) : Tensor();
-  Tensor g_out = need_out ? at::empty_like(w_out) : Tensor();
+  Tensor g_in = need_in ? workspace().take(w_in.sizes(), w_in.options()) : Tensor();
+  Tensor g_out = need_out ? workspace().take(w_out.sizes(), w_out.options()) : Tensor();
   for (int64_t e = 0; e < E; ++e) {  // experts without rows get zero weight gradients
     if (counts[e] != 0) continue;
     if (need_in) g_in.select(0, e).zero_();
@@ -376,7 +376,7 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   std::vector<Tensor> gxs;
   if (need_x) {
     gxs.resize(P);
-    for (auto& b : gxs) b = at::empty_like(x_TD);
+    for (auto& b : gxs) b = workspace().take(x_TD.sizes(), x_TD.options());
   }
   // a part's first piece may continue an expert begun in an earlier part: its weight gradients
   // go to the part's own buffers, added to the expert's after the parallel region
@@ -389,9 +389,9 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   const bool need_hidden = need_x || need_w || need_in;
   for_each_part(plan.parts, [&](int64_t p, const std::vector<Piece>& pieces) {
     if (need_x) gxs[p].zero_();  // by its own thread, as in the forward
-    Tensor g_buf = x_TD.new_empty({most, D}), xd_buf = x_TD.new_empty({most, D});
-    Tensor ga_buf = a.new_empty({most, F});
-    Tensor gh_buf = h.new_empty({most, h.size(1)});
+    Tensor g_buf = workspace().take({most, D}, x_TD.options()), xd_buf = workspace().take({most, D}, x_TD.options());
+    Tensor ga_buf = workspace().take({most, F}, a.options());
+    Tensor gh_buf = workspace().take({most, h.size(1)}, h.options());
     for (const Piece& piece : pieces) {
       const int64_t e = piece.expert, n = piece.rows, start = piece.start;
       const int64_t* t = tok_S.const_data_ptr<int64_t>() + start;
