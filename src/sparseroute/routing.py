@@ -90,7 +90,6 @@ class Routing:
         return replace(self, **changes)
 
 
-@torch.no_grad()
 def mean_entropy(p: Tensor) -> Tensor:
     """Mean over the rows of ``p`` (distributions over the last dimension) of their entropy in
     nats, with 0 log 0 = 0; 0 when there are no rows."""
@@ -100,6 +99,7 @@ def mean_entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean()
 
 
+@torch.no_grad()
 def routing_stats(
     indices_TK: Tensor,
     num_experts: int,

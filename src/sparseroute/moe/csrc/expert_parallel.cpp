@@ -473,7 +473,7 @@ void register_softmax_topk(pybind11::module& m);  // softmax_topk.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_softmax_topk(m);
   m.def("set_workspace_limits", [](int64_t slots, int64_t max_bytes) { workspace().set_limits(slots, max_bytes); },
-        "cache at most `slots` activation buffers and `max_bytes` bytes (slots = 0: none)");
+        "cache at most `slots` buffers and `max_bytes` bytes (slots = 0: none)");
   m.def("workspace_state", []() { return workspace().state(); }, "{slots, max_bytes, storages kept, bytes kept}");
   m.def("sort_by_expert", &sort_by_expert, "routed pairs stably sorted by expert (counting sort)");
   m.def("mlp_forward", &mlp_forward, "expert-parallel expert MLP, forward");
