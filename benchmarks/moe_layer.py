@@ -10,6 +10,11 @@ fp32, forward + backward, timed in one process with the variants interleaved; th
   hf_eager, hf_grouped_mm   transformers' MixtralSparseMoeBlock with that experts implementation
   loop       (only without transformers) a per-expert loop in the style of HF's eager path
 
+Per shape, ``moe_over_dense`` is the ratio of the two medians. The machine's speed drifts over
+seconds, so the JSON also gives the ratio within each round (the MoE and the dense layer timed
+next to each other), ``moe_over_dense_paired`` (its median), and ``moe_over_dense_ci95``, a 95%
+bootstrap interval of ``moe_over_dense`` (the rounds resampled as pairs).
+
 Prints a table to stderr and one JSON line last on stdout.
 """
 
@@ -25,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from sparseroute.lab.stats import median_ratio_ci
 from sparseroute.moe import EXECUTORS, MoE
 
 SHAPES = [
@@ -111,7 +117,8 @@ def make_loop(moe: MoE):
     return run, [w_r, w_in, w_out]
 
 
-def time_variants(variants: dict[str, tuple[Callable, list]], x, g, repeats: int, device) -> dict[str, float]:
+def time_variants(variants: dict[str, tuple[Callable, list]], x, g, repeats: int, device) -> dict[str, list[float]]:
+    """Seconds of forward + backward per variant, one per round, the variants interleaved."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(repeats + 1):  # first round is warm-up
         for name, (fn, params) in variants.items():
@@ -127,7 +134,7 @@ def time_variants(variants: dict[str, tuple[Callable, list]], x, g, repeats: int
             sync(device)
             if rep:
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def main(argv=None) -> int:
@@ -186,9 +193,20 @@ def main(argv=None) -> int:
             variants["hf_grouped_mm"] = make_hf(moe, "grouped_mm", device, dtype)
         else:
             variants["loop"] = make_loop(moe)
-        med = time_variants(variants, x, g, args.repeats, device)
-        med["dense"] = min(med["dense_fused"], med["dense_split"])  # the faster dense baseline
-        row = {"E": E, "k": k, "F": Fh, "moe_over_dense": round(med["moe"] / med["dense"], 3)}
+        times = time_variants(variants, x, g, args.repeats, device)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        dense = min(("dense_fused", "dense_split"), key=med.__getitem__)  # the faster dense baseline
+        times["dense"], med["dense"] = times[dense], med[dense]
+        paired = statistics.median(m / d for m, d in zip(times["moe"], times["dense"]))
+        ci = median_ratio_ci(times["moe"], times["dense"])
+        row = {
+            "E": E,
+            "k": k,
+            "F": Fh,
+            "moe_over_dense": round(med["moe"] / med["dense"], 3),
+            "moe_over_dense_paired": round(paired, 3),
+            "moe_over_dense_ci95": [round(ci[0], 3), round(ci[1], 3)],
+        }
         if have_hf:
             row["hf_eager_over_moe"] = round(med["hf_eager"] / med["moe"], 3)
             row["hf_grouped_mm_over_moe"] = round(med["hf_grouped_mm"] / med["moe"], 3)

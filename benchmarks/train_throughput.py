@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
@@ -27,23 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from sparseroute.data import DataConfig, get_batch, prepare
+from sparseroute.lab.stats import median_ratio_ci
 from sparseroute.models import MoESettings, TransformerLM, preset
 from sparseroute.moe import after_optimizer_step
 from sparseroute.train.config import TrainConfig
 from sparseroute.train.loop import clip_grad_norm, make_optimizer
-
-
-def bootstrap_ratio_ci(dense_times: list[float], moe_times: list[float], draws: int = 2000) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of median(dense) / median(moe) block time (= the MoE/dense
-    tokens/s ratio), resampling the repeats as pairs; seeded, so a run's figures reproduce."""
-    rng = random.Random(0)
-    n = len(dense_times)
-    ratios = []
-    for _ in range(draws):
-        pick = [rng.randrange(n) for _ in range(n)]
-        ratios.append(statistics.median(dense_times[i] for i in pick) / statistics.median(moe_times[i] for i in pick))
-    ratios.sort()
-    return ratios[int(0.025 * (draws - 1))], ratios[int(0.975 * (draws - 1))]
 
 
 def main(argv=None) -> int:
@@ -97,7 +84,7 @@ def main(argv=None) -> int:
     tps = {name: tokens_per_block / statistics.median(r["times"]) for name, r in runs.items()}
     params = {name: sum(p.numel() for p in r["model"].parameters()) for name, r in runs.items()}
     paired = sorted(d / m for d, m in zip(runs["dense"]["times"], runs["moe"]["times"]))
-    ci = bootstrap_ratio_ci(runs["dense"]["times"], runs["moe"]["times"])
+    ci = median_ratio_ci(runs["dense"]["times"], runs["moe"]["times"])  # = the tokens/s ratio MoE/dense
     for name in runs:
         print(f"{name:6s} {tps[name]:10,.0f} tokens/s  {params[name]:,} parameters", file=sys.stderr)
     print(f"moe/dense per repeat: {' '.join(f'{r:.3f}' for r in paired)}", file=sys.stderr)

@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import random
-import statistics
 from pathlib import Path
 
 import pytest
@@ -33,21 +31,30 @@ def test_train_throughput_json(capsys, tmp_path, monkeypatch):
     assert out["moe_parameters"] > out["dense_parameters"]
 
 
-def test_bootstrap_interval_brackets_the_ratio_and_narrows_with_repeats():
-    bench = _load("train_throughput")
-    rng = random.Random(1)
-    dense = [1.0 + 0.1 * rng.random() for _ in range(9)]
-    moe = [1.1 + 0.1 * rng.random() for _ in range(9)]
-    lo, hi = bench.bootstrap_ratio_ci(dense, moe)
-    ratio = statistics.median(dense) / statistics.median(moe)
-    assert lo <= ratio <= hi < 1.0
-    assert bench.bootstrap_ratio_ci([1.0] * 5, [2.0] * 5) == (0.5, 0.5)
-    narrow = bench.bootstrap_ratio_ci(dense * 8, moe * 8)  # the same spread, 8x the repeats
-    assert narrow[1] - narrow[0] < 0.7 * (hi - lo)
-
-
 def test_train_throughput_rejects_zero_repeats(capsys):
     bench = _load("train_throughput")
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
     assert "--repeats" in capsys.readouterr().err
+
+
+def test_moe_layer_json(capsys):
+    bench = _load("moe_layer")
+    args = ["--tokens", "64", "--d-model", "32", "--shape", "4,2,16", "--repeats", "3", "--no-hf", "--dispatch", "loop"]
+    assert bench.main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["benchmark"] == "moe_layer" and out["repeats"] == 3 and out["T"] == 64
+    (row,) = out["shapes"]
+    assert (row["E"], row["k"], row["F"]) == (4, 2, 16)
+    assert row["dense_s"] == min(row["dense_fused_s"], row["dense_split_s"])
+    assert row["moe_over_dense"] > 0  # the times are rounded to 0.1 ms, too coarse here to recompute it
+    lo, hi = row["moe_over_dense_ci95"]
+    assert 0 < lo <= hi and row["moe_over_dense_paired"] > 0
+    assert row["loop_over_moe"] > 0 and row["moe_loop_s"] > 0
+
+
+def test_moe_layer_rejects_a_bad_shape(capsys):
+    bench = _load("moe_layer")
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "4,2"])
+    assert "E,k,F" in capsys.readouterr().err

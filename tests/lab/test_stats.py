@@ -20,6 +20,7 @@ from sparseroute.lab.stats import (
     compare,
     margin_for,
     mean_ci,
+    median_ratio_ci,
     t_cdf,
     t_ppf,
     tost,
@@ -303,3 +304,45 @@ def test_bad_inputs_name_the_problem() -> None:
         compare({"topk": EQ_A, "cosine": EQ_B}, confidence=1.2)
     with pytest.raises(ValueError, match="no variants"):
         compare({})
+
+
+def test_median_ratio_ci_brackets_the_ratio_and_narrows_with_repeats() -> None:
+    rng = np.random.default_rng(1)
+    a = list(1.1 + 0.1 * rng.random(9))
+    b = list(1.0 + 0.1 * rng.random(9))
+    lo, hi = median_ratio_ci(a, b)
+    assert 1.0 < lo <= float(np.median(a) / np.median(b)) <= hi
+    assert median_ratio_ci([2.0] * 5, [1.0] * 5) == (2.0, 2.0)
+    assert median_ratio_ci(a, b) == (lo, hi)  # seeded
+    narrow = median_ratio_ci(a * 8, b * 8)  # the same spread, 8x the pairs
+    assert narrow[1] - narrow[0] < 0.7 * (hi - lo)
+    wider = median_ratio_ci(a, b, confidence=0.99)
+    assert wider[0] <= lo and hi <= wider[1]
+
+
+def test_median_ratio_ci_matches_scipy_bootstrap() -> None:
+    rng = np.random.default_rng(2)
+    a = 1.2 + 0.2 * rng.random(15)
+    b = 1.0 + 0.2 * rng.random(15)
+    ours = median_ratio_ci(list(a), list(b), draws=20000)
+    ref = stats.bootstrap(
+        (a, b), lambda x, y: np.median(x) / np.median(y), paired=True, vectorized=False,
+        n_resamples=20000, method="percentile", random_state=0,
+    ).confidence_interval
+    assert ours[0] == pytest.approx(ref.low, abs=0.02) and ours[1] == pytest.approx(ref.high, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "a, b, kwargs, needle",
+    [
+        ([1.0, 2.0], [1.0], {}, "paired"),
+        ([], [], {}, "no values"),
+        ([1.0], [0.0], {}, "> 0"),
+        ([1.0], [float("nan")], {}, "finite"),
+        ([1.0], [1.0], {"confidence": 1.0}, "confidence"),
+        ([1.0], [1.0], {"draws": 0}, "draws"),
+    ],
+)
+def test_median_ratio_ci_bad_inputs(a, b, kwargs, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        median_ratio_ci(a, b, **kwargs)

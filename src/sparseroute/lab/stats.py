@@ -13,6 +13,8 @@ Each variant is trained over several seeds; its finished seeds give one test PPL
   ``p_lower = 1 - T((diff - low)/se)`` (H0: diff <= low), ``p_upper = T((diff - high)/se)``
   (H0: diff >= high), ``p = max(p_lower, p_upper)``. Equivalent iff both are < alpha, which is
   the same as the (1-2α) confidence interval of ``diff`` lying inside the bounds.
+* ``median_ratio_ci``: a percentile-bootstrap interval of ``median(a) / median(b)`` for paired
+  measurements (the benchmarks' timings of two variants run next to each other).
 
 A pair's verdict is "equivalent" (TOST), "different" (not equivalent and Welch p < alpha),
 "inconclusive" (neither) or "no test" (a variant has a single seed, or both have zero spread).
@@ -24,6 +26,8 @@ function (modified Lentz continued fraction) and its quantile from a safeguarded
 from __future__ import annotations
 
 import math
+import random
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -177,6 +181,30 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> MeanCI:
     sd = math.sqrt(var)
     half = t_ppf((1.0 + confidence) / 2.0, n - 1) * sd / math.sqrt(n)
     return MeanCI(mean, sd, mean - half, mean + half, n, confidence)
+
+
+def median_ratio_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, draws: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``median(a) / median(b)``, where ``a[i]`` and ``b[i]`` were
+    measured next to each other: the pairs are resampled together, keeping each pair's shared
+    moment of the machine's speed. Seeded, so the same inputs give the same interval."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    xa, xb = _values(a), _values(b)
+    if len(xa) != len(xb):
+        raise ValueError(f"a and b must be paired (the same length), got {len(xa)} and {len(xb)}")
+    if any(v <= 0 for v in xb):
+        raise ValueError("the values of b must be > 0 (they divide)")
+    rng, n = random.Random(seed), len(xa)
+    ratios = []
+    for _ in range(draws):
+        pick = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(xa[i] for i in pick) / statistics.median(xb[i] for i in pick))
+    ratios.sort()
+    tail = (1.0 - confidence) / 2.0
+    return ratios[int(tail * (draws - 1))], ratios[int((1.0 - tail) * (draws - 1))]
 
 
 @dataclass(frozen=True)
