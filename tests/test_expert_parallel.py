@@ -168,7 +168,7 @@ def test_kernel_swiglu_sigmoid_matches_torch():
 
 @pytest.fixture
 def workspace():
-    """The activation cache on with room to spare; its limits restored afterwards."""
+    """The buffer pool on with room to spare; its limits restored afterwards."""
     before = cpu_kernels.workspace_state()
     cpu_kernels.set_workspace_limits(64, 1 << 30)
     yield
@@ -205,6 +205,37 @@ def test_workspace_reuses_a_buffer_only_once_nothing_uses_it(workspace):
     for seed in range(3):  # nothing held between calls: every buffer is a reused one
         _kernel_forward(kernels, seed)
         assert cpu_kernels.workspace_state() == kept
+
+
+def _owners(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def test_workspace_buffers_have_one_owner_and_come_back_when_it_dies(workspace):
+    """A pooled buffer's storage is owned by its tensor alone (as a fresh tensor's is), so
+    autograd can add into it in place and take it as a .grad without a copy; when the tensor
+    dies the block goes back to the pool, and the next call of the same size gets it."""
+    kernels = cpu_kernels.load()
+    cpu_kernels.set_workspace_limits(0, 0)  # an empty pool: no other free block of h's size
+    cpu_kernels.set_workspace_limits(64, 1 << 30)
+    out, h, a, _ = _kernel_forward(kernels)
+    assert _owners(out) == _owners(h) == _owners(torch.empty(3))
+    ptr, before = h.data_ptr(), cpu_kernels.workspace_state()
+    del h
+    after = cpu_kernels.workspace_state()
+    assert after["kept"] == before["kept"] + 1 and after["kept_bytes"] > before["kept_bytes"]
+    del out, a
+    _, h2, _, _ = _kernel_forward(kernels, seed=1)
+    assert h2.data_ptr() == ptr
+
+
+def test_workspace_buffers_can_grow(workspace):
+    """A pooled buffer resizes like any tensor: the data is kept and the old block comes back."""
+    out, _, _, _ = _kernel_forward(cpu_kernels.load())
+    first, kept = out.clone(), cpu_kernels.workspace_state()["kept"]
+    out.resize_(out.shape[0] * 3, out.shape[1])
+    assert torch.equal(out[: first.shape[0]], first)
+    assert cpu_kernels.workspace_state()["kept"] == kept + 1
 
 
 def test_workspace_keeps_live_graphs_intact(workspace):

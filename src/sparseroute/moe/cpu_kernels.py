@@ -57,15 +57,16 @@ def load() -> ModuleType | None:
 
 
 def set_workspace_limits(slots: int = 64, max_bytes: int = 1 << 30) -> None:
-    """Limits of the ``parallel`` kernel's cache of buffers (default: 64 buffers, 1 GiB).
+    """Limits of the ``parallel`` kernel's pool of buffers (default: 64 buffers, 1 GiB).
 
     The kernel's buffers (the activations its forward saves for the backward, its outputs and
     weight gradients, its per-thread scratch) are large enough to come straight from the OS,
-    which would fault in fresh zeroed pages for them on every call. The kernel keeps them and
-    hands one out again only once nothing uses it any more (no tensor, view, saved activation
-    or ``.grad`` on it), so live data is never overwritten. The cost: up to ``max_bytes`` stay
-    allocated between steps. ``slots=0`` turns the cache off and frees what it kept (buffers in
-    use stay with their tensors). Without the kernel this does nothing."""
+    which would fault in fresh zeroed pages for them on every call. The kernel allocates them
+    from a pool instead: a buffer goes back to the pool when the last tensor on it (a view, a
+    saved activation, a ``.grad``) dies, and a later call reuses it, so live data is never
+    overwritten. The pool keeps at most ``slots`` free buffers and ``max_bytes`` free bytes
+    (the least recently freed go first); ``slots=0`` keeps none and frees what it kept. Without
+    the kernel this does nothing."""
     if slots < 0 or max_bytes < 0:
         raise ValueError(f"set_workspace_limits: slots and max_bytes must be >= 0, got {slots} and {max_bytes}")
     module = load()
@@ -74,7 +75,7 @@ def set_workspace_limits(slots: int = 64, max_bytes: int = 1 << 30) -> None:
 
 
 def workspace_state() -> dict[str, int] | None:
-    """The buffer cache's limits and what it keeps (None without the kernel):
+    """The buffer pool's limits and the free buffers it keeps (None without the kernel):
     ``{"slots", "max_bytes", "kept", "kept_bytes"}``."""
     module = load()
     if module is None:

@@ -17,6 +17,7 @@
 // depends only on the inputs and P.
 
 #include <torch/extension.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -25,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -141,85 +143,124 @@ void add_rows_out(Tensor& out, const int64_t* tok, const Tensor& y) {
   });
 }
 
-// A cache of the kernel's buffers (saved activations, outputs, weight gradients, per-thread
+// A pool of the kernel's buffers (saved activations, outputs, weight gradients, per-thread
 // scratch), reused across calls. Tensors this large come straight from mmap and go back to the
 // OS when freed, so every call would otherwise fault in fresh zeroed pages for them: ~23k minor
-// faults per training step at T 8192, D 512, E 64, k 8 (~3.7k with the cache). The cache keeps
-// the buffers' storages and hands out new tensors on them. A storage is handed out again only
-// when no tensor uses it any more (no tensor, view, saved variable or .grad on it), so reuse
-// never overwrites live data; while all are in use, a fresh buffer is allocated. It keeps at
-// most `slots` storages and `max_bytes` bytes, dropping the least recently used free ones to
-// make room; one it cannot make room for is not kept. slots = 0 turns it off.
+// faults per training step at T 8192, D 512, E 64, k 8. The buffers' storages are allocated by
+// the pool's allocator, whose deleter hands a block back to the pool when the storage dies: so a
+// block is reused only once no tensor, view, saved variable or .grad uses it, and while a
+// storage lives it has no other owner (autograd may add into it in place, and AccumulateGrad
+// may take it as a .grad without a copy). The pool keeps at most `slots` free blocks and
+// `max_bytes` free bytes, dropping the least recently freed to make room; slots = 0 keeps none.
 class Workspace {
  public:
+  static Workspace& instance();
+
   Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) {
     const int64_t need = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
-    std::lock_guard<std::mutex> lock(mutex_);
-    ++clock_;
-    Slot* best = nullptr;  // the smallest free storage of this dtype that holds `need` bytes, at most 5/4 of it
-    for (auto& slot : slots_) {
-      const int64_t have = static_cast<int64_t>(slot.storage.nbytes());
-      if (slot.dtype == options.dtype() && is_free(slot) && have >= need && have <= need + need / 4 &&
-          (best == nullptr || have < static_cast<int64_t>(best->storage.nbytes())))
-        best = &slot;
-    }
-    if (best != nullptr) {
-      best->used = clock_;
-      return at::empty({0}, options).set_(best->storage, 0, sizes);
-    }
-    Tensor fresh = at::empty(sizes, options);
-    while (!slots_.empty() && (static_cast<int64_t>(slots_.size()) >= slots_limit_ || held() + need > bytes_limit_)) {
-      auto victim = slots_.end();  // the least recently used free storage
-      for (auto it = slots_.begin(); it != slots_.end(); ++it)
-        if (is_free(*it) && (victim == slots_.end() || it->used < victim->used)) victim = it;
-      if (victim == slots_.end()) break;
-      slots_.erase(victim);
-    }
-    if (static_cast<int64_t>(slots_.size()) < slots_limit_ && held() + need <= bytes_limit_)
-      slots_.push_back({fresh.storage(), options.dtype(), clock_});
-    return fresh;
+    if (need == 0) return at::empty(sizes, options);
+    // resizable: a resize allocates a new block here and hands the old one back
+    c10::Storage storage(c10::Storage::use_byte_size_t(), need, &allocator_, /*resizable=*/true);
+    return at::empty({0}, options).set_(std::move(storage), 0, sizes);
   }
 
-  // Keep at most `slots` storages and `max_bytes` bytes from now on (slots = 0: none). Drops the
-  // cached storages over the limits; ones in use stay alive with their tensors.
+  // Keep at most `slots` free blocks and `max_bytes` free bytes from now on (slots = 0: none),
+  // freeing the oldest over the limits. Blocks in use come back under the new limits.
   void set_limits(int64_t slots, int64_t max_bytes) {
     TORCH_CHECK(slots >= 0 && max_bytes >= 0, "expert_parallel: workspace limits must be >= 0, got slots = ", slots,
                 ", max_bytes = ", max_bytes);
     std::lock_guard<std::mutex> lock(mutex_);
     slots_limit_ = slots;
     bytes_limit_ = max_bytes;
-    while (!slots_.empty() && (static_cast<int64_t>(slots_.size()) > slots_limit_ || held() > bytes_limit_))
-      slots_.erase(slots_.begin());
+    drop_oldest(0);
   }
 
-  std::tuple<int64_t, int64_t, int64_t, int64_t> state() {  // {slots, max_bytes, storages kept, bytes kept}
+  std::tuple<int64_t, int64_t, int64_t, int64_t> state() {  // {slots, max_bytes, free blocks kept, their bytes}
     std::lock_guard<std::mutex> lock(mutex_);
-    return {slots_limit_, bytes_limit_, static_cast<int64_t>(slots_.size()), held()};
+    return {slots_limit_, bytes_limit_, static_cast<int64_t>(free_.size()), free_bytes_};
   }
 
  private:
-  struct Slot {
-    c10::Storage storage;
-    caffe2::TypeMeta dtype;
-    uint64_t used;
+  struct Block {
+    void* ptr;
+    int64_t bytes;
   };
-  static bool is_free(const Slot& slot) { return slot.storage.use_count() == 1; }  // only the cache holds it
-  int64_t held() const {
-    int64_t total = 0;
-    for (const auto& slot : slots_) total += static_cast<int64_t>(slot.storage.nbytes());
-    return total;
+
+  class Allocator final : public c10::Allocator {
+   public:
+    explicit Allocator(Workspace* pool) : pool_(pool) {}
+    c10::DataPtr allocate(size_t n) override {
+      Block* block = new Block(pool_->get(static_cast<int64_t>(n)));
+      return {block->ptr, block, &Workspace::release, c10::Device(c10::DeviceType::CPU)};
+    }
+    void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+
+   private:
+    Workspace* pool_;
+  };
+
+  // The smallest free block of at least `need` bytes and at most 5/4 of it, else a new one.
+  Block get(int64_t need) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it)
+        if (it->bytes >= need && it->bytes <= need + need / 4 && (best == free_.end() || it->bytes < best->bytes))
+          best = it;
+      if (best != free_.end()) {
+        const Block block = *best;
+        free_bytes_ -= block.bytes;
+        free_.erase(best);
+        return block;
+      }
+    }
+    return {c10::alloc_cpu(static_cast<size_t>(std::max<int64_t>(need, 1))), need};
   }
+
+  // The deleter of the pool's storages: the block goes back to the pool, or to the OS when it
+  // does not fit under the limits.
+  static void release(void* ctx) {
+    std::unique_ptr<Block> block(static_cast<Block*>(ctx));
+    instance().put(*block);
+  }
+
+  void put(const Block& block) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (slots_limit_ == 0 || block.bytes > bytes_limit_) {  // could never be kept
+      c10::free_cpu(block.ptr);
+      return;
+    }
+    drop_oldest(block.bytes);
+    free_.push_back(block);
+    free_bytes_ += block.bytes;
+  }
+
+  // Free the oldest free blocks until one more of `incoming` bytes fits under the limits (with
+  // incoming = 0: until the kept ones fit). Called with the mutex held.
+  void drop_oldest(int64_t incoming) {
+    const int64_t room = incoming > 0 ? 1 : 0;
+    while (!free_.empty() &&
+           (static_cast<int64_t>(free_.size()) + room > slots_limit_ || free_bytes_ + incoming > bytes_limit_)) {
+      c10::free_cpu(free_.front().ptr);
+      free_bytes_ -= free_.front().bytes;
+      free_.erase(free_.begin());
+    }
+  }
+
   std::mutex mutex_;
-  std::vector<Slot> slots_;
-  uint64_t clock_ = 0;
+  std::vector<Block> free_;  // least recently freed first
+  int64_t free_bytes_ = 0;
   int64_t slots_limit_ = 64;
   int64_t bytes_limit_ = int64_t{1} << 30;
+  Allocator allocator_{this};
 };
 
-Workspace& workspace() {
-  static Workspace* instance = new Workspace();  // never destroyed: no tensor freed at exit
-  return *instance;
+Workspace& Workspace::instance() {
+  static Workspace* pool = new Workspace();  // never destroyed: blocks may come back at exit
+  return *pool;
 }
+
+Workspace& workspace() { return Workspace::instance(); }
 
 // Activations, numbered as sparseroute.moe.dispatch.KERNEL_ACTIVATIONS.
 enum Activation : int64_t { kSwiGLU = 0, kGELU = 1, kSiLU = 2, kReLU = 3 };
@@ -473,8 +514,8 @@ void register_softmax_topk(pybind11::module& m);  // softmax_topk.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_softmax_topk(m);
   m.def("set_workspace_limits", [](int64_t slots, int64_t max_bytes) { workspace().set_limits(slots, max_bytes); },
-        "cache at most `slots` buffers and `max_bytes` bytes (slots = 0: none)");
-  m.def("workspace_state", []() { return workspace().state(); }, "{slots, max_bytes, storages kept, bytes kept}");
+        "keep at most `slots` free buffers and `max_bytes` free bytes (slots = 0: none)");
+  m.def("workspace_state", []() { return workspace().state(); }, "{slots, max_bytes, free buffers kept, their bytes}");
   m.def("sort_by_expert", &sort_by_expert, "routed pairs stably sorted by expert (counting sort)");
   m.def("mlp_forward", &mlp_forward, "expert-parallel expert MLP, forward");
   m.def("mlp_backward", &mlp_backward, "expert-parallel expert MLP, backward");
