@@ -46,6 +46,35 @@ def test_deterministic_for_a_thread_count_and_close_across_counts(threads):
         assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture
+def stealing():
+    """The work-sharing switches of the kernel, restored afterwards."""
+    kernels = cpu_kernels.load()
+    yield kernels
+    kernels._set_owner_delay_us(0)
+    kernels._set_stealing(True)
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_stolen_pieces_give_the_same_results_to_the_bit(threads, stealing, activation):
+    """With part 0's thread held back before each of its pieces, the other thread takes pieces
+    of part 0; the outputs and every gradient equal those of a run where nobody steals."""
+    torch.manual_seed(0)
+    moe = MoE(32, 24, 16, 2, activation=activation)
+    x, g = torch.randn(300, 32), torch.randn(300, 32)
+    stealing._set_stealing(False)
+    before = stealing._steals()
+    alone = _train_step(moe, x, g, "parallel")
+    assert stealing._steals() == before
+    stealing._set_stealing(True)
+    stealing._set_owner_delay_us(3000)
+    shared = _train_step(moe, x, g, "parallel")
+    assert stealing._steals() >= before + 2  # in the forward and in the backward
+    for a, b in zip(alone, shared):
+        assert torch.equal(a, b)
+
+
 def test_refuses_activations_and_devices_it_lacks(monkeypatch):
     """Every activation sparseroute has runs in the kernel; one it lacked (here: GELU, removed
     from its table) would be refused with the reason, and auto would take the Python loop."""

@@ -3,8 +3,8 @@
 // thread runs its part expert by expert with single-threaded ATen matmuls (and its own row
 // gather and scatter-add loops) inside one at::parallel_for region (ATen and MKL do not nest
 // parallelism). Small per-expert matmuls then run without a fork/join per op, and the threads
-// get equal numbers of rows however skewed the expert loads are. Python:
-// sparseroute.moe.cpu_kernels.
+// get equal numbers of rows however skewed the expert loads are; a thread that finishes early
+// takes unstarted pieces of another's part (see Sharing). Python: sparseroute.moe.cpu_kernels.
 //
 // Legend: T tokens, D model dim, E experts, F expert hidden, S routed rows sorted by expert,
 // P parts. The rows of expert e are [offset[e], offset[e] + counts[e]) of the S rows; tok_S[s]
@@ -12,9 +12,10 @@
 // fall into one part; an expert cut by a part boundary has a piece in each of those parts.
 //
 // Determinism: the pieces are a fixed function of the counts and of P; each part adds into its
-// own [T, D] buffer in row order, and the buffers are added in part order; the weight gradient
-// of a cut expert is its first piece's, plus the later pieces' in part order. A result thus
-// depends only on the inputs and P.
+// own [T, D] buffer in row order (a stolen piece's rows too, by the part's own thread), and the
+// buffers are added in part order; the weight gradient of a cut expert is its first piece's,
+// plus the later pieces' in part order. A result thus depends only on the inputs and P, not on
+// which thread ran which piece.
 
 #include <torch/extension.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -25,10 +26,15 @@
 #include "vector_math.h"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -338,15 +344,117 @@ SPARSEROUTE_VECTOR_CLONES void scaled_rows_backward(int64_t n, int64_t F, scalar
   }
 }
 
-// Run fn(part_index, pieces_of_part) for every part, one part per thread. Grad mode is
-// thread-local, so each worker dispatches below autograd itself (the caller is an autograd
-// Function that does its own backward).
-template <class Fn>
-void for_each_part(const std::vector<std::vector<Piece>>& parts, const Fn& fn) {
+// Work sharing between the parts' threads. Each thread claims the pieces of its own part from
+// the front; a thread that has run out of its own takes the last unclaimed piece of the started
+// part with the most left (work stealing: a neighbour slowed down by the machine no longer holds
+// up the call), always leaving its owner one. A stolen piece's output rows wait in a buffer of
+// their own until the owner, after its own pieces, adds them into its part's [T, D] buffer in row
+// order. The pieces, the products of each and the order of every addition are those of a run
+// without stealing, so the results do not depend on who ran what.
+class Sharing {
+ public:
+  explicit Sharing(const std::vector<std::vector<Piece>>& parts) : parts_(parts.size()) {
+    for (size_t p = 0; p < parts.size(); ++p) {
+      parts_[p].back = static_cast<int64_t>(parts[p].size());
+      parts_[p].done = std::make_unique<std::atomic<bool>[]>(parts[p].size());
+    }
+  }
+
+  void start(int64_t p) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    parts_[p].started = true;
+  }
+
+  // The next piece of part p for its owner, or -1.
+  int64_t own(int64_t p) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    State& st = parts_[p];
+    return st.front < st.back ? st.front++ : -1;
+  }
+
+  // {part, piece} to steal, or {-1, -1}: the last unclaimed piece of the started part with the
+  // most unclaimed ones, when it has two or more.
+  std::pair<int64_t, int64_t> steal() {
+    if (!stealing_enabled().load()) return {-1, -1};
+    std::lock_guard<std::mutex> lock(mutex_);
+    int64_t best = -1;
+    for (size_t p = 0; p < parts_.size(); ++p) {
+      const State& st = parts_[p];
+      if (st.started && st.back - st.front >= 2 && (best < 0 || st.back - st.front > parts_[best].back - parts_[best].front))
+        best = static_cast<int64_t>(p);
+    }
+    if (best < 0) return {-1, -1};
+    steals().fetch_add(1);
+    return {best, --parts_[best].back};
+  }
+
+  // The first stolen piece of part p (pieces from here on were run by other threads).
+  int64_t first_stolen(int64_t p) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return parts_[p].back;
+  }
+
+  void finish(int64_t p, int64_t i) { parts_[p].done[i].store(true, std::memory_order_release); }
+
+  void wait(int64_t p, int64_t i) {
+    while (!parts_[p].done[i].load(std::memory_order_acquire)) std::this_thread::yield();
+  }
+
+  static std::atomic<bool>& stealing_enabled() {
+    static std::atomic<bool> on{true};
+    return on;
+  }
+  static std::atomic<int64_t>& steals() {  // pieces stolen since the module was loaded
+    static std::atomic<int64_t> count{0};
+    return count;
+  }
+  static std::atomic<int64_t>& owner_delay_us() {  // tests: part 0's owner waits before each piece
+    static std::atomic<int64_t> us{0};
+    return us;
+  }
+
+ private:
+  struct State {
+    int64_t front = 0, back = 0;  // pieces [front, back) are unclaimed
+    bool started = false;
+    std::unique_ptr<std::atomic<bool>[]> done;  // a stolen piece's output is ready
+  };
+  std::mutex mutex_;
+  std::vector<State> parts_;
+};
+
+// Run the pieces of every part, one part per thread, with work sharing (see Sharing). Per thread,
+// `scratch()` makes its buffers once; `compute(scratch, p, i, own)` runs piece i of part p (its
+// owner's when `own`, else a stolen one); `collect(scratch, p, i)` adds a stolen piece's held
+// output into part p's buffer, by the owner, in piece order. Grad mode is thread-local, so each
+// worker dispatches below autograd itself (the caller is an autograd Function that does its own
+// backward).
+template <class MakeScratch, class Compute, class Collect>
+void run_parts(const std::vector<std::vector<Piece>>& parts, const MakeScratch& scratch, const Compute& compute,
+               const Collect& collect) {
   const int64_t P = static_cast<int64_t>(parts.size());
+  Sharing sharing(parts);
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t p = begin; p < end; ++p) fn(p, parts[p]);
+    auto buffers = scratch();
+    for (int64_t p = begin; p < end; ++p) {
+      sharing.start(p);
+      for (int64_t i; (i = sharing.own(p)) >= 0;) {
+        if (p == 0 && Sharing::owner_delay_us().load() > 0)
+          std::this_thread::sleep_for(std::chrono::microseconds(Sharing::owner_delay_us().load()));
+        compute(buffers, p, i, true);
+      }
+    }
+    for (auto [q, i] = sharing.steal(); q >= 0; std::tie(q, i) = sharing.steal()) {
+      compute(buffers, q, i, false);
+      sharing.finish(q, i);
+    }
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t i = sharing.first_stolen(p); i < static_cast<int64_t>(parts[p].size()); ++i) {
+        sharing.wait(p, i);
+        collect(buffers, p, i);
+      }
+    }
   });
 }
 
@@ -369,30 +477,40 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({S, F}, x_TD.options());
   std::vector<Tensor> outs(plan.size());
   for (auto& o : outs) o = workspace().take(x_TD.sizes(), x_TD.options());
-  for_each_part(plan.parts, [&](int64_t p, const std::vector<Piece>& pieces) {
-    outs[p].zero_();  // by its own thread: the fill and the first touch of fresh pages in parallel
-    Tensor x_buf = workspace().take({most, D}, x_TD.options()), y_buf = workspace().take({most, D}, x_TD.options());
-    for (const Piece& piece : pieces) {
-      const int64_t e = piece.expert, n = piece.rows, start = piece.start;
-      const int64_t* t = tok_S.const_data_ptr<int64_t>() + start;
-      Tensor x_e = x_buf.narrow(0, 0, n), y_e = y_buf.narrow(0, 0, n);
-      Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n);
-      gather_rows_out(x_e, x_TD, t);
-      at::mm_out(h_e, x_e, w_in.select(0, e));
-      if (act == kSwiGLU) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
-          weighted_swiglu<scalar_t>(n, F, h_e.const_data_ptr<scalar_t>(), w_S.const_data_ptr<scalar_t>() + start,
-                                    a_e.mutable_data_ptr<scalar_t>());
-        });
-      } else {
-        Tensor s_e = s.narrow(0, start, n);
-        activation_out(act, s_e, h_e);
-        at::mul_out(a_e, s_e, w_S.narrow(0, start, n).unsqueeze(1));
-      }
-      at::mm_out(y_e, a_e, w_out.select(0, e));
-      add_rows_out(outs[p], t, y_e);
-    }
-  });
+  std::vector<std::vector<Tensor>> held(plan.size());  // the output rows of stolen pieces
+  for (int64_t p = 0; p < plan.size(); ++p) held[p].resize(plan.parts[p].size());
+  const int64_t* tok = tok_S.const_data_ptr<int64_t>();
+  run_parts(
+      plan.parts,
+      [&] { return std::make_pair(workspace().take({most, D}, x_TD.options()), workspace().take({most, D}, x_TD.options())); },
+      [&](std::pair<Tensor, Tensor>& bufs, int64_t p, int64_t i, bool own) {
+        const Piece& piece = plan.parts[p][i];
+        const int64_t e = piece.expert, n = piece.rows, start = piece.start;
+        // the first piece is always its owner's: the fill and the first touch of the part's buffer
+        // happen on the thread that adds into it
+        if (own && i == 0) outs[p].zero_();
+        Tensor x_e = bufs.first.narrow(0, 0, n);
+        Tensor y_e = own ? bufs.second.narrow(0, 0, n) : (held[p][i] = workspace().take({n, D}, x_TD.options()));
+        Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n);
+        gather_rows_out(x_e, x_TD, tok + start);
+        at::mm_out(h_e, x_e, w_in.select(0, e));
+        if (act == kSwiGLU) {
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
+            weighted_swiglu<scalar_t>(n, F, h_e.const_data_ptr<scalar_t>(), w_S.const_data_ptr<scalar_t>() + start,
+                                      a_e.mutable_data_ptr<scalar_t>());
+          });
+        } else {
+          Tensor s_e = s.narrow(0, start, n);
+          activation_out(act, s_e, h_e);
+          at::mul_out(a_e, s_e, w_S.narrow(0, start, n).unsqueeze(1));
+        }
+        at::mm_out(y_e, a_e, w_out.select(0, e));
+        if (own) add_rows_out(outs[p], tok + start, y_e);
+      },
+      [&](std::pair<Tensor, Tensor>&, int64_t p, int64_t i) {
+        add_rows_out(outs[p], tok + plan.parts[p][i].start, held[p][i]);
+        held[p][i].reset();
+      });
   return {add_parts(outs), h, a, s};
 }
 
@@ -428,48 +546,60 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     if (need_out) rest_out[p] = at::empty_like(w_out.select(0, 0));
   }
   const bool need_hidden = need_x || need_w || need_in;
-  for_each_part(plan.parts, [&](int64_t p, const std::vector<Piece>& pieces) {
-    if (need_x) gxs[p].zero_();  // by its own thread, as in the forward
-    Tensor g_buf = workspace().take({most, D}, x_TD.options()), xd_buf = workspace().take({most, D}, x_TD.options());
-    Tensor ga_buf = workspace().take({most, F}, a.options());
-    Tensor gh_buf = workspace().take({most, h.size(1)}, h.options());
-    for (const Piece& piece : pieces) {
-      const int64_t e = piece.expert, n = piece.rows, start = piece.start;
-      const int64_t* t = tok_S.const_data_ptr<int64_t>() + start;
-      Tensor ge = g_buf.narrow(0, 0, n);
-      gather_rows_out(ge, g_TD, t);
-      if (need_out) {
-        Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
-        at::mm_out(g_out_e, a.narrow(0, start, n).t(), ge);
-      }
-      if (!need_hidden) continue;
-      Tensor ga = ga_buf.narrow(0, 0, n), gh = gh_buf.narrow(0, 0, n);
-      at::mm_out(ga, ge, w_out.select(0, e).t());  // dL/d(weighted activation)
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
-        scalar_t* gw_e = need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr;
-        const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
-        if (act == kSwiGLU) {
-          weighted_swiglu_backward<scalar_t>(n, F, ga.const_data_ptr<scalar_t>(),
-                                             h.const_data_ptr<scalar_t>() + start * 2 * F, w_e,
-                                             gh.mutable_data_ptr<scalar_t>(), gw_e);
-        } else {
-          scaled_rows_backward<scalar_t>(n, F, ga.mutable_data_ptr<scalar_t>(),
-                                         s.const_data_ptr<scalar_t>() + start * F, w_e, gw_e);
+  std::vector<std::vector<Tensor>> held(P);  // x's gradient rows of stolen pieces
+  for (int64_t p = 0; p < P; ++p) held[p].resize(plan.parts[p].size());
+  const int64_t* tok = tok_S.const_data_ptr<int64_t>();
+  run_parts(
+      plan.parts,
+      [&] {  // per thread: g rows, x rows (then their gradient), dL/da, dL/dh
+        return std::array<Tensor, 4>{workspace().take({most, D}, x_TD.options()),
+                                     workspace().take({most, D}, x_TD.options()),
+                                     workspace().take({most, F}, a.options()), workspace().take({most, h.size(1)}, h.options())};
+      },
+      [&](std::array<Tensor, 4>& bufs, int64_t p, int64_t i, bool own) {
+        const Piece& piece = plan.parts[p][i];
+        const int64_t e = piece.expert, n = piece.rows, start = piece.start;
+        const int64_t* t = tok + start;
+        if (own && i == 0 && need_x) gxs[p].zero_();  // by its own thread, as in the forward
+        Tensor ge = bufs[0].narrow(0, 0, n);
+        gather_rows_out(ge, g_TD, t);
+        if (need_out) {
+          Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
+          at::mm_out(g_out_e, a.narrow(0, start, n).t(), ge);
         }
+        if (!need_hidden) return;
+        Tensor ga = bufs[2].narrow(0, 0, n), gh = bufs[3].narrow(0, 0, n);
+        at::mm_out(ga, ge, w_out.select(0, e).t());  // dL/d(weighted activation)
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
+          scalar_t* gw_e = need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr;
+          const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
+          if (act == kSwiGLU) {
+            weighted_swiglu_backward<scalar_t>(n, F, ga.const_data_ptr<scalar_t>(),
+                                               h.const_data_ptr<scalar_t>() + start * 2 * F, w_e,
+                                               gh.mutable_data_ptr<scalar_t>(), gw_e);
+          } else {
+            scaled_rows_backward<scalar_t>(n, F, ga.mutable_data_ptr<scalar_t>(),
+                                           s.const_data_ptr<scalar_t>() + start * F, w_e, gw_e);
+          }
+        });
+        if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, start, n));
+        Tensor xd = bufs[1].narrow(0, 0, n);
+        if (need_in) {
+          gather_rows_out(xd, x_TD, t);
+          Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
+          at::mm_out(g_in_e, xd.t(), gh);
+        }
+        if (need_x) {
+          Tensor gx_e = own ? xd : (held[p][i] = workspace().take({n, D}, x_TD.options()));
+          at::mm_out(gx_e, gh, w_in.select(0, e).t());
+          if (own) add_rows_out(gxs[p], t, gx_e);
+        }
+      },
+      [&](std::array<Tensor, 4>&, int64_t p, int64_t i) {
+        if (!need_x) return;
+        add_rows_out(gxs[p], tok + plan.parts[p][i].start, held[p][i]);
+        held[p][i].reset();
       });
-      if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, start, n));
-      Tensor xd = xd_buf.narrow(0, 0, n);
-      if (need_in) {
-        gather_rows_out(xd, x_TD, t);
-        Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
-        at::mm_out(g_in_e, xd.t(), gh);
-      }
-      if (need_x) {
-        at::mm_out(xd, gh, w_in.select(0, e).t());
-        add_rows_out(gxs[p], t, xd);
-      }
-    }
-  });
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = plan.continued(p);
     if (e < 0) continue;
@@ -516,6 +646,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_workspace_limits", [](int64_t slots, int64_t max_bytes) { workspace().set_limits(slots, max_bytes); },
         "keep at most `slots` free buffers and `max_bytes` free bytes (slots = 0: none)");
   m.def("workspace_state", []() { return workspace().state(); }, "{slots, max_bytes, free buffers kept, their bytes}");
+  m.def("_set_stealing", [](bool on) { Sharing::stealing_enabled().store(on); },
+        "tests: let threads take pieces from slower threads' parts (default on)");
+  m.def("_steals", []() { return Sharing::steals().load(); }, "tests: pieces stolen since load");
+  m.def("_set_owner_delay_us", [](int64_t us) { Sharing::owner_delay_us().store(us); },
+        "tests: part 0's thread waits this long before each of its pieces");
   m.def("sort_by_expert", &sort_by_expert, "routed pairs stably sorted by expert (counting sort)");
   m.def("mlp_forward", &mlp_forward, "expert-parallel expert MLP, forward");
   m.def("mlp_backward", &mlp_backward, "expert-parallel expert MLP, backward");
