@@ -52,6 +52,7 @@ def stealing():
     kernels = cpu_kernels.load()
     yield kernels
     kernels._set_owner_delay_us(0)
+    kernels._set_fail_stolen(False)
     kernels._set_stealing(True)
 
 
@@ -73,6 +74,23 @@ def test_stolen_pieces_give_the_same_results_to_the_bit(threads, stealing, activ
     assert stealing._steals() >= before + 2  # in the forward and in the backward
     for a, b in zip(alone, shared):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_an_error_in_a_stolen_piece_reaches_the_caller(threads, stealing):
+    """The owner of a stolen piece that raised stops waiting for it: the call raises instead of
+    hanging, and the next call works."""
+    torch.manual_seed(0)
+    moe = MoE(32, 24, 16, 2)
+    x, g = torch.randn(300, 32), torch.randn(300, 32)
+    stealing._set_owner_delay_us(3000)
+    stealing._set_fail_stolen(True)
+    with pytest.raises(RuntimeError, match="stolen piece failed"):
+        _train_step(moe, x, g, "parallel")
+    stealing._set_fail_stolen(False)
+    stealing._set_owner_delay_us(0)
+    for a, b in zip(_train_step(moe, x, g, "parallel"), _train_step(moe, x, g, "reference")):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_refuses_activations_and_devices_it_lacks(monkeypatch):

@@ -356,7 +356,8 @@ class Sharing {
   explicit Sharing(const std::vector<std::vector<Piece>>& parts) : parts_(parts.size()) {
     for (size_t p = 0; p < parts.size(); ++p) {
       parts_[p].back = static_cast<int64_t>(parts[p].size());
-      parts_[p].done = std::make_unique<std::atomic<bool>[]>(parts[p].size());
+      parts_[p].done = std::make_unique<std::atomic<int>[]>(parts[p].size());
+      for (size_t i = 0; i < parts[p].size(); ++i) parts_[p].done[i].store(kRunning);
     }
   }
 
@@ -394,10 +395,17 @@ class Sharing {
     return parts_[p].back;
   }
 
-  void finish(int64_t p, int64_t i) { parts_[p].done[i].store(true, std::memory_order_release); }
+  // A stolen piece is done (ok) or failed (its thread's exception is on its way out of the
+  // parallel region).
+  void finish(int64_t p, int64_t i, bool ok) {
+    parts_[p].done[i].store(ok ? kDone : kFailed, std::memory_order_release);
+  }
 
-  void wait(int64_t p, int64_t i) {
-    while (!parts_[p].done[i].load(std::memory_order_acquire)) std::this_thread::yield();
+  // Whether stolen piece i of part p finished without an exception, once it has finished.
+  bool wait(int64_t p, int64_t i) {
+    int state;
+    while ((state = parts_[p].done[i].load(std::memory_order_acquire)) == kRunning) std::this_thread::yield();
+    return state == kDone;
   }
 
   static std::atomic<bool>& stealing_enabled() {
@@ -412,12 +420,17 @@ class Sharing {
     static std::atomic<int64_t> us{0};
     return us;
   }
+  static std::atomic<bool>& fail_stolen() {  // tests: a stolen piece raises
+    static std::atomic<bool> on{false};
+    return on;
+  }
 
  private:
+  enum : int { kRunning = 0, kDone = 1, kFailed = 2 };
   struct State {
     int64_t front = 0, back = 0;  // pieces [front, back) are unclaimed
     bool started = false;
-    std::unique_ptr<std::atomic<bool>[]> done;  // a stolen piece's output is ready
+    std::unique_ptr<std::atomic<int>[]> done;  // per piece: kRunning, kDone or kFailed
   };
   std::mutex mutex_;
   std::vector<State> parts_;
@@ -446,12 +459,18 @@ void run_parts(const std::vector<std::vector<Piece>>& parts, const MakeScratch& 
       }
     }
     for (auto [q, i] = sharing.steal(); q >= 0; std::tie(q, i) = sharing.steal()) {
-      compute(buffers, q, i, false);
-      sharing.finish(q, i);
+      try {
+        TORCH_CHECK(!Sharing::fail_stolen().load(), "expert_parallel: a stolen piece failed (test)");
+        compute(buffers, q, i, false);
+      } catch (...) {
+        sharing.finish(q, i, false);  // its owner stops waiting; the exception leaves the region
+        throw;
+      }
+      sharing.finish(q, i, true);
     }
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t i = sharing.first_stolen(p); i < static_cast<int64_t>(parts[p].size()); ++i) {
-        sharing.wait(p, i);
+        if (!sharing.wait(p, i)) return;  // the thief's exception ends the call
         collect(buffers, p, i);
       }
     }
@@ -649,6 +668,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_stealing", [](bool on) { Sharing::stealing_enabled().store(on); },
         "tests: let threads take pieces from slower threads' parts (default on)");
   m.def("_steals", []() { return Sharing::steals().load(); }, "tests: pieces stolen since load");
+  m.def("_set_fail_stolen", [](bool on) { Sharing::fail_stolen().store(on); }, "tests: a stolen piece raises");
   m.def("_set_owner_delay_us", [](int64_t us) { Sharing::owner_delay_us().store(us); },
         "tests: part 0's thread waits this long before each of its pieces");
   m.def("sort_by_expert", &sort_by_expert, "routed pairs stably sorted by expert (counting sort)");
