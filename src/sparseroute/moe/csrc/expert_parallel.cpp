@@ -436,17 +436,22 @@ class Sharing {
   std::vector<State> parts_;
 };
 
-// Run the pieces of every part, one part per thread, with work sharing (see Sharing). Per thread,
-// `scratch()` makes its buffers once; `compute(scratch, p, i, own)` runs piece i of part p (its
-// owner's when `own`, else a stolen one); `collect(scratch, p, i)` adds a stolen piece's held
-// output into part p's buffer, by the owner, in piece order. Grad mode is thread-local, so each
-// worker dispatches below autograd itself (the caller is an autograd Function that does its own
+// Run the pieces of every part, one part per thread, with work sharing (see Sharing), and add
+// their output rows into the part's [T, D] buffer `sums[p]` (none when `sums` is empty). Per
+// thread, `scratch()` makes its buffers once; `compute(scratch, p, i, own)` runs piece i of part
+// p and returns its [rows, D] output rows (or an undefined tensor): in the thread's scratch when
+// `own` (the owner's piece, added at once), else in a buffer of their own (a stolen piece, added
+// by the owner after its own pieces, in piece order). A part's buffer is zero-filled by its
+// owner before its first piece, which is never stolen. Grad mode is thread-local, so each worker
+// dispatches below autograd itself (the caller is an autograd Function that does its own
 // backward).
-template <class MakeScratch, class Compute, class Collect>
-void run_parts(const std::vector<std::vector<Piece>>& parts, const MakeScratch& scratch, const Compute& compute,
-               const Collect& collect) {
+template <class MakeScratch, class Compute>
+void run_parts(const std::vector<std::vector<Piece>>& parts, const int64_t* tok, std::vector<Tensor>& sums,
+               const MakeScratch& scratch, const Compute& compute) {
   const int64_t P = static_cast<int64_t>(parts.size());
   Sharing sharing(parts);
+  std::vector<std::vector<Tensor>> held(P);  // the output rows of stolen pieces
+  for (int64_t p = 0; p < P; ++p) held[p].resize(parts[p].size());
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto buffers = scratch();
@@ -455,13 +460,16 @@ void run_parts(const std::vector<std::vector<Piece>>& parts, const MakeScratch& 
       for (int64_t i; (i = sharing.own(p)) >= 0;) {
         if (p == 0 && Sharing::owner_delay_us().load() > 0)
           std::this_thread::sleep_for(std::chrono::microseconds(Sharing::owner_delay_us().load()));
-        compute(buffers, p, i, true);
+        // by the thread that adds into it: the fill and the first touch of its pages in parallel
+        if (i == 0 && !sums.empty()) sums[p].zero_();
+        const Tensor rows = compute(buffers, p, i, true);
+        if (rows.defined()) add_rows_out(sums[p], tok + parts[p][i].start, rows);
       }
     }
     for (auto [q, i] = sharing.steal(); q >= 0; std::tie(q, i) = sharing.steal()) {
       try {
         TORCH_CHECK(!Sharing::fail_stolen().load(), "expert_parallel: a stolen piece failed (test)");
-        compute(buffers, q, i, false);
+        held[q][i] = compute(buffers, q, i, false);
       } catch (...) {
         sharing.finish(q, i, false);  // its owner stops waiting; the exception leaves the region
         throw;
@@ -471,7 +479,8 @@ void run_parts(const std::vector<std::vector<Piece>>& parts, const MakeScratch& 
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t i = sharing.first_stolen(p); i < static_cast<int64_t>(parts[p].size()); ++i) {
         if (!sharing.wait(p, i)) return;  // the thief's exception ends the call
-        collect(buffers, p, i);
+        if (held[p][i].defined()) add_rows_out(sums[p], tok + parts[p][i].start, held[p][i]);
+        held[p][i].reset();
       }
     }
   });
@@ -496,20 +505,15 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({S, F}, x_TD.options());
   std::vector<Tensor> outs(plan.size());
   for (auto& o : outs) o = workspace().take(x_TD.sizes(), x_TD.options());
-  std::vector<std::vector<Tensor>> held(plan.size());  // the output rows of stolen pieces
-  for (int64_t p = 0; p < plan.size(); ++p) held[p].resize(plan.parts[p].size());
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
-      plan.parts,
+      plan.parts, tok, outs,
       [&] { return std::make_pair(workspace().take({most, D}, x_TD.options()), workspace().take({most, D}, x_TD.options())); },
       [&](std::pair<Tensor, Tensor>& bufs, int64_t p, int64_t i, bool own) {
         const Piece& piece = plan.parts[p][i];
         const int64_t e = piece.expert, n = piece.rows, start = piece.start;
-        // the first piece is always its owner's: the fill and the first touch of the part's buffer
-        // happen on the thread that adds into it
-        if (own && i == 0) outs[p].zero_();
         Tensor x_e = bufs.first.narrow(0, 0, n);
-        Tensor y_e = own ? bufs.second.narrow(0, 0, n) : (held[p][i] = workspace().take({n, D}, x_TD.options()));
+        Tensor y_e = own ? bufs.second.narrow(0, 0, n) : workspace().take({n, D}, x_TD.options());
         Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n);
         gather_rows_out(x_e, x_TD, tok + start);
         at::mm_out(h_e, x_e, w_in.select(0, e));
@@ -524,11 +528,7 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
           at::mul_out(a_e, s_e, w_S.narrow(0, start, n).unsqueeze(1));
         }
         at::mm_out(y_e, a_e, w_out.select(0, e));
-        if (own) add_rows_out(outs[p], tok + start, y_e);
-      },
-      [&](std::pair<Tensor, Tensor>&, int64_t p, int64_t i) {
-        add_rows_out(outs[p], tok + plan.parts[p][i].start, held[p][i]);
-        held[p][i].reset();
+        return y_e;
       });
   return {add_parts(outs), h, a, s};
 }
@@ -565,11 +565,9 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     if (need_out) rest_out[p] = at::empty_like(w_out.select(0, 0));
   }
   const bool need_hidden = need_x || need_w || need_in;
-  std::vector<std::vector<Tensor>> held(P);  // x's gradient rows of stolen pieces
-  for (int64_t p = 0; p < P; ++p) held[p].resize(plan.parts[p].size());
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
-      plan.parts,
+      plan.parts, tok, gxs,
       [&] {  // per thread: g rows, x rows (then their gradient), dL/da, dL/dh
         return std::array<Tensor, 4>{workspace().take({most, D}, x_TD.options()),
                                      workspace().take({most, D}, x_TD.options()),
@@ -579,14 +577,13 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         const Piece& piece = plan.parts[p][i];
         const int64_t e = piece.expert, n = piece.rows, start = piece.start;
         const int64_t* t = tok + start;
-        if (own && i == 0 && need_x) gxs[p].zero_();  // by its own thread, as in the forward
         Tensor ge = bufs[0].narrow(0, 0, n);
         gather_rows_out(ge, g_TD, t);
         if (need_out) {
           Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
           at::mm_out(g_out_e, a.narrow(0, start, n).t(), ge);
         }
-        if (!need_hidden) return;
+        if (!need_hidden) return Tensor();
         Tensor ga = bufs[2].narrow(0, 0, n), gh = bufs[3].narrow(0, 0, n);
         at::mm_out(ga, ge, w_out.select(0, e).t());  // dL/d(weighted activation)
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
@@ -608,16 +605,10 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
           Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
           at::mm_out(g_in_e, xd.t(), gh);
         }
-        if (need_x) {
-          Tensor gx_e = own ? xd : (held[p][i] = workspace().take({n, D}, x_TD.options()));
-          at::mm_out(gx_e, gh, w_in.select(0, e).t());
-          if (own) add_rows_out(gxs[p], t, gx_e);
-        }
-      },
-      [&](std::array<Tensor, 4>&, int64_t p, int64_t i) {
-        if (!need_x) return;
-        add_rows_out(gxs[p], tok + plan.parts[p][i].start, held[p][i]);
-        held[p][i].reset();
+        if (!need_x) return Tensor();
+        Tensor gx_e = own ? xd : workspace().take({n, D}, x_TD.options());
+        at::mm_out(gx_e, gh, w_in.select(0, e).t());
+        return gx_e;
       });
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = plan.continued(p);
