@@ -1,6 +1,6 @@
 """MoE layer vs a dense SwiGLU of the same active FLOPs vs Hugging Face's Mixtral block.
 
-fp32, forward + backward, timed in one process with the variants interleaved; the median of
+fp32 (``--dtype bf16`` for the other), forward + backward, timed in one process with the variants interleaved; the median of
 ``--repeats`` runs after one warm-up. Variants per shape:
 
   moe        sparseroute MoE, learned ``topk`` router, default dispatch ("auto")
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from sparseroute.lab.stats import median_ratio_ci
 from sparseroute.moe import EXECUTORS, MoE
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES = [
     dict(E=8, k=2, F=1024),
     dict(E=64, k=8, F=128),
@@ -143,8 +144,11 @@ def main(argv=None) -> int:
     ap.add_argument("--d-model", type=int, default=512, help="model dim D (default 512)")
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per variant, median taken (default 7)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32 (default) or bf16")
     ap.add_argument(
-        "--dispatch", nargs="*", default=["grouped", "loop", "fused", "parallel"], help="extra dispatch modes to time (informational)"
+        "--dispatch", nargs="*", default=None,
+        help="extra dispatch modes to time (informational; default grouped loop fused parallel on the CPU, "
+        "grouped loop fused elsewhere)",
     )
     ap.add_argument("--no-hf", action="store_true", help="skip transformers even if installed")
     ap.add_argument("--shape", action="append", metavar="E,k,F", help="shape(s) to run (default: 8,2,1024 and 64,8,128)")
@@ -152,11 +156,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device takes cpu or cuda; got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but no CUDA device is available")
+    if args.dispatch is None:
+        args.dispatch = ["grouped", "loop", "fused"] + (["parallel"] if device.type == "cpu" else [])
     unknown = [d for d in args.dispatch if d not in EXECUTORS]
     if unknown:
         ap.error(f"unknown --dispatch {unknown}; known: {EXECUTORS.names()}")
-    device = torch.device(args.device)
-    dtype = torch.float32
+    if device.type != "cpu" and "parallel" in args.dispatch:
+        ap.error("--dispatch parallel is the CPU kernel; it cannot run on " + device.type)
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     try:
         import transformers  # noqa: F401
@@ -184,8 +197,6 @@ def main(argv=None) -> int:
             "dense_split": make_dense(D, k * Fh, device, dtype, fused_gate_up=False),
         }
         for d in args.dispatch:
-            if d == "parallel" and device.type != "cpu":
-                continue  # a CPU kernel
             if d != moe.config.dispatch:
                 variants[f"moe_{d}"] = (lambda xx, m=moe, d=d: m(xx, dispatch=d)[0], list(moe.parameters()))
         if have_hf:
@@ -223,7 +234,7 @@ def main(argv=None) -> int:
     out = {
         "benchmark": "moe_layer",
         "device": str(device),
-        "dtype": "fp32",
+        "dtype": args.dtype,
         "T": T,
         "D": D,
         "repeats": args.repeats,

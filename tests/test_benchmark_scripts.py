@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +54,53 @@ def test_moe_layer_json(capsys):
     assert row["loop_over_moe"] > 0 and row["moe_loop_s"] > 0
 
 
+def test_moe_layer_bf16(capsys):
+    bench = _load("moe_layer")
+    args = ["--tokens", "32", "--d-model", "16", "--shape", "4,1,8", "--repeats", "1", "--no-hf", "--dispatch",
+            "--dtype", "bf16"]
+    assert bench.main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["dtype"] == "bf16"
+    (row,) = out["shapes"]
+    assert row["moe_s"] > 0 and not any(k.startswith("moe_") and k.endswith("_s") and k != "moe_s" for k in row)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["--dtype", "fp16"], "--dtype"), (["--dispatch", "nope"], "unknown --dispatch"), (["--device", "tpu9"], "--device")],
+)
+def test_moe_layer_rejects_bad_options(capsys, args, needle):
+    bench = _load("moe_layer")
+    with pytest.raises(SystemExit):
+        bench.main(args)
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_moe_layer_refuses_cuda_without_a_device(capsys):
+    with pytest.raises(SystemExit):
+        _load("moe_layer").main(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
 def test_moe_layer_rejects_a_bad_shape(capsys):
     bench = _load("moe_layer")
     with pytest.raises(SystemExit):
         bench.main(["--shape", "4,2"])
     assert "E,k,F" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_checks_stop_without_a_device(tmp_path):
+    """The CUDA check script says there is no device, and runs none of its steps, where none is."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "cuda_checks.sh"), str(out)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHON=sys.executable), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "no CUDA device" in proc.stderr
+    assert (out / "env.txt").read_text().startswith("python ")
+    assert not (out / "gpu_tests.log").exists()

@@ -1,0 +1,120 @@
+"""The CUDA paths (marked ``gpu``; skipped where no CUDA device is present).
+
+Every case of test_moe_equivalence runs on the device through the executors that take CUDA
+tensors ("grouped", "loop" and "auto", which picks "grouped" there) against the "reference"
+executor on the same device; the fp32 layer on the device agrees with the CPU's; the grouped
+executor really calls ``F.grouped_mm`` there; and a small MoE language model trains on the
+device. ``benchmarks/cuda_checks.sh`` runs these with the benchmarks on ``cuda``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sparseroute.moe import MoE
+from test_moe_equivalence import CASES, Case, _build, _check_expectations, _run, _tol
+
+DEVICE = "cuda"
+CUDA_EXECUTORS = ("grouped", "loop", "auto")
+
+pytestmark = pytest.mark.gpu
+
+
+def _on(device: str, moe: MoE, *tensors):
+    return (moe.to(device), *(t.to(device) if t is not None else None for t in tensors))
+
+
+def check_case_on_device(case: Case, dispatch: str, device: str) -> None:
+    """``dispatch`` equals "reference" on ``device``: the routing, the output and every gradient."""
+    moe, x, ids, g = _on(device, *_build(case))
+    y_ref, g_ref, r_ref = _run(moe, x, ids, g, "reference")
+    y, grads, r = _run(moe, x, ids, g, dispatch)
+    assert y.device.type == torch.device(device).type
+    assert_close(r.indices, r_ref.indices, rtol=0, atol=0)
+    assert_close(r.weights, r_ref.weights, rtol=0, atol=0)
+    _check_expectations(case, r)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.isfinite(y.float()).all()
+    assert_close(y, y_ref, **_tol(case, y_ref))
+    assert set(grads) == set(g_ref)
+    for name in g_ref:
+        assert grads[name].device == y.device, name
+        assert_close(grads[name], g_ref[name], **_tol(case, g_ref[name]), msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def check_device_agrees_with_cpu(device: str) -> None:
+    """The fp32 layer on ``device`` gives the CPU's routing, output and gradients (a topk router
+    in eval mode, so no randomness; the logits are far from ties at this size)."""
+    case = Case("cpu-vs-device", E=8, k=2, shape=(4, 16), D=64, F=32)
+    moe, x, ids, g = _build(case)
+    y_cpu, g_cpu, r_cpu = _run(moe, x, ids, g, "auto")
+    moe_d, x_d, ids_d, g_d = _on(device, moe, x, ids, g)
+    y, grads, r = _run(moe_d, x_d, ids_d, g_d, "auto")
+    assert_close(r.indices.cpu(), r_cpu.indices, rtol=0, atol=0)
+    assert_close(r.weights.cpu(), r_cpu.weights, atol=1e-5, rtol=1e-5)
+    assert_close(y.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
+    for name in g_cpu:
+        assert_close(grads[name].cpu(), g_cpu[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def count_grouped_mm_calls(monkeypatch, device: str, dtype: torch.dtype) -> int:
+    """F.grouped_mm calls in one forward of an aligned bf16 or fp32 layer on ``device`` (the
+    output is checked against the reference too)."""
+    calls = []
+    real = torch.nn.functional.grouped_mm
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", spy)
+    torch.manual_seed(0)
+    moe = MoE(64, 32, 8, 2).to(device=device, dtype=dtype)
+    x = torch.randn(48, 64, device=device, dtype=dtype, requires_grad=True)
+    y, _ = moe(x, dispatch="grouped")
+    y.float().square().sum().backward()
+    n = len(calls)
+    y_ref, _ = moe(x, dispatch="reference")
+    assert_close(y, y_ref, **_tol(Case("t", dtype=dtype), y_ref))
+    return n
+
+
+def check_training_learns(tmp_path, device: str) -> None:
+    args = ["train", "--depth", "2", "--seq-len", "64", "--batch-size", "8", "--max-bytes", "400k",
+            "--eval-tokens", "4096", "--router", "topk", "--tokens", "100k", "--lr", "3e-3",
+            "--device", device, "--out", str(tmp_path / "run"), "--quiet"]
+    env = dict(os.environ, SPARSEROUTE_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "sparseroute", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5, (metrics[0]["loss"], metrics[-1]["loss"])
+    assert final["val_loss"] == final["val_loss"] and final["val_loss"] < metrics[0]["loss"]
+
+
+@pytest.mark.parametrize("dispatch", CUDA_EXECUTORS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_matches_reference(case: Case, dispatch: str) -> None:
+    check_case_on_device(case, dispatch, DEVICE)
+
+
+def test_cuda_agrees_with_cpu() -> None:
+    check_device_agrees_with_cpu(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_grouped_calls_grouped_mm(monkeypatch, dtype: torch.dtype) -> None:
+    assert count_grouped_mm_calls(monkeypatch, DEVICE, dtype) == 2  # up and down projection
+
+
+def test_cuda_training_learns(tmp_path) -> None:
+    """A small MoE language model trains on the device: the loss falls and ends finite."""
+    check_training_learns(tmp_path, DEVICE)
