@@ -19,7 +19,7 @@ import torch
 from torch.testing import assert_close
 
 from sparseroute.moe import MoE
-from test_moe_equivalence import CASES, Case, _build, _check_expectations, _run, _tol
+from test_moe_equivalence import CASES, Case, _build, _check_expectations, _run, _tol, grouped_mm_calls
 
 DEVICE = "cuda"
 CUDA_EXECUTORS = ("grouped", "loop", "auto")
@@ -64,29 +64,8 @@ def check_device_agrees_with_cpu(device: str) -> None:
         assert_close(grads[name].cpu(), g_cpu[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-def count_grouped_mm_calls(monkeypatch, device: str, dtype: torch.dtype) -> int:
-    """F.grouped_mm calls in one forward of an aligned bf16 or fp32 layer on ``device`` (the
-    output is checked against the reference too)."""
-    calls = []
-    real = torch.nn.functional.grouped_mm
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(torch.nn.functional, "grouped_mm", spy)
-    torch.manual_seed(0)
-    moe = MoE(64, 32, 8, 2).to(device=device, dtype=dtype)
-    x = torch.randn(48, 64, device=device, dtype=dtype, requires_grad=True)
-    y, _ = moe(x, dispatch="grouped")
-    y.float().square().sum().backward()
-    n = len(calls)
-    y_ref, _ = moe(x, dispatch="reference")
-    assert_close(y, y_ref, **_tol(Case("t", dtype=dtype), y_ref))
-    return n
-
-
 def check_training_learns(tmp_path, device: str) -> None:
+    """A small MoE language model trains on ``device``: the loss falls and ends finite."""
     args = ["train", "--depth", "2", "--seq-len", "64", "--batch-size", "8", "--max-bytes", "400k",
             "--eval-tokens", "4096", "--router", "topk", "--tokens", "100k", "--lr", "3e-3",
             "--device", device, "--out", str(tmp_path / "run"), "--quiet"]
@@ -112,7 +91,7 @@ def test_cuda_agrees_with_cpu() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cuda_grouped_calls_grouped_mm(monkeypatch, dtype: torch.dtype) -> None:
-    assert count_grouped_mm_calls(monkeypatch, DEVICE, dtype) == 2  # up and down projection
+    assert grouped_mm_calls(monkeypatch, 48, 64, 32, 8, dtype, DEVICE) == 2  # up and down projection
 
 
 def test_cuda_training_learns(tmp_path) -> None:

@@ -263,9 +263,9 @@ def test_reference_is_a_real_oracle() -> None:
     assert_close(routing.weights.sum(1), torch.ones(4))
 
 
-def test_grouped_uses_grouped_mm_when_aligned(monkeypatch) -> None:
-    """The "grouped" executor really calls F.grouped_mm on aligned shapes, and on shapes that
-    miss its 16-byte stride alignment falls back instead of raising inside F.grouped_mm."""
+def grouped_mm_calls(monkeypatch, T: int, D: int, F: int, E: int, dtype: torch.dtype, device: str = "cpu") -> int:
+    """How many times one forward + backward of a "grouped" SwiGLU layer calls F.grouped_mm; its
+    output is checked against the reference executor's too."""
     calls = []
     real = torch.nn.functional.grouped_mm
 
@@ -273,7 +273,22 @@ def test_grouped_uses_grouped_mm_when_aligned(monkeypatch) -> None:
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(torch.nn.functional, "grouped_mm", spy)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "grouped_mm", spy)
+        torch.manual_seed(0)
+        moe = MoE(D, F, E, 2).to(device=device, dtype=dtype)
+        x = torch.randn(T, D, device=device, dtype=dtype, requires_grad=True)
+        y, _ = moe(x, dispatch="grouped")
+        y.float().square().sum().backward()
+        n = len(calls)
+        y_ref, _ = moe(x, dispatch="reference")
+    assert_close(y, y_ref, **_tol(Case("t", dtype=dtype), y_ref))
+    return n
+
+
+def test_grouped_uses_grouped_mm_when_aligned(monkeypatch) -> None:
+    """The "grouped" executor really calls F.grouped_mm on aligned shapes, and on shapes that
+    miss its 16-byte stride alignment falls back instead of raising inside F.grouped_mm."""
     # expected F.grouped_mm calls per forward (up and down projection); swiglu's w_in is [E, D, 2F]
     for D, F, dtype, n_calls in (
         (8, 8, torch.float32, 2),
@@ -283,15 +298,7 @@ def test_grouped_uses_grouped_mm_when_aligned(monkeypatch) -> None:
         (8, 4, torch.bfloat16, 1),  # h rows of 8 bytes
         (12, 8, torch.bfloat16, 0),
     ):
-        calls.clear()
-        torch.manual_seed(0)
-        moe = MoE(D, F, 4, 2).to(dtype)
-        x = torch.randn(5, D, dtype=dtype, requires_grad=True)
-        y, _ = moe(x, dispatch="grouped")
-        y.float().square().sum().backward()
-        y_ref, _ = moe(x, dispatch="reference")
-        assert len(calls) == n_calls, (D, F, dtype)
-        assert_close(y, y_ref, **_tol(Case("t", dtype=dtype), y_ref))
+        assert grouped_mm_calls(monkeypatch, 5, D, F, 4, dtype) == n_calls, (D, F, dtype)
 
 
 def test_zero_tokens() -> None:
