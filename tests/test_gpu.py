@@ -18,35 +18,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sparseroute.moe import MoE
-from test_moe_equivalence import CASES, Case, _build, _check_expectations, _run, _tol, grouped_mm_calls
+from test_moe_equivalence import CASES, Case, _build, _run, check_matches_reference, grouped_mm_calls
 
 DEVICE = "cuda"
 CUDA_EXECUTORS = ("grouped", "loop", "auto")
 
 pytestmark = pytest.mark.gpu
-
-
-def _on(device: str, moe: MoE, *tensors):
-    return (moe.to(device), *(t.to(device) if t is not None else None for t in tensors))
-
-
-def check_case_on_device(case: Case, dispatch: str, device: str) -> None:
-    """``dispatch`` equals "reference" on ``device``: the routing, the output and every gradient."""
-    moe, x, ids, g = _on(device, *_build(case))
-    y_ref, g_ref, r_ref = _run(moe, x, ids, g, "reference")
-    y, grads, r = _run(moe, x, ids, g, dispatch)
-    assert y.device.type == torch.device(device).type
-    assert_close(r.indices, r_ref.indices, rtol=0, atol=0)
-    assert_close(r.weights, r_ref.weights, rtol=0, atol=0)
-    _check_expectations(case, r)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert torch.isfinite(y.float()).all()
-    assert_close(y, y_ref, **_tol(case, y_ref))
-    assert set(grads) == set(g_ref)
-    for name in g_ref:
-        assert grads[name].device == y.device, name
-        assert_close(grads[name], g_ref[name], **_tol(case, g_ref[name]), msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 def check_device_agrees_with_cpu(device: str) -> None:
@@ -55,8 +32,7 @@ def check_device_agrees_with_cpu(device: str) -> None:
     case = Case("cpu-vs-device", E=8, k=2, shape=(4, 16), D=64, F=32)
     moe, x, ids, g = _build(case)
     y_cpu, g_cpu, r_cpu = _run(moe, x, ids, g, "auto")
-    moe_d, x_d, ids_d, g_d = _on(device, moe, x, ids, g)
-    y, grads, r = _run(moe_d, x_d, ids_d, g_d, "auto")
+    y, grads, r = _run(moe.to(device), x.to(device), ids, g.to(device), "auto")
     assert_close(r.indices.cpu(), r_cpu.indices, rtol=0, atol=0)
     assert_close(r.weights.cpu(), r_cpu.weights, atol=1e-5, rtol=1e-5)
     assert_close(y.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
@@ -82,7 +58,7 @@ def check_training_learns(tmp_path, device: str) -> None:
 @pytest.mark.parametrize("dispatch", CUDA_EXECUTORS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cuda_matches_reference(case: Case, dispatch: str) -> None:
-    check_case_on_device(case, dispatch, DEVICE)
+    check_matches_reference(case, dispatch, DEVICE)
 
 
 def test_cuda_agrees_with_cpu() -> None:

@@ -216,10 +216,11 @@ def _check_expectations(case: Case, routing) -> None:
             raise AssertionError(e)
 
 
-@pytest.mark.parametrize("dispatch", FAST)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_reference(case: Case, dispatch: str) -> None:
+def check_matches_reference(case: Case, dispatch: str, device: str = "cpu") -> None:
+    """``dispatch`` equals "reference" on ``device``: the routing, the output and every gradient."""
     moe, x, ids, g = _build(case)
+    moe, x, g = moe.to(device), x.to(device), g.to(device)
+    ids = ids.to(device) if ids is not None else None
     y_ref, g_ref, r_ref = _run(moe, x, ids, g, "reference")
     y, grads, r = _run(moe, x, ids, g, dispatch)
 
@@ -228,12 +229,19 @@ def test_matches_reference(case: Case, dispatch: str) -> None:
     assert_close(r.weights, r_ref.weights, rtol=0, atol=0)
     _check_expectations(case, r)
 
-    assert y.shape == x.shape and y.dtype == x.dtype
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     assert torch.isfinite(y.float()).all()
     assert_close(y, y_ref, **_tol(case, y_ref))
     assert set(grads) == set(g_ref)
     for name in g_ref:
+        assert grads[name].device == x.device, name
         assert_close(grads[name], g_ref[name], **_tol(case, g_ref[name]), msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("dispatch", FAST)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference(case: Case, dispatch: str) -> None:
+    check_matches_reference(case, dispatch)
 
 
 def test_cases_cover_every_router_and_train_mode() -> None:
