@@ -3,8 +3,8 @@
 Every case of test_moe_equivalence runs on the device through the executors that take CUDA
 tensors ("grouped", "loop" and "auto", which picks "grouped" there) against the "reference"
 executor on the same device; the fp32 layer on the device agrees with the CPU's; the grouped
-executor really calls ``F.grouped_mm`` there; and a small MoE language model trains on the
-device. ``benchmarks/cuda_checks.sh`` runs these with the benchmarks on ``cuda``.
+executor really calls ``F.grouped_mm`` there; a small language model gives the CPU's logits,
+losses and gradients there; and a small MoE language model trains on the device. ``benchmarks/cuda_checks.sh`` runs these with the benchmarks on ``cuda``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,36 @@ def check_device_agrees_with_cpu(device: str) -> None:
         assert_close(grads[name].cpu(), g_cpu[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+def check_lm_agrees_with_cpu(device: str, router: str | None) -> None:
+    """A small language model (dense, or MoE with ``router``) on ``device`` gives the CPU's
+    logits, auxiliary losses and parameter gradients in fp32 (eval mode: no routing noise)."""
+    from sparseroute.models import LMConfig, MoESettings, TransformerLM
+
+    moe = None if router is None else MoESettings(num_experts=4, top_k=2, router=router)
+    cfg = LMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, moe=moe)
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).eval()
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+
+    def run(m: TransformerLM, x: torch.Tensor):
+        m.zero_grad(set_to_none=True)
+        out = m(x)
+        loss = out.logits.float().square().mean() + sum(out.aux_losses.values())
+        loss.backward()
+        grads = {n: p.grad.detach().cpu() for n, p in m.named_parameters() if p.grad is not None}
+        return out.logits.detach().cpu(), {k: float(v.detach()) for k, v in out.aux_losses.items()}, grads
+
+    logits_cpu, aux_cpu, grads_cpu = run(model, ids)
+    logits, aux, grads = run(model.to(device), ids.to(device))
+    assert_close(logits, logits_cpu, atol=1e-4, rtol=1e-4)
+    assert aux.keys() == aux_cpu.keys()
+    for k in aux:
+        assert abs(aux[k] - aux_cpu[k]) <= 1e-4 * max(1.0, abs(aux_cpu[k])), (k, aux[k], aux_cpu[k])
+    assert grads.keys() == grads_cpu.keys() and grads
+    for n in grads:
+        assert_close(grads[n], grads_cpu[n], atol=1e-4, rtol=1e-3, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
 def check_training_learns(tmp_path, device: str) -> None:
     """A small MoE language model trains on ``device``: the loss falls and ends finite."""
     args = ["train", "--depth", "2", "--seq-len", "64", "--batch-size", "8", "--max-bytes", "400k",
@@ -68,6 +98,11 @@ def test_cuda_agrees_with_cpu() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cuda_grouped_calls_grouped_mm(monkeypatch, dtype: torch.dtype) -> None:
     assert grouped_mm_calls(monkeypatch, 48, 64, 32, 8, dtype, DEVICE) == 2  # up and down projection
+
+
+@pytest.mark.parametrize("router", [None, "topk", "sigmoid"])
+def test_cuda_lm_agrees_with_cpu(router) -> None:
+    check_lm_agrees_with_cpu(DEVICE, router)
 
 
 def test_cuda_training_learns(tmp_path) -> None:
