@@ -1,7 +1,7 @@
 """MoE layer vs a dense SwiGLU of the same active FLOPs vs Hugging Face's Mixtral block.
 
-fp32 (``--dtype bf16`` for the other), forward + backward, timed in one process with the variants interleaved; the median of
-``--repeats`` runs after one warm-up. Variants per shape:
+fp32 (``--dtype bf16`` for the other), forward + backward, timed in one process with the
+variants interleaved; the median of ``--repeats`` runs after one warm-up. Variants per shape:
 
   moe        sparseroute MoE, learned ``topk`` router, default dispatch ("auto")
   moe_<d>    the same layer with dispatch <d> (informational)

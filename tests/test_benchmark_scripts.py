@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,10 +96,6 @@ def test_moe_layer_rejects_a_bad_shape(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_checks_stop_without_a_device(tmp_path):
     """The CUDA check script says there is no device, and runs none of its steps, where none is."""
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "cuda_checks.sh"), str(out)], capture_output=True,
                           text=True, env=dict(os.environ, PYTHON=sys.executable), timeout=120)

@@ -4,7 +4,8 @@ Every case of test_moe_equivalence runs on the device through the executors that
 tensors ("grouped", "loop" and "auto", which picks "grouped" there) against the "reference"
 executor on the same device; the fp32 layer on the device agrees with the CPU's; the grouped
 executor really calls ``F.grouped_mm`` there; a small language model gives the CPU's logits,
-losses and gradients there; and a small MoE language model trains on the device. ``benchmarks/cuda_checks.sh`` runs these with the benchmarks on ``cuda``.
+losses and gradients there; and a small MoE language model trains on the device.
+``benchmarks/cuda_checks.sh`` runs these with the benchmarks on ``cuda``.
 """
 
 from __future__ import annotations
