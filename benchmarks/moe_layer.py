@@ -3,17 +3,26 @@
 fp32 (``--dtype bf16`` for the other), forward + backward, timed in one process with the
 variants interleaved; the median of ``--repeats`` runs after one warm-up. Variants per shape:
 
-  moe        sparseroute MoE, learned ``topk`` router, default dispatch ("auto")
+  moe        sparseroute MoE, learned ``topk`` router, default dispatch ("auto") and GEMM
+             backend (``sparseroute.gemm``: oneDNN on an x86 CPU, in fp32)
   moe_<d>    the same layer with dispatch <d> (informational)
+  moe_aten   (CPU, fp32, where the backend is oneDNN) the same layer with torch's own matmul
   dense_fused, dense_split   SwiGLU MLP of hidden k·F (the same active FLOPs as the MoE's
-             experts), gate/up as one matmul or two; ``dense`` is the faster of the two
+             experts), gate/up as one matmul or two, on torch's matmul
+  dense_fused_onednn, dense_split_onednn   (where the MoE's backend is oneDNN) the same on
+             oneDNN, the MoE's own GEMM library
   hf_eager, hf_grouped_mm   transformers' MixtralSparseMoeBlock with that experts implementation
   loop       (only without transformers) a per-expert loop in the style of HF's eager path
 
-Per shape, ``moe_over_dense`` is the ratio of the two medians. The machine's speed drifts over
-seconds, so the JSON also gives the ratio within each round (the MoE and the dense layer timed
-next to each other), ``moe_over_dense_paired`` (its median), and ``moe_over_dense_ci95``, a 95%
-bootstrap interval of ``moe_over_dense`` (the rounds resampled as pairs).
+``dense`` is the fastest dense variant, so that the MoE is compared with a dense layer on the same
+GEMM library: torch's CPU matmul (MKL) runs AVX2 code on AMD CPUs where oneDNN runs AVX-512, and
+a MoE on oneDNN against a dense layer on MKL would measure the libraries, not the routing.
+Per shape, ``moe_over_dense`` is the ratio of the two medians, and ``moe_over_dense_torch`` the
+MoE against the faster of the two dense variants on torch's matmul (what a plain PyTorch model
+runs). The machine's speed drifts over seconds, so the JSON also gives the ratio within each
+round (the MoE and the dense layer timed next to each other), ``moe_over_dense_paired`` (its
+median), and ``moe_over_dense_ci95``, a 95% bootstrap interval of ``moe_over_dense`` (the rounds
+resampled as pairs).
 
 Prints a table to stderr and one JSON line last on stdout.
 """
@@ -30,6 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from sparseroute import gemm
 from sparseroute.lab.stats import median_ratio_ci
 from sparseroute.moe import EXECUTORS, MoE
 
@@ -45,8 +55,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_dense(D: int, H: int, device, dtype, fused_gate_up: bool):
-    """SwiGLU MLP of hidden H: gate and up as one [D, 2H] matmul, or as two (LLaMA style)."""
+def make_dense(D: int, H: int, device, dtype, fused_gate_up: bool, mm: Callable = torch.matmul):
+    """SwiGLU MLP of hidden H: gate and up as one [D, 2H] matmul, or as two (LLaMA style); the
+    products through ``mm`` (torch's matmul, or ``sparseroute.gemm.matmul``)."""
 
     def param(*shape, fan_in):
         return torch.nn.Parameter(torch.randn(*shape, device=device, dtype=dtype) * fan_in**-0.5)
@@ -56,16 +67,21 @@ def make_dense(D: int, H: int, device, dtype, fused_gate_up: bool):
         w_in = param(D, 2 * H, fan_in=D)
 
         def run(x):
-            gate, up = (x @ w_in).chunk(2, dim=-1)
-            return (F.silu(gate) * up) @ w_out
+            gate, up = mm(x, w_in).chunk(2, dim=-1)
+            return mm(F.silu(gate) * up, w_out)
 
         return run, [w_in, w_out]
     w_gate, w_up = param(D, H, fan_in=D), param(D, H, fan_in=D)
 
     def run_split(x):
-        return (F.silu(x @ w_gate) * (x @ w_up)) @ w_out
+        return mm(F.silu(mm(x, w_gate)) * mm(x, w_up), w_out)
 
     return run_split, [w_gate, w_up, w_out]
+
+
+def _on_aten(moe: MoE, x):
+    with gemm.use_backend("aten"):  # the backward runs on the forward's backend
+        return moe(x)[0]
 
 
 def make_hf(moe: MoE, impl: str, device, dtype):
@@ -170,6 +186,8 @@ def main(argv=None) -> int:
     if device.type != "cpu" and "parallel" in args.dispatch:
         ap.error("--dispatch parallel is the CPU kernel; it cannot run on " + device.type)
     dtype = DTYPES[args.dtype]
+    # whether the MoE's products run on oneDNN here (then the dense layer gets oneDNN variants)
+    onednn = device.type == "cpu" and dtype == torch.float32 and gemm.resolved_backend() == "onednn"
     torch.manual_seed(args.seed)
     try:
         import transformers  # noqa: F401
@@ -196,6 +214,10 @@ def main(argv=None) -> int:
             "dense_fused": make_dense(D, k * Fh, device, dtype, fused_gate_up=True),
             "dense_split": make_dense(D, k * Fh, device, dtype, fused_gate_up=False),
         }
+        if onednn:
+            variants["dense_fused_onednn"] = make_dense(D, k * Fh, device, dtype, True, gemm.matmul)
+            variants["dense_split_onednn"] = make_dense(D, k * Fh, device, dtype, False, gemm.matmul)
+            variants["moe_aten"] = (lambda xx, m=moe: _on_aten(m, xx), list(moe.parameters()))
         for d in args.dispatch:
             if d != moe.config.dispatch:
                 variants[f"moe_{d}"] = (lambda xx, m=moe, d=d: m(xx, dispatch=d)[0], list(moe.parameters()))
@@ -206,7 +228,8 @@ def main(argv=None) -> int:
             variants["loop"] = make_loop(moe)
         times = time_variants(variants, x, g, args.repeats, device)
         med = {name: statistics.median(ts) for name, ts in times.items()}
-        dense = min(("dense_fused", "dense_split"), key=med.__getitem__)  # the faster dense baseline
+        torch_dense = min(("dense_fused", "dense_split"), key=med.__getitem__)
+        dense = min((n for n in med if n.startswith("dense_")), key=med.__getitem__)  # the fastest dense
         times["dense"], med["dense"] = times[dense], med[dense]
         paired = statistics.median(m / d for m, d in zip(times["moe"], times["dense"]))
         ci = median_ratio_ci(times["moe"], times["dense"])
@@ -217,6 +240,8 @@ def main(argv=None) -> int:
             "moe_over_dense": round(med["moe"] / med["dense"], 3),
             "moe_over_dense_paired": round(paired, 3),
             "moe_over_dense_ci95": [round(ci[0], 3), round(ci[1], 3)],
+            "moe_over_dense_torch": round(med["moe"] / med[torch_dense], 3),
+            "dense_variant": dense,
         }
         if have_hf:
             row["hf_eager_over_moe"] = round(med["hf_eager"] / med["moe"], 3)
@@ -239,6 +264,7 @@ def main(argv=None) -> int:
         "D": D,
         "repeats": args.repeats,
         "torch": torch.__version__,
+        "gemm": "onednn" if onednn else "aten",
         "threads": torch.get_num_threads(),
         "shapes": rows,
     }

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparseroute import gemm
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,7 +52,14 @@ def test_moe_layer_json(capsys):
     assert out["benchmark"] == "moe_layer" and out["repeats"] == 3 and out["T"] == 64
     (row,) = out["shapes"]
     assert (row["E"], row["k"], row["F"]) == (4, 2, 16)
-    assert row["dense_s"] == min(row["dense_fused_s"], row["dense_split_s"])
+    dense = [row[f"{n}_s"] for n in ("dense_fused", "dense_split", "dense_fused_onednn", "dense_split_onednn")
+             if f"{n}_s" in row]
+    assert row["dense_s"] == min(dense) and row[f"{row['dense_variant']}_s"] == row["dense_s"]
+    # the MoE on oneDNN is compared with a dense layer on oneDNN too, and on torch's own matmul
+    assert out["gemm"] == gemm.resolved_backend()
+    assert len(dense) == (4 if out["gemm"] == "onednn" else 2)
+    assert ("moe_aten_s" in row) == (out["gemm"] == "onednn")
+    assert row["moe_over_dense_torch"] > 0
     assert row["moe_over_dense"] > 0  # the times are rounded to 0.1 ms, too coarse here to recompute it
     lo, hi = row["moe_over_dense_ci95"]
     assert 0 < lo <= hi and row["moe_over_dense_paired"] > 0

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from sparseroute import gemm
 from sparseroute.moe import MoE, build_router
 from sparseroute.moe.losses import activation_locality_loss, chunk_sparsity_loss
 from sparseroute.moe.routers.relu import ReLUConfig, chunk_level_sparsity, token_level_sparsity
@@ -180,7 +181,7 @@ D, E = 8, 4
 
 def _old_relu_routing(router, x_TD):
     """What the relu router computed before the training objectives existed."""
-    a0 = F.linear(x_TD, router.weight).float()
+    a0 = gemm.linear(x_TD, router.weight).float()  # the router's own product
     a1 = torch.relu(a0)
     rms = torch.sqrt(a1.square().mean(dim=-1, keepdim=True) + router.config.eps)
     a = router.gain.float() * a1 / rms

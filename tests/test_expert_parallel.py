@@ -170,25 +170,27 @@ def test_kernel_rejects_inconsistent_layouts():
     x, w_S, tok_S = torch.randn(4, 3), torch.rand(4), torch.arange(4)
     w_in, w_out = torch.randn(2, 3, 10), torch.randn(2, 5, 3)
     with pytest.raises(RuntimeError, match="counts sum to 3 rows, tok_S has 4"):
-        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [1, 2], 0, 2)
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [1, 2], 0, 2, 0)
     with pytest.raises(RuntimeError, match="3 counts for 2 experts"):
-        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [1, 2, 1], 0, 2)
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [1, 2, 1], 0, 2, 0)
+    with pytest.raises(RuntimeError, match="unknown GEMM backend code 2"):
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 0, 2, 2)
     with pytest.raises(RuntimeError, match="unknown activation code 7"):
-        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 7, 2)
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 7, 2, 0)
     with pytest.raises(RuntimeError, match="10 columns for F = 5"):
-        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 1, 2)  # GELU wants [E, D, F]
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 1, 2, 0)  # GELU wants [E, D, F]
     # the row loops index x and the gradient with the tokens unchecked: the plan checks them once
     w_in = torch.randn(2, 3, 5)
     for bad in (torch.tensor([0, 1, 2, 4]), torch.tensor([0, -1, 2, 3])):
         with pytest.raises(RuntimeError, match=f"token {bad[bad.ne(torch.arange(4))].item()} out of range for 4 tokens"):
-            kernels.mlp_forward(x, w_S, w_in, w_out, bad, [2, 2], 1, 2)
+            kernels.mlp_forward(x, w_S, w_in, w_out, bad, [2, 2], 1, 2, 0)
     with pytest.raises(RuntimeError, match="tok_S must be a contiguous 1-D int64"):
-        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S.int(), [2, 2], 1, 2)
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok_S.int(), [2, 2], 1, 2, 0)
     with pytest.raises(RuntimeError, match="x must be a contiguous"):
-        kernels.mlp_forward(torch.randn(3, 4).t(), w_S, w_in, w_out, tok_S, [2, 2], 1, 2)
-    out, h, a, s = kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 1, 2)
+        kernels.mlp_forward(torch.randn(3, 4).t(), w_S, w_in, w_out, tok_S, [2, 2], 1, 2, 0)
+    out, h, a, s = kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [2, 2], 1, 2, 0)
     with pytest.raises(RuntimeError, match="output gradient must be a contiguous tensor of x's shape"):
-        kernels.mlp_backward(torch.randn(4, 2), x, w_S, w_in, w_out, tok_S, [2, 2], h, a, s, 1, [True] * 4, 2)
+        kernels.mlp_backward(torch.randn(4, 2), x, w_S, w_in, w_out, tok_S, [2, 2], h, a, s, 1, [True] * 4, 2, 0)
 
 
 def test_kernel_swiglu_sigmoid_matches_torch():
@@ -200,7 +202,7 @@ def test_kernel_swiglu_sigmoid_matches_torch():
     F = gate.numel()
     w_in = torch.cat([gate, torch.ones(F)]).reshape(1, 1, 2 * F)
     x, w_S, tok_S = torch.ones(1, 1), torch.ones(1), torch.zeros(1, dtype=torch.long)
-    _, _, a, s = kernels.mlp_forward(x, w_S, w_in, torch.zeros(1, F, 1), tok_S, [1], 0, 1)
+    _, _, a, s = kernels.mlp_forward(x, w_S, w_in, torch.zeros(1, F, 1), tok_S, [1], 0, 1, 0)
     assert s.numel() == 0
     ref = gate * torch.sigmoid(gate)
     big = (gate.abs() > 1e-20) & gate.isfinite() & (gate > -80)
@@ -209,7 +211,7 @@ def test_kernel_swiglu_sigmoid_matches_torch():
     assert float(a[0][gate <= -80].abs().max()) < 1e-30
     assert float(a[0][gate == float("inf")]) == float("inf") and float(a[0][gate == 0].abs().max()) == 0.0
     nan = torch.tensor([float("nan")])
-    _, _, a, _ = kernels.mlp_forward(x, w_S, torch.cat([nan, nan]).reshape(1, 1, 2), torch.zeros(1, 1, 1), tok_S, [1], 0, 1)
+    _, _, a, _ = kernels.mlp_forward(x, w_S, torch.cat([nan, nan]).reshape(1, 1, 2), torch.zeros(1, 1, 1), tok_S, [1], 0, 1, 0)
     assert a.isnan().all()
 
 
@@ -228,7 +230,7 @@ def _kernel_forward(kernels, seed=0):
     x, w_S = torch.randn(T, D), torch.rand(2 * T)
     w_in, w_out = torch.randn(E, D, 2 * F), torch.randn(E, F, D)
     tok_S = torch.arange(2 * T) % T
-    return kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [20, 20, 20, 20], 0, 2)
+    return kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [20, 20, 20, 20], 0, 2, 0)
 
 
 def test_workspace_reuses_a_buffer_only_once_nothing_uses_it(workspace):

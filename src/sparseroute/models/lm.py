@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseroute import gemm
 from sparseroute.models.config import LMConfig
 from sparseroute.moe import MoE
 from sparseroute.moe.layer import after_optimizer_step
@@ -77,10 +78,10 @@ class Attention(nn.Module):
         super().__init__()
         D = cfg.d_model
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.q = nn.Linear(D, D, bias=False)
-        self.k = nn.Linear(D, D, bias=False)
-        self.v = nn.Linear(D, D, bias=False)
-        self.o = nn.Linear(D, D, bias=False)
+        self.q = gemm.Linear(D, D, bias=False)
+        self.k = gemm.Linear(D, D, bias=False)
+        self.v = gemm.Linear(D, D, bias=False)
+        self.o = gemm.Linear(D, D, bias=False)
 
     def forward(
         self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, *, return_probs: bool = False
@@ -106,9 +107,9 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.gate = nn.Linear(d_model, d_ff, bias=False)
-        self.up = nn.Linear(d_model, d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.gate = gemm.Linear(d_model, d_ff, bias=False)
+        self.up = gemm.Linear(d_model, d_ff, bias=False)
+        self.down = gemm.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -194,7 +195,7 @@ class TransformerLM(nn.Module):
         # tied: no head module, the logits read embed.weight directly, so the state_dict holds the
         # matrix once (safetensors refuses tensors that share memory)
         self.head: nn.Linear | None = (
-            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            None if cfg.tie_embeddings else gemm.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
         self.reset_parameters()
 
@@ -260,7 +261,7 @@ class TransformerLM(nn.Module):
                 routings.append(routing)
                 for name, value in routing.losses.items():
                     aux[name] = aux[name] + value if name in aux else value
-        logits_BSV = F.linear(self.norm(x_BSD), self.output_weight())
+        logits_BSV = gemm.linear(self.norm(x_BSD), self.output_weight())
         return LMOutput(logits=logits_BSV, aux_losses=aux, routings=routings)
 
     def output_weight(self) -> Tensor:

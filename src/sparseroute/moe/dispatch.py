@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from sparseroute import gemm
 from sparseroute.moe import cpu_kernels
 from sparseroute.moe.experts import Experts
 from sparseroute.routing import Registry, Routing, expert_keys
@@ -250,9 +251,12 @@ class ExpertParallelMLP(torch.autograd.Function):
         threads = torch.get_num_threads()
         # the kernel wants dense inputs; the dense copies are what the backward reuses
         x_TD, w_S, w_in, w_out = (t.contiguous() for t in (x_TD, w_S, w_in, w_out))
-        out_TD, h_SH, a_SF, s_SF = kernels.mlp_forward(x_TD, w_S, w_in, w_out, tok_S, list(counts), act, threads)
+        gemm_code = gemm.kernel_code(x_TD)  # the backward uses the forward's backend
+        out_TD, h_SH, a_SF, s_SF = kernels.mlp_forward(
+            x_TD, w_S, w_in, w_out, tok_S, list(counts), act, threads, gemm_code
+        )
         ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, s_SF)
-        ctx.counts, ctx.kernels, ctx.threads, ctx.act = counts, kernels, threads, act
+        ctx.counts, ctx.kernels, ctx.threads, ctx.act, ctx.gemm = counts, kernels, threads, act, gemm_code
         return out_TD
 
     @staticmethod
@@ -261,7 +265,8 @@ class ExpertParallelMLP(torch.autograd.Function):
         x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, s_SF = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:4]]
         gx, gw, g_in, g_out = ctx.kernels.mlp_backward(
-            g_TD.contiguous(), x_TD, w_S, w_in, w_out, tok_S, list(ctx.counts), h_SH, a_SF, s_SF, ctx.act, needs, ctx.threads
+            g_TD.contiguous(), x_TD, w_S, w_in, w_out, tok_S, list(ctx.counts), h_SH, a_SF, s_SF, ctx.act, needs, ctx.threads,
+            ctx.gemm,
         )
         return gx, gw, g_in, g_out, None, None, None, None
 

@@ -22,10 +22,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "vector_math.h"
 
 #include <algorithm>
+#include <initializer_list>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -134,6 +136,42 @@ SPARSEROUTE_VECTOR_CLONES void add_rows(int64_t n, int64_t D, const int64_t* tok
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) to[d] += from[d];
   }
+}
+
+// The per-expert products, on ATen (torch's matmul: MKL) or on oneDNN (torch's oneDNN linear
+// op, mkldnn::_linear_pointwise; A @ B = linear(A, B^T)): `gemm` is the backend's code from
+// sparseroute.gemm.kernel_code (0 ATen, 1 oneDNN). See sparseroute/gemm.py for why: on some
+// CPUs MKL runs its AVX2 code where oneDNN runs AVX-512. oneDNN takes float32 only, and a
+// product with a dimension below kMinDim (sparseroute.gemm.MIN_DIM) stays on ATen.
+constexpr int64_t kMinDim = 4;
+
+Tensor onednn_linear(const Tensor& A, const Tensor& W) {  // A @ W^T
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, std::string_view,
+                                     c10::List<std::optional<c10::Scalar>>, std::optional<std::string_view>)>();
+  return op.call(A, W, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+}
+
+bool use_onednn(int64_t gemm, const Tensor& A, const Tensor& B) {
+  return gemm == 1 && A.scalar_type() == at::kFloat && std::min({A.size(0), A.size(1), B.size(1)}) >= kMinDim;
+}
+
+// out = A @ B.
+void mm_into(int64_t gemm, Tensor& out, const Tensor& A, const Tensor& B) {
+  if (use_onednn(gemm, A, B)) {
+    out.copy_(onednn_linear(A, B.t()));
+  } else {
+    at::mm_out(out, A, B);
+  }
+}
+
+// A @ B, in `scratch` (on ATen) or in a tensor of its own (oneDNN allocates its output): for
+// products whose result is read once and dropped.
+Tensor mm_scratch(int64_t gemm, Tensor& scratch, const Tensor& A, const Tensor& B) {
+  if (use_onednn(gemm, A, B)) return onednn_linear(A, B.t());
+  at::mm_out(scratch, A, B);
+  return scratch;
 }
 
 // The two over tensors: dst [n, D] = src[tok]; out[tok] += y [n, D]. All contiguous.
@@ -497,7 +535,9 @@ Tensor add_parts(std::vector<Tensor>& bufs) {
 // Returns {out_TD, h_SH (pre-activations: [gate | up] for SwiGLU, H = 2F; else H = F), a_SF
 // (weighted activations), s_SF (act(h) for the non-gated activations; empty for SwiGLU)}.
 std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in, const Tensor& w_out,
-                                const Tensor& tok_S, std::vector<int64_t> counts, int64_t act, int64_t threads) {
+                                const Tensor& tok_S, std::vector<int64_t> counts, int64_t act, int64_t threads,
+                                int64_t gemm) {
+  TORCH_CHECK(gemm == 0 || gemm == 1, "expert_parallel: unknown GEMM backend code ", gemm);
   const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads);
   const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1), most = plan.most;
   Tensor h = workspace().take({S, w_in.size(2)}, x_TD.options());
@@ -516,7 +556,7 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
         Tensor y_e = own ? bufs.second.narrow(0, 0, n) : workspace().take({n, D}, x_TD.options());
         Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n);
         gather_rows_out(x_e, x_TD, tok + start);
-        at::mm_out(h_e, x_e, w_in.select(0, e));
+        mm_into(gemm, h_e, x_e, w_in.select(0, e));
         if (act == kSwiGLU) {
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
             weighted_swiglu<scalar_t>(n, F, h_e.const_data_ptr<scalar_t>(), w_S.const_data_ptr<scalar_t>() + start,
@@ -527,8 +567,7 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
           activation_out(act, s_e, h_e);
           at::mul_out(a_e, s_e, w_S.narrow(0, start, n).unsqueeze(1));
         }
-        at::mm_out(y_e, a_e, w_out.select(0, e));
-        return y_e;
+        return mm_scratch(gemm, y_e, a_e, w_out.select(0, e));
       });
   return {add_parts(outs), h, a, s};
 }
@@ -537,7 +576,8 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
 std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in,
                                  const Tensor& w_out, const Tensor& tok_S, std::vector<int64_t> counts,
                                  const Tensor& h, const Tensor& a, const Tensor& s, int64_t act,
-                                 std::vector<bool> needs, int64_t threads) {
+                                 std::vector<bool> needs, int64_t threads, int64_t gemm) {
+  TORCH_CHECK(gemm == 0 || gemm == 1, "expert_parallel: unknown GEMM backend code ", gemm);
   const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads);
   TORCH_CHECK(g_TD.sizes() == x_TD.sizes() && g_TD.scalar_type() == x_TD.scalar_type() && g_TD.is_contiguous(),
               "expert_parallel: the output gradient must be a contiguous tensor of x's shape and dtype");
@@ -581,11 +621,11 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         gather_rows_out(ge, g_TD, t);
         if (need_out) {
           Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
-          at::mm_out(g_out_e, a.narrow(0, start, n).t(), ge);
+          mm_into(gemm, g_out_e, a.narrow(0, start, n).t(), ge);
         }
         if (!need_hidden) return Tensor();
         Tensor ga = bufs[2].narrow(0, 0, n), gh = bufs[3].narrow(0, 0, n);
-        at::mm_out(ga, ge, w_out.select(0, e).t());  // dL/d(weighted activation)
+        ga = mm_scratch(gemm, ga, ge, w_out.select(0, e).t());  // dL/d(weighted activation)
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
           scalar_t* gw_e = need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr;
           const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
@@ -603,12 +643,11 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         if (need_in) {
           gather_rows_out(xd, x_TD, t);
           Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
-          at::mm_out(g_in_e, xd.t(), gh);
+          mm_into(gemm, g_in_e, xd.t(), gh);
         }
         if (!need_x) return Tensor();
         Tensor gx_e = own ? xd : workspace().take({n, D}, x_TD.options());
-        at::mm_out(gx_e, gh, w_in.select(0, e).t());
-        return gx_e;
+        return mm_scratch(gemm, gx_e, gh, w_in.select(0, e).t());
       });
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = plan.continued(p);

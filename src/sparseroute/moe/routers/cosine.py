@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseroute import gemm
 from sparseroute.moe.routers.base import Router, RouterConfig, register_router, softmax_topk
 from sparseroute.routing import Routing
 
@@ -57,7 +58,7 @@ class CosineRouter(Router):
             self.register_buffer("inv_temperature", tau)
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
-        z_TR = F.normalize(F.linear(x_TD, self.proj).float(), dim=-1)
+        z_TR = F.normalize(gemm.linear(x_TD, self.proj).float(), dim=-1)
         c_ER = F.normalize(self.centroids.float(), dim=-1)
         logits_TE = self.inv_temperature.abs() * (z_TR @ c_ER.t())
         renorm = self.top_k > 1 if self.config.renormalize is None else self.config.renormalize

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from sparseroute import gemm
 from sparseroute.moe.routers.base import Router, RouterConfig, register_router, softmax_topk
 from sparseroute.routing import Routing
 
@@ -35,7 +35,7 @@ class RandomFixedRouter(Router):
         self.register_buffer("weight", torch.randn(num_experts, d_model, generator=gen) * d_model**-0.5)
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
-        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype)).float()
+        logits_TE = gemm.linear(x_TD, self.weight.to(x_TD.dtype)).float()
         renorm = self.top_k > 1 if self.config.renormalize is None else self.config.renormalize
         probs_TE, idx_TK, w_TK = softmax_topk(logits_TE, self.top_k, renorm)
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=probs_TE)

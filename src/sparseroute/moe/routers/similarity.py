@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseroute import gemm
 from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router, softmax_topk, topk_of
 from sparseroute.moe.routers.topk import LinearRouter
 from sparseroute.routing import Routing, mean_entropy
@@ -162,7 +163,7 @@ class SimilarityRouter(LinearRouter):
 
     def similarity(self, x_TD: Tensor, logits_TE: Tensor, seq_len: int) -> Tensor:
         """[N, S, S] causal, row-stochastic a_ij = softmax_{j <= i}(cos(f_i, f_j) / temperature)."""
-        feats = logits_TE if self.proj is None else F.linear(x_TD, self.proj).float()
+        feats = logits_TE if self.proj is None else gemm.linear(x_TD, self.proj).float()
         f_NSR = F.normalize(feats, dim=-1).reshape(-1, seq_len, feats.shape[-1])
         scores_NSS = torch.bmm(f_NSR, f_NSR.transpose(1, 2)) / self.config.temperature
         causal_SS = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x_TD.device).tril()

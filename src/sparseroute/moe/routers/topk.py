@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseroute import gemm
 from sparseroute.moe.routers.base import Router, RouterConfig, register_router, softmax_topk
 from sparseroute.routing import Routing
 
@@ -44,7 +44,7 @@ class LinearRouter(Router):
         jitter = getattr(self.config, "jitter", 0.0)
         if self.training and jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - jitter, 1.0 + jitter)
-        return F.linear(x_TD, self.weight).float()
+        return gemm.linear(x_TD, self.weight).float()
 
     def renormalize(self) -> bool:
         r = getattr(self.config, "renormalize", None)

@@ -1,0 +1,153 @@
+"""Which library runs the CPU matrix products of the expert and dense MLPs: ``aten`` or ``onednn``.
+
+torch's CPU matmul goes to MKL. On CPUs that MKL does not recognise as Intel's (AMD's EPYC
+among them) it runs its AVX2 code even where the CPU has AVX-512: on this project's 2-core
+AMD EPYC machines one core gets ~105–110 GFLOP/s in fp32 from it, where the CPU's peak is
+~260. oneDNN, which torch also ships, picks its kernels from the CPU's feature flags and runs
+the same products at 170–250 GFLOP/s there (docs/RESULTS.md, run K). On Intel CPUs both run
+AVX-512 code.
+
+Backends (``set_backend``, ``use_backend`` for a block, or the ``SPARSEROUTE_GEMM`` environment
+variable, read once):
+
+  auto     oneDNN on x86-64 where torch has it, else ATen (the default)
+  aten     torch's own matmul (MKL or whatever BLAS torch was built with)
+  onednn   torch's oneDNN linear op (``mkldnn::_linear_pointwise``); an error where torch lacks it
+
+oneDNN takes float32 CPU tensors here; other dtypes and devices, products under a Python dispatch
+mode (FlopCounterMode, torch.compile's fake tensors), and products with fewer than
+:data:`MIN_DIM` rows, columns or summed terms (where oneDNN's per-call set-up costs more than it
+saves), always run on ATen. The two libraries sum in different orders, so their results differ
+in the last bits; with one backend and one thread count, results are reproducible.
+
+:func:`linear` and :func:`matmul` are the products with autograd; the compiled MoE kernel takes
+the backend as an argument (:func:`kernel_code`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+BACKENDS = ("auto", "aten", "onednn")
+#: products with a dimension below this run on ATen (oneDNN's set-up costs ~15 µs a call)
+MIN_DIM = 4
+_ENV = "SPARSEROUTE_GEMM"
+_state: dict[str, str] = {}
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN and its linear op."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _check(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown GEMM backend {name!r}; known: {list(BACKENDS)}")
+    if name == "onednn" and not onednn_available():
+        raise ValueError(f"{source}: GEMM backend 'onednn' asked for, but this torch build has no oneDNN")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Use backend ``name`` (one of :data:`BACKENDS`) from now on, in this process."""
+    _state["backend"] = _check(name, "set_backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within the block, use backend ``name``; the previous one afterwards."""
+    before = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state["backend"] = before
+
+
+def get_backend() -> str:
+    """The backend as set (``auto`` unless :func:`set_backend` or ``SPARSEROUTE_GEMM`` said otherwise)."""
+    if "backend" not in _state:
+        _state["backend"] = _check(os.environ.get(_ENV, "auto") or "auto", f"${_ENV}")
+    return _state["backend"]
+
+
+def resolved_backend() -> str:
+    """``aten`` or ``onednn``: what the backend means on this machine."""
+    name = get_backend()
+    if name == "auto":
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        return "onednn" if x86 and onednn_available() else "aten"
+    return name
+
+
+def _onednn_for(x: Tensor) -> bool:
+    # under a Python dispatch mode (FlopCounterMode, fake tensors for torch.compile) the products
+    # stay aten.mm, which such modes know
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and resolved_backend() == "onednn"
+        and not is_in_torch_dispatch_mode()
+    )
+
+
+def kernel_code(x: Tensor) -> int:
+    """The backend code the compiled kernel takes for inputs like ``x``: 0 ATen, 1 oneDNN."""
+    return 1 if _onednn_for(x) else 0
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for 2-D float32 CPU tensors: oneDNN unless a dimension is below MIN_DIM."""
+    if min(a.shape[0], a.shape[1], b.shape[1]) < MIN_DIM:
+        return a @ b
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], None)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x @ w^T on oneDNN, x [N, in], w [out, in], and its backward on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return _mm(x, w.t())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        g = g.contiguous()  # an expanded (stride-0) gradient, e.g. from .sum()
+        gx = _mm(g, w) if ctx.needs_input_grad[0] else None
+        gw = _mm(g.t(), x) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """``F.linear(x, w)`` (no bias) on the chosen backend; x [..., in], w [out, in]."""
+    if not (_onednn_for(x) and w.dtype == x.dtype and w.device == x.device) or x.numel() == 0:
+        return F.linear(x, w)
+    if x.dim() == 2:
+        return _OneDNNLinear.apply(x, w)
+    lead = x.shape[:-1]
+    return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
+
+
+def matmul(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w`` on the chosen backend; x [..., in], w [in, out]."""
+    return linear(x, w.t())
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product runs on the chosen backend (:func:`linear`); the same
+    parameters and state dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,150 @@
+"""The GEMM backend switch: oneDNN products equal torch's, outputs and gradients; the switch is
+validated, scoped and honoured (by the Python products and by the compiled kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+from torch.utils.flop_counter import FlopCounterMode
+
+from sparseroute import gemm
+from sparseroute.moe import MoE
+
+needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN")
+
+
+def _ops_called(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def _linear_and_grads(x, w, fn, g):
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = fn(x, w)
+    y.backward(g)
+    return y.detach(), x.grad, w.grad
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(64, 48), (3, 40, 48), (2, 5, 7, 48), (2, 48), (64, 3)])
+@pytest.mark.parametrize("out", [40, 2])
+def test_linear_on_onednn_equals_torch(shape, out):
+    """Any leading dims, and products with a dimension below MIN_DIM (those stay on ATen)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(*shape), torch.randn(out, shape[-1])
+    g = torch.randn(*shape[:-1], out)
+    ref = _linear_and_grads(x, w, F.linear, g)
+    with gemm.use_backend("onednn"):
+        got = _linear_and_grads(x, w, gemm.linear, g)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_is_really_used_and_aten_is_not():
+    x, w = torch.randn(64, 48, requires_grad=True), torch.randn(40, 48, requires_grad=True)
+    with gemm.use_backend("onednn"):
+        called = _ops_called(lambda: gemm.linear(x, w).sum().backward())
+    assert sum("_linear_pointwise" in n for n in called) >= 1
+    assert not any(n in ("aten::mm", "aten::addmm", "aten::linear") for n in called), called
+    with gemm.use_backend("aten"):
+        called = _ops_called(lambda: gemm.linear(x, w).sum().backward())
+    assert not any("_linear_pointwise" in n for n in called)
+
+
+@needs_onednn
+def test_a_stride_zero_gradient_and_no_grad_work():
+    """``.sum()`` sends an expanded (stride-0) gradient; under no_grad nothing is saved."""
+    x, w = torch.randn(32, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    with gemm.use_backend("onednn"):
+        gemm.linear(x, w).sum().backward()
+        with torch.no_grad():
+            y = gemm.linear(x, w)
+    assert_close(x.grad, w.sum(0).expand(32, 16), rtol=1e-5, atol=1e-5)
+    assert_close(w.grad, x.detach().sum(0).expand(8, 16), rtol=1e-5, atol=1e-5)
+    assert y.grad_fn is None
+
+
+def test_other_dtypes_and_dispatch_modes_stay_on_aten():
+    """bf16 is torch's own product to the bit; under FlopCounterMode the products are counted."""
+    x, w = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(8, 32, dtype=torch.bfloat16)
+    with gemm.use_backend("auto"):
+        assert torch.equal(gemm.linear(x, w), F.linear(x, w))
+        x32, w32 = x.float(), w.float()
+        with FlopCounterMode(display=False) as counter:
+            gemm.linear(x32, w32)
+        assert counter.get_total_flops() == 2 * 16 * 32 * 8
+
+
+def test_matmul_and_linear_module():
+    torch.manual_seed(0)
+    x, w = torch.randn(10, 12), torch.randn(12, 6)
+    assert_close(gemm.matmul(x, w), x @ w, rtol=1e-4, atol=1e-5)
+    lin = gemm.Linear(12, 6, bias=True)
+    ref = torch.nn.Linear(12, 6, bias=True)
+    ref.load_state_dict(lin.state_dict())
+    assert set(lin.state_dict()) == {"weight", "bias"}
+    assert_close(lin(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_backend_names_are_checked_and_scoped(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown GEMM backend 'mkl'; known: \['auto', 'aten', 'onednn'\]"):
+        gemm.set_backend("mkl")
+    before = gemm.get_backend()
+    with gemm.use_backend("aten"):
+        assert gemm.get_backend() == "aten" and gemm.resolved_backend() == "aten"
+    assert gemm.get_backend() == before
+    with pytest.raises(RuntimeError, match="boom"), gemm.use_backend("aten"):
+        raise RuntimeError("boom")
+    assert gemm.get_backend() == before
+    monkeypatch.setattr(gemm, "onednn_available", lambda: False)
+    with pytest.raises(ValueError, match="'onednn' asked for, but this torch build has no oneDNN"):
+        gemm.set_backend("onednn")
+    with gemm.use_backend("auto"):
+        assert gemm.resolved_backend() == "aten"
+
+
+def test_the_environment_variable_is_read_and_checked(monkeypatch):
+    monkeypatch.setattr(gemm, "_state", {})
+    monkeypatch.setenv("SPARSEROUTE_GEMM", "aten")
+    assert gemm.get_backend() == "aten"
+    monkeypatch.setattr(gemm, "_state", {})
+    monkeypatch.setenv("SPARSEROUTE_GEMM", "blas")
+    with pytest.raises(ValueError, match=r"\$SPARSEROUTE_GEMM: unknown GEMM backend 'blas'"):
+        gemm.get_backend()
+
+
+@needs_onednn
+def test_the_kernel_takes_the_backend_of_its_forward():
+    """The compiled kernel runs its products on the backend chosen at the forward (its backward
+    too, even if the switch changed in between): the two backends' results differ in the last
+    bits, each is reproducible, and both equal the reference."""
+    torch.manual_seed(0)
+    moe = MoE(96, 80, 4, 2)
+    x, g = torch.randn(256, 96), torch.randn(256, 96)
+
+    def step(backend_fwd, backend_bwd):
+        moe.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        with gemm.use_backend(backend_fwd):
+            y, _ = moe(xr, dispatch="parallel")
+        with gemm.use_backend(backend_bwd):
+            y.backward(g)
+        return [y.detach(), xr.grad] + [p.grad.clone() for p in moe.experts.parameters()]
+
+    aten, onednn = step("aten", "aten"), step("onednn", "onednn")
+    assert all(torch.equal(a, b) for a, b in zip(onednn, step("onednn", "aten")))
+    assert all(torch.equal(a, b) for a, b in zip(aten, step("aten", "onednn")))
+    assert not torch.equal(aten[0], onednn[0])
+    moe.zero_grad(set_to_none=True)
+    xr = x.clone().requires_grad_()
+    y, _ = moe(xr, dispatch="reference")
+    y.backward(g)
+    expected = [y.detach(), xr.grad] + [p.grad.clone() for p in moe.experts.parameters()]
+    for got in (aten, onednn):
+        for a, b in zip(got, expected):
+            assert_close(a, b, rtol=1e-4, atol=1e-5)
