@@ -119,13 +119,16 @@ def test_the_environment_variable_is_read_and_checked(monkeypatch):
 
 
 @needs_onednn
-def test_the_kernel_takes_the_backend_of_its_forward():
+@pytest.mark.parametrize("T, D, E, differ", [(256, 96, 4, True), (77, 50, 3, False)])
+def test_the_kernel_takes_the_backend_of_its_forward(T, D, E, differ):
     """The compiled kernel runs its products on the backend chosen at the forward (its backward
-    too, even if the switch changed in between): the two backends' results differ in the last
-    bits, each is reproducible, and both equal the reference."""
+    too, even if the switch changed in between): each backend's results are reproducible, both
+    equal the reference, and at D = 96 they differ in the last bits (at D = 50 the two libraries
+    happen to sum in the same order). With oneDNN the backward gathers x's rows transposed, in
+    16 x 16 tiles: D = 50 and odd row counts leave partial tiles."""
     torch.manual_seed(0)
-    moe = MoE(96, 80, 4, 2)
-    x, g = torch.randn(256, 96), torch.randn(256, 96)
+    moe = MoE(D, 80, E, 2)
+    x, g = torch.randn(T, D), torch.randn(T, D)
 
     def step(backend_fwd, backend_bwd):
         moe.zero_grad(set_to_none=True)
@@ -139,7 +142,7 @@ def test_the_kernel_takes_the_backend_of_its_forward():
     aten, onednn = step("aten", "aten"), step("onednn", "onednn")
     assert all(torch.equal(a, b) for a, b in zip(onednn, step("onednn", "aten")))
     assert all(torch.equal(a, b) for a, b in zip(aten, step("aten", "onednn")))
-    assert not torch.equal(aten[0], onednn[0])
+    assert differ == (not all(torch.equal(a, b) for a, b in zip(aten, onednn)))  # two libraries ran
     moe.zero_grad(set_to_none=True)
     xr = x.clone().requires_grad_()
     y, _ = moe(xr, dispatch="reference")

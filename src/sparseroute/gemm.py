@@ -125,7 +125,11 @@ class _OneDNNLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         g = g.contiguous()  # an expanded (stride-0) gradient, e.g. from .sum()
         gx = _mm(g, w) if ctx.needs_input_grad[0] else None
-        gw = _mm(g.t(), x) if ctx.needs_input_grad[1] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            # oneDNN copies a transposed left operand into a dense one first: transpose the
+            # narrower of g [N, out] and x [N, in] (for in < out, gw^T = x^T g, then transposed)
+            gw = _mm(g.t(), x) if g.shape[1] <= x.shape[1] else _mm(x.t(), g).t().contiguous()
         return gx, gw
 
 

@@ -27,17 +27,23 @@
 #include "vector_math.h"
 
 #include <algorithm>
-#include <initializer_list>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SPARSEROUTE_HAVE_AVX512_TRANSPOSE 1
+#endif
 
 namespace {
 
@@ -126,6 +132,75 @@ SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* 
   }
 }
 
+// The gathered rows transposed: dst [D, n] with dst[d][r] = src[tok[r]][d]. For oneDNN, which
+// takes the left operand of a product only as a dense matrix: x's rows enter the weight gradient
+// x^T dL/dh transposed, and this writes them so in one pass. Blocks of 16 rows, so that each
+// output row gets 16 contiguous values at a time and the 16 source rows stay in L1; float on
+// AVX-512 transposes 16 x 16 tiles in registers.
+template <typename scalar_t>
+void gather_rows_transposed_scalar(int64_t r0, int64_t r1, int64_t d0, int64_t n, int64_t D, const int64_t* tok,
+                                   const scalar_t* src, scalar_t* dst) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* from = src + tok[r] * D;
+    for (int64_t d = d0; d < D; ++d) dst[d * n + r] = from[d];
+  }
+}
+
+#ifdef SPARSEROUTE_HAVE_AVX512_TRANSPOSE
+
+// The 16 x 16 tile at rows[i] + d (i < 16) written transposed: column c to out + c * n.
+__attribute__((target("avx512f"))) inline void transpose_tile_16(const float* const* rows, int64_t d, float* out,
+                                                                 int64_t n) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + d);
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // per lane: 4 rows of one column; r[4q + j] holds columns j, j+4, j+8, j+12
+    const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * q + 2]), e = _mm512_castps_pd(t[4 * q + 3]);
+    r[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    r[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+  for (int j = 0; j < 4; ++j) {  // lanes of rows 0-7 and of rows 8-15 brought together
+    t[j] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0x88);
+    t[j + 4] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0xdd);
+    t[j + 8] = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0x88);
+    t[j + 12] = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0xdd);
+  }
+  for (int c = 0; c < 8; ++c) {
+    _mm512_storeu_ps(out + c * n, _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88));
+    _mm512_storeu_ps(out + (c + 8) * n, _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd));
+  }
+}
+
+__attribute__((target("avx512f"))) void gather_rows_transposed_avx512(int64_t n, int64_t D, const int64_t* tok,
+                                                                      const float* src, float* dst) {
+  const int64_t full_rows = n - n % 16, full_d = D - D % 16;
+  for (int64_t r0 = 0; r0 < full_rows; r0 += 16) {
+    const float* rows[16];
+    for (int i = 0; i < 16; ++i) rows[i] = src + tok[r0 + i] * D;
+    for (int64_t d = 0; d < full_d; d += 16) transpose_tile_16(rows, d, dst + d * n + r0, n);
+    gather_rows_transposed_scalar<float>(r0, r0 + 16, full_d, n, D, tok, src, dst);
+  }
+  gather_rows_transposed_scalar<float>(full_rows, n, 0, n, D, tok, src, dst);
+}
+#endif
+
+template <typename scalar_t>
+void gather_rows_transposed(int64_t n, int64_t D, const int64_t* tok, const scalar_t* src, scalar_t* dst) {
+#ifdef SPARSEROUTE_HAVE_AVX512_TRANSPOSE
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f");
+    if (avx512) return gather_rows_transposed_avx512(n, D, tok, src, dst);
+  }
+#endif
+  gather_rows_transposed_scalar<scalar_t>(0, n, 0, n, D, tok, src, dst);
+}
+
 // out[tok[r]] += y[r] for n rows of D values, in row order: index_add over rows, with the same
 // additions in the same order (so the same result to the bit), without its per-row dispatch.
 template <typename scalar_t>
@@ -178,6 +253,13 @@ Tensor mm_scratch(int64_t gemm, Tensor& scratch, const Tensor& A, const Tensor& 
 void gather_rows_out(Tensor& dst, const Tensor& src, const int64_t* tok) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_rows", [&] {
     gather_rows<scalar_t>(dst.size(0), src.size(1), tok, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void gather_rows_transposed_out(Tensor& dst, const Tensor& src, const int64_t* tok) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_rows_transposed", [&] {
+    gather_rows_transposed<scalar_t>(dst.size(1), src.size(1), tok, src.const_data_ptr<scalar_t>(),
+                                     dst.mutable_data_ptr<scalar_t>());
   });
 }
 
@@ -641,9 +723,15 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, start, n));
         Tensor xd = bufs[1].narrow(0, 0, n);
         if (need_in) {
-          gather_rows_out(xd, x_TD, t);
           Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
-          mm_into(gemm, g_in_e, xd.t(), gh);
+          if (use_onednn(gemm, xd.t(), gh)) {  // x^T as a dense [D, n] matrix, gathered so
+            Tensor xT = xd.view({D, n});
+            gather_rows_transposed_out(xT, x_TD, t);
+            mm_into(gemm, g_in_e, xT, gh);
+          } else {
+            gather_rows_out(xd, x_TD, t);
+            mm_into(gemm, g_in_e, xd.t(), gh);
+          }
         }
         if (!need_x) return Tensor();
         Tensor gx_e = own ? xd : workspace().take({n, D}, x_TD.options());
