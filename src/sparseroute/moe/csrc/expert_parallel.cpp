@@ -132,22 +132,22 @@ SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* 
   }
 }
 
-// The gathered rows transposed: dst [D, n] with dst[d][r] = src[tok[r]][d]. For oneDNN, which
-// takes the left operand of a product only as a dense matrix: x's rows enter the weight gradient
-// x^T dL/dh transposed, and this writes them so in one pass. Blocks of 16 rows, so that each
-// output row gets 16 contiguous values at a time and the 16 source rows stay in L1; float on
-// AVX-512 transposes 16 x 16 tiles in registers.
-template <typename scalar_t>
-void gather_rows_transposed_scalar(int64_t r0, int64_t r1, int64_t d0, int64_t n, int64_t D, const int64_t* tok,
-                                   const scalar_t* src, scalar_t* dst) {
+// Rows written transposed: dst [D, n] with dst[d][r] = row(r)[d], where row(r) points at the D
+// values of row r (a gathered token row, or a row of a dense matrix). For oneDNN, which takes
+// the left operand of a product only as a dense matrix, and copies a transposed one into a
+// dense one first: the weight gradients need x's gathered rows and the activations transposed,
+// and this writes them so in one pass. Blocks of 16 rows, so that each output row gets 16
+// contiguous values at a time and the 16 source rows stay in L1; float on AVX-512 transposes
+// 16 x 16 tiles in registers.
+template <typename scalar_t, class RowPtr>
+void transpose_rows_scalar(int64_t r0, int64_t r1, int64_t d0, int64_t n, int64_t D, const RowPtr& row, scalar_t* dst) {
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* from = src + tok[r] * D;
+    const scalar_t* from = row(r);
     for (int64_t d = d0; d < D; ++d) dst[d * n + r] = from[d];
   }
 }
 
 #ifdef SPARSEROUTE_HAVE_AVX512_TRANSPOSE
-
 // The 16 x 16 tile at rows[i] + d (i < 16) written transposed: column c to out + c * n.
 __attribute__((target("avx512f"))) inline void transpose_tile_16(const float* const* rows, int64_t d, float* out,
                                                                  int64_t n) {
@@ -177,28 +177,28 @@ __attribute__((target("avx512f"))) inline void transpose_tile_16(const float* co
   }
 }
 
-__attribute__((target("avx512f"))) void gather_rows_transposed_avx512(int64_t n, int64_t D, const int64_t* tok,
-                                                                      const float* src, float* dst) {
+template <class RowPtr>
+__attribute__((target("avx512f"))) void transpose_rows_avx512(int64_t n, int64_t D, const RowPtr& row, float* dst) {
   const int64_t full_rows = n - n % 16, full_d = D - D % 16;
   for (int64_t r0 = 0; r0 < full_rows; r0 += 16) {
     const float* rows[16];
-    for (int i = 0; i < 16; ++i) rows[i] = src + tok[r0 + i] * D;
+    for (int i = 0; i < 16; ++i) rows[i] = row(r0 + i);
     for (int64_t d = 0; d < full_d; d += 16) transpose_tile_16(rows, d, dst + d * n + r0, n);
-    gather_rows_transposed_scalar<float>(r0, r0 + 16, full_d, n, D, tok, src, dst);
+    transpose_rows_scalar<float>(r0, r0 + 16, full_d, n, D, row, dst);
   }
-  gather_rows_transposed_scalar<float>(full_rows, n, 0, n, D, tok, src, dst);
+  transpose_rows_scalar<float>(full_rows, n, 0, n, D, row, dst);
 }
 #endif
 
-template <typename scalar_t>
-void gather_rows_transposed(int64_t n, int64_t D, const int64_t* tok, const scalar_t* src, scalar_t* dst) {
+template <typename scalar_t, class RowPtr>
+void transpose_rows(int64_t n, int64_t D, const RowPtr& row, scalar_t* dst) {
 #ifdef SPARSEROUTE_HAVE_AVX512_TRANSPOSE
   if constexpr (std::is_same_v<scalar_t, float>) {
     static const bool avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512) return gather_rows_transposed_avx512(n, D, tok, src, dst);
+    if (avx512) return transpose_rows_avx512(n, D, row, dst);
   }
 #endif
-  gather_rows_transposed_scalar<scalar_t>(0, n, 0, n, D, tok, src, dst);
+  transpose_rows_scalar<scalar_t>(0, n, 0, n, D, row, dst);
 }
 
 // out[tok[r]] += y[r] for n rows of D values, in row order: index_add over rows, with the same
@@ -256,10 +256,17 @@ void gather_rows_out(Tensor& dst, const Tensor& src, const int64_t* tok) {
   });
 }
 
-void gather_rows_transposed_out(Tensor& dst, const Tensor& src, const int64_t* tok) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_rows_transposed", [&] {
-    gather_rows_transposed<scalar_t>(dst.size(1), src.size(1), tok, src.const_data_ptr<scalar_t>(),
-                                     dst.mutable_data_ptr<scalar_t>());
+// dst [D, n] = src[tok]^T (the gathered rows transposed), or src [n, D]^T when tok is null.
+void transpose_rows_out(Tensor& dst, const Tensor& src, const int64_t* tok) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "transpose_rows", [&] {
+    const scalar_t* base = src.const_data_ptr<scalar_t>();
+    const int64_t D = src.size(1);
+    scalar_t* out = dst.mutable_data_ptr<scalar_t>();
+    if (tok != nullptr) {
+      transpose_rows<scalar_t>(dst.size(1), D, [&](int64_t r) { return base + tok[r] * D; }, out);
+    } else {
+      transpose_rows<scalar_t>(dst.size(1), D, [&](int64_t r) { return base + r * D; }, out);
+    }
   });
 }
 
@@ -703,7 +710,14 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         gather_rows_out(ge, g_TD, t);
         if (need_out) {
           Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
-          mm_into(gemm, g_out_e, a.narrow(0, start, n).t(), ge);
+          const Tensor a_e = a.narrow(0, start, n);
+          if (use_onednn(gemm, a_e.t(), ge)) {  // a^T as a dense [F, n] matrix, in dL/da's buffer
+            Tensor aT = bufs[2].narrow(0, 0, n).view({F, n});  // (free until dL/da, which oneDNN allocates)
+            transpose_rows_out(aT, a_e, nullptr);
+            mm_into(gemm, g_out_e, aT, ge);
+          } else {
+            mm_into(gemm, g_out_e, a_e.t(), ge);
+          }
         }
         if (!need_hidden) return Tensor();
         Tensor ga = bufs[2].narrow(0, 0, n), gh = bufs[3].narrow(0, 0, n);
@@ -726,7 +740,7 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
           Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
           if (use_onednn(gemm, xd.t(), gh)) {  // x^T as a dense [D, n] matrix, gathered so
             Tensor xT = xd.view({D, n});
-            gather_rows_transposed_out(xT, x_TD, t);
+            transpose_rows_out(xT, x_TD, t);
             mm_into(gemm, g_in_e, xT, gh);
           } else {
             gather_rows_out(xd, x_TD, t);
