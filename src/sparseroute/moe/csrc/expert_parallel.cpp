@@ -132,18 +132,18 @@ SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* 
   }
 }
 
-// Rows written transposed: dst [D, n] with dst[d][r] = row(r)[d], where row(r) points at the D
-// values of row r (a gathered token row, or a row of a dense matrix). For oneDNN, which takes
-// the left operand of a product only as a dense matrix, and copies a transposed one into a
-// dense one first: the weight gradients need x's gathered rows and the activations transposed,
-// and this writes them so in one pass. Blocks of 16 rows, so that each output row gets 16
-// contiguous values at a time and the 16 source rows stay in L1; float on AVX-512 transposes
-// 16 x 16 tiles in registers.
+// Rows written transposed: dst [D, ld] with dst[d][r] = row(r)[d] for the n rows r < n, and 0 in
+// the padding columns n <= r < ld, where row(r) points at the D values of row r (a gathered
+// token row, or a row of a dense matrix). For oneDNN, which takes the left operand of a product
+// only as a dense matrix, and copies a transposed one into a dense one first: the weight
+// gradients need x's gathered rows and the activations transposed, and this writes them so in
+// one pass. Blocks of 16 rows, so that each output row gets 16 contiguous values at a time and
+// the 16 source rows stay in L1; float on AVX-512 transposes 16 x 16 tiles in registers.
 template <typename scalar_t, class RowPtr>
-void transpose_rows_scalar(int64_t r0, int64_t r1, int64_t d0, int64_t n, int64_t D, const RowPtr& row, scalar_t* dst) {
+void transpose_rows_scalar(int64_t r0, int64_t r1, int64_t d0, int64_t ld, int64_t D, const RowPtr& row, scalar_t* dst) {
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* from = row(r);
-    for (int64_t d = d0; d < D; ++d) dst[d * n + r] = from[d];
+    for (int64_t d = d0; d < D; ++d) dst[d * ld + r] = from[d];
   }
 }
 
@@ -178,27 +178,34 @@ __attribute__((target("avx512f"))) inline void transpose_tile_16(const float* co
 }
 
 template <class RowPtr>
-__attribute__((target("avx512f"))) void transpose_rows_avx512(int64_t n, int64_t D, const RowPtr& row, float* dst) {
+__attribute__((target("avx512f"))) void transpose_rows_avx512(int64_t n, int64_t ld, int64_t D, const RowPtr& row,
+                                                              float* dst) {
   const int64_t full_rows = n - n % 16, full_d = D - D % 16;
   for (int64_t r0 = 0; r0 < full_rows; r0 += 16) {
     const float* rows[16];
     for (int i = 0; i < 16; ++i) rows[i] = row(r0 + i);
-    for (int64_t d = 0; d < full_d; d += 16) transpose_tile_16(rows, d, dst + d * n + r0, n);
-    transpose_rows_scalar<float>(r0, r0 + 16, full_d, n, D, row, dst);
+    for (int64_t d = 0; d < full_d; d += 16) transpose_tile_16(rows, d, dst + d * ld + r0, ld);
+    transpose_rows_scalar<float>(r0, r0 + 16, full_d, ld, D, row, dst);
   }
-  transpose_rows_scalar<float>(full_rows, n, 0, n, D, row, dst);
+  transpose_rows_scalar<float>(full_rows, n, 0, ld, D, row, dst);
 }
 #endif
 
 template <typename scalar_t, class RowPtr>
-void transpose_rows(int64_t n, int64_t D, const RowPtr& row, scalar_t* dst) {
+void transpose_rows(int64_t n, int64_t ld, int64_t D, const RowPtr& row, scalar_t* dst) {
+  bool done = false;
 #ifdef SPARSEROUTE_HAVE_AVX512_TRANSPOSE
   if constexpr (std::is_same_v<scalar_t, float>) {
     static const bool avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512) return transpose_rows_avx512(n, D, row, dst);
+    if (avx512) {
+      transpose_rows_avx512(n, ld, D, row, dst);
+      done = true;
+    }
   }
 #endif
-  transpose_rows_scalar<scalar_t>(0, n, 0, n, D, row, dst);
+  if (!done) transpose_rows_scalar<scalar_t>(0, n, 0, ld, D, row, dst);
+  if (ld > n)
+    for (int64_t d = 0; d < D; ++d) std::fill(dst + d * ld + n, dst + (d + 1) * ld, scalar_t(0));
 }
 
 // out[tok[r]] += y[r] for n rows of D values, in row order: index_add over rows, with the same
@@ -232,21 +239,41 @@ bool use_onednn(int64_t gemm, const Tensor& A, const Tensor& B) {
   return gemm == 1 && A.scalar_type() == at::kFloat && std::min({A.size(0), A.size(1), B.size(1)}) >= kMinDim;
 }
 
-// out = A @ B.
+// out = the first out.size(0) rows of A @ B (A may carry zero padding rows below them).
 void mm_into(int64_t gemm, Tensor& out, const Tensor& A, const Tensor& B) {
   if (use_onednn(gemm, A, B)) {
-    out.copy_(onednn_linear(A, B.t()));
+    const Tensor r = onednn_linear(A, B.t());
+    out.copy_(r.size(0) == out.size(0) ? r : r.narrow(0, 0, out.size(0)));
   } else {
-    at::mm_out(out, A, B);
+    at::mm_out(out, A.size(0) == out.size(0) ? A : A.narrow(0, 0, out.size(0)), B);
   }
 }
 
-// A @ B, in `scratch` (on ATen) or in a tensor of its own (oneDNN allocates its output): for
-// products whose result is read once and dropped.
+// The first scratch.size(0) rows of A @ B, in `scratch` (on ATen) or in a tensor of their own
+// (oneDNN allocates its output): for products whose result is read once and dropped.
 Tensor mm_scratch(int64_t gemm, Tensor& scratch, const Tensor& A, const Tensor& B) {
-  if (use_onednn(gemm, A, B)) return onednn_linear(A, B.t());
-  at::mm_out(scratch, A, B);
+  const int64_t n = scratch.size(0);
+  if (use_onednn(gemm, A, B)) {
+    const Tensor r = onednn_linear(A, B.t());
+    return r.size(0) == n ? r : r.narrow(0, 0, n);
+  }
+  at::mm_out(scratch, A.size(0) == n ? A : A.narrow(0, 0, n), B);
   return scratch;
+}
+
+// oneDNN builds a product's kernel for its exact shape and keeps the last 1,024 in a cache. The
+// expert loads change at every training step, and with them the rows of every expert's products:
+// built afresh, each costs ~1 ms (~85 ms a step of the `tiny` MoE LM). So on oneDNN the kernel
+// rounds the rows of each piece up to a multiple of kRowBlock, with zero rows below, which bounds
+// the shapes to a few per product; the padding rows' outputs are dropped, and they add nothing to
+// the weight gradients (sums over the rows).
+constexpr int64_t kRowBlock = 32;
+
+int64_t padded_rows(bool pad, int64_t n) { return pad ? (n + kRowBlock - 1) / kRowBlock * kRowBlock : n; }
+
+// Rows [n, end) of a [rows, cols] tensor set to zero.
+void zero_rows_from(Tensor& t, int64_t n) {
+  if (t.size(0) > n) t.narrow(0, n, t.size(0) - n).zero_();
 }
 
 // The two over tensors: dst [n, D] = src[tok]; out[tok] += y [n, D]. All contiguous.
@@ -256,16 +283,17 @@ void gather_rows_out(Tensor& dst, const Tensor& src, const int64_t* tok) {
   });
 }
 
-// dst [D, n] = src[tok]^T (the gathered rows transposed), or src [n, D]^T when tok is null.
-void transpose_rows_out(Tensor& dst, const Tensor& src, const int64_t* tok) {
+// dst [D, ld]: its first n columns src[tok[:n]]^T (the gathered rows transposed), or src[:n]^T
+// when tok is null; the others zero.
+void transpose_rows_out(Tensor& dst, const Tensor& src, const int64_t* tok, int64_t n) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "transpose_rows", [&] {
     const scalar_t* base = src.const_data_ptr<scalar_t>();
     const int64_t D = src.size(1);
     scalar_t* out = dst.mutable_data_ptr<scalar_t>();
     if (tok != nullptr) {
-      transpose_rows<scalar_t>(dst.size(1), D, [&](int64_t r) { return base + tok[r] * D; }, out);
+      transpose_rows<scalar_t>(n, dst.size(1), D, [&](int64_t r) { return base + tok[r] * D; }, out);
     } else {
-      transpose_rows<scalar_t>(dst.size(1), D, [&](int64_t r) { return base + r * D; }, out);
+      transpose_rows<scalar_t>(n, dst.size(1), D, [&](int64_t r) { return base + r * D; }, out);
     }
   });
 }
@@ -635,17 +663,24 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   std::vector<Tensor> outs(plan.size());
   for (auto& o : outs) o = workspace().take(x_TD.sizes(), x_TD.options());
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
+  const bool pad = gemm == 1 && x_TD.scalar_type() == at::kFloat;  // see kRowBlock
+  const int64_t most_pad = padded_rows(pad, most);
   run_parts(
       plan.parts, tok, outs,
-      [&] { return std::make_pair(workspace().take({most, D}, x_TD.options()), workspace().take({most, D}, x_TD.options())); },
-      [&](std::pair<Tensor, Tensor>& bufs, int64_t p, int64_t i, bool own) {
+      [&] {  // per thread: x rows, output rows, the activations with their padding rows
+        return std::array<Tensor, 3>{workspace().take({most_pad, D}, x_TD.options()),
+                                     workspace().take({most, D}, x_TD.options()),
+                                     workspace().take({pad ? most_pad : 0, F}, x_TD.options())};
+      },
+      [&](std::array<Tensor, 3>& bufs, int64_t p, int64_t i, bool own) {
         const Piece& piece = plan.parts[p][i];
-        const int64_t e = piece.expert, n = piece.rows, start = piece.start;
-        Tensor x_e = bufs.first.narrow(0, 0, n);
-        Tensor y_e = own ? bufs.second.narrow(0, 0, n) : workspace().take({n, D}, x_TD.options());
+        const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = padded_rows(pad, n);
+        Tensor x_p = bufs[0].narrow(0, 0, np), x_e = x_p.narrow(0, 0, n);
+        Tensor y_e = own ? bufs[1].narrow(0, 0, n) : workspace().take({n, D}, x_TD.options());
         Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n);
         gather_rows_out(x_e, x_TD, tok + start);
-        mm_into(gemm, h_e, x_e, w_in.select(0, e));
+        zero_rows_from(x_p, n);
+        mm_into(gemm, h_e, x_p, w_in.select(0, e));
         if (act == kSwiGLU) {
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
             weighted_swiglu<scalar_t>(n, F, h_e.const_data_ptr<scalar_t>(), w_S.const_data_ptr<scalar_t>() + start,
@@ -656,7 +691,13 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
           activation_out(act, s_e, h_e);
           at::mul_out(a_e, s_e, w_S.narrow(0, start, n).unsqueeze(1));
         }
-        return mm_scratch(gemm, y_e, a_e, w_out.select(0, e));
+        Tensor a_p = a_e;
+        if (np > n) {  // the saved activations have no room for padding rows: a copy that has
+          a_p = bufs[2].narrow(0, 0, np);
+          a_p.narrow(0, 0, n).copy_(a_e);
+          zero_rows_from(a_p, n);
+        }
+        return mm_scratch(gemm, y_e, a_p, w_out.select(0, e));
       });
   return {add_parts(outs), h, a, s};
 }
@@ -694,34 +735,39 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     if (need_out) rest_out[p] = at::empty_like(w_out.select(0, 0));
   }
   const bool need_hidden = need_x || need_w || need_in;
+  const bool pad = gemm == 1 && x_TD.scalar_type() == at::kFloat;  // see kRowBlock
+  const int64_t most_pad = padded_rows(pad, most);
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
       plan.parts, tok, gxs,
-      [&] {  // per thread: g rows, x rows (then their gradient), dL/da, dL/dh
-        return std::array<Tensor, 4>{workspace().take({most, D}, x_TD.options()),
-                                     workspace().take({most, D}, x_TD.options()),
-                                     workspace().take({most, F}, a.options()), workspace().take({most, h.size(1)}, h.options())};
+      [&] {  // per thread: g rows, x rows (then their gradient), dL/da, dL/dh (with padding rows)
+        return std::array<Tensor, 4>{workspace().take({most_pad, D}, x_TD.options()),
+                                     workspace().take({most_pad, D}, x_TD.options()),
+                                     workspace().take({most_pad, F}, a.options()),
+                                     workspace().take({most_pad, h.size(1)}, h.options())};
       },
       [&](std::array<Tensor, 4>& bufs, int64_t p, int64_t i, bool own) {
         const Piece& piece = plan.parts[p][i];
-        const int64_t e = piece.expert, n = piece.rows, start = piece.start;
+        const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = padded_rows(pad, n);
         const int64_t* t = tok + start;
-        Tensor ge = bufs[0].narrow(0, 0, n);
+        Tensor g_p = bufs[0].narrow(0, 0, np), ge = g_p.narrow(0, 0, n);
         gather_rows_out(ge, g_TD, t);
+        zero_rows_from(g_p, n);
         if (need_out) {
           Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
           const Tensor a_e = a.narrow(0, start, n);
-          if (use_onednn(gemm, a_e.t(), ge)) {  // a^T as a dense [F, n] matrix, in dL/da's buffer
-            Tensor aT = bufs[2].narrow(0, 0, n).view({F, n});  // (free until dL/da, which oneDNN allocates)
-            transpose_rows_out(aT, a_e, nullptr);
-            mm_into(gemm, g_out_e, aT, ge);
+          if (pad) {  // a^T as a dense [F, np] matrix, in dL/da's buffer (free until dL/da)
+            Tensor aT = bufs[2].narrow(0, 0, np).view({F, np});
+            transpose_rows_out(aT, a_e, nullptr, n);
+            mm_into(gemm, g_out_e, aT, g_p);
           } else {
             mm_into(gemm, g_out_e, a_e.t(), ge);
           }
         }
         if (!need_hidden) return Tensor();
-        Tensor ga = bufs[2].narrow(0, 0, n), gh = bufs[3].narrow(0, 0, n);
-        ga = mm_scratch(gemm, ga, ge, w_out.select(0, e).t());  // dL/d(weighted activation)
+        Tensor ga_scratch = bufs[2].narrow(0, 0, n);
+        Tensor ga = mm_scratch(gemm, ga_scratch, g_p, w_out.select(0, e).t());  // dL/d(weighted activation)
+        Tensor gh_p = bufs[3].narrow(0, 0, np), gh = gh_p.narrow(0, 0, n);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
           scalar_t* gw_e = need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr;
           const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
@@ -735,13 +781,14 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
           }
         });
         if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, start, n));
+        zero_rows_from(gh_p, n);
         Tensor xd = bufs[1].narrow(0, 0, n);
         if (need_in) {
           Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
-          if (use_onednn(gemm, xd.t(), gh)) {  // x^T as a dense [D, n] matrix, gathered so
-            Tensor xT = xd.view({D, n});
-            transpose_rows_out(xT, x_TD, t);
-            mm_into(gemm, g_in_e, xT, gh);
+          if (pad) {  // x^T as a dense [D, np] matrix, gathered so
+            Tensor xT = bufs[1].narrow(0, 0, np).view({D, np});
+            transpose_rows_out(xT, x_TD, t, n);
+            mm_into(gemm, g_in_e, xT, gh_p);
           } else {
             gather_rows_out(xd, x_TD, t);
             mm_into(gemm, g_in_e, xd.t(), gh);
@@ -749,7 +796,7 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         }
         if (!need_x) return Tensor();
         Tensor gx_e = own ? xd : workspace().take({n, D}, x_TD.options());
-        return mm_scratch(gemm, gx_e, gh, w_in.select(0, e).t());
+        return mm_scratch(gemm, gx_e, gh_p, w_in.select(0, e).t());
       });
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = plan.continued(p);
