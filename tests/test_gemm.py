@@ -151,3 +151,45 @@ def test_the_kernel_takes_the_backend_of_its_forward(T, D, E, differ):
     for got in (aten, onednn):
         for a, b in zip(got, expected):
             assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+_SHAPES_SCRIPT = """
+import torch
+from sparseroute.moe import cpu_kernels
+kernels = cpu_kernels.load()
+torch.manual_seed(0)
+T, D, F, E = 150, 40, 24, 3
+counts = [33, 47, 70]  # 150 rows, one token each
+x, w_S = torch.randn(T, D), torch.rand(T)
+w_in, w_out = torch.randn(E, D, 2 * F), torch.randn(E, F, D)
+tok_S = torch.randperm(T)
+print("KERNEL START", flush=True)
+out, h, a, s = kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, counts, 0, 1, 1)
+kernels.mlp_backward(torch.randn(T, D), x, w_S, w_in, w_out, tok_S, counts, h, a, s, 0, [True] * 4, 1, 1)
+print("KERNEL END", flush=True)
+"""
+
+
+@needs_onednn
+def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat():
+    """oneDNN builds a kernel per exact shape; the expert kernel pads each expert's rows to a
+    multiple of 32 so that changing loads reuse them: every product it runs has 32k rows, or
+    (the weight gradients) sums over 32k rows, whatever the loads (here 33, 47 and 70)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from sparseroute.moe import cpu_kernels
+
+    assert cpu_kernels.load() is not None  # built here, so the child only loads it
+    env = dict(os.environ, ONEDNN_VERBOSE="1", SPARSEROUTE_GEMM="onednn")
+    run = subprocess.run([sys.executable, "-c", _SHAPES_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.split("KERNEL START")[1].split("KERNEL END")[0].splitlines()
+    shapes = [tuple(map(int, m.groups())) for m in (re.search(r",mb(\d+)ic(\d+)oc(\d+),", ln) for ln in lines if ",exec," in ln) if m]
+    assert len(shapes) == 6 * 3  # six products per expert, every one on oneDNN
+    for mb, ic, oc in shapes:
+        assert mb % 32 == 0 or ic % 32 == 0, (mb, ic, oc)
+    # the row-wise products have 32k rows (33, 47 -> 64; 70 -> 96); the weight gradients D or F
+    assert {mb for mb, ic, oc in shapes if mb not in (40, 24)} == {64, 96}

@@ -1,9 +1,9 @@
-"""Which library runs the CPU matrix products of the expert and dense MLPs: ``aten`` or ``onednn``.
+"""Which library runs the CPU matrix products of the MoE kernel, the routers and the LM: ``aten``
+or ``onednn``.
 
 torch's CPU matmul goes to MKL. On CPUs that MKL does not recognise as Intel's (AMD's EPYC
-among them) it runs its AVX2 code even where the CPU has AVX-512: on this project's 2-core
-AMD EPYC machines one core gets ~105–110 GFLOP/s in fp32 from it, where the CPU's peak is
-~260. oneDNN, which torch also ships, picks its kernels from the CPU's feature flags and runs
+among them) it runs its AVX2 code even where the CPU has AVX-512: on a 2-core AMD EPYC (Zen 5)
+one core gets ~105–110 GFLOP/s in fp32 from it, where the core's peak is ~260. oneDNN, which torch also ships, picks its kernels from the CPU's feature flags and runs
 the same products at 170–250 GFLOP/s there (docs/RESULTS.md, run K). On Intel CPUs both run
 AVX-512 code.
 
