@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         ap.error("--dispatch parallel is the CPU kernel; it cannot run on " + device.type)
     dtype = DTYPES[args.dtype]
     # whether the MoE's products run on oneDNN here (then the dense layer gets oneDNN variants)
-    onednn = device.type == "cpu" and dtype == torch.float32 and gemm.resolved_backend() == "onednn"
+    onednn = gemm.uses_onednn(torch.empty(0, device=device, dtype=dtype))
     torch.manual_seed(args.seed)
     try:
         import transformers  # noqa: F401

@@ -88,9 +88,10 @@ def resolved_backend() -> str:
     return name
 
 
-def _onednn_for(x: Tensor) -> bool:
-    # under a Python dispatch mode (FlopCounterMode, fake tensors for torch.compile) the products
-    # stay aten.mm, which such modes know
+def uses_onednn(x: Tensor) -> bool:
+    """Whether products with inputs like ``x`` run on oneDNN: float32 on the CPU with the
+    backend resolved to ``onednn``, outside Python dispatch modes (under FlopCounterMode or
+    torch.compile's fake tensors the products stay aten.mm, which such modes know)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -101,7 +102,7 @@ def _onednn_for(x: Tensor) -> bool:
 
 def kernel_code(x: Tensor) -> int:
     """The backend code the compiled kernel takes for inputs like ``x``: 0 ATen, 1 oneDNN."""
-    return 1 if _onednn_for(x) else 0
+    return 1 if uses_onednn(x) else 0
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
@@ -135,7 +136,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """``F.linear(x, w)`` (no bias) on the chosen backend; x [..., in], w [out, in]."""
-    if not (_onednn_for(x) and w.dtype == x.dtype and w.device == x.device) or x.numel() == 0:
+    if not (uses_onednn(x) and w.dtype == x.dtype and w.device == x.device) or x.numel() == 0:
         return F.linear(x, w)
     if x.dim() == 2:
         return _OneDNNLinear.apply(x, w)

@@ -241,11 +241,11 @@ bool use_onednn(int64_t gemm, const Tensor& A, const Tensor& B) {
 
 // out = the first out.size(0) rows of A @ B (A may carry zero padding rows below them).
 void mm_into(int64_t gemm, Tensor& out, const Tensor& A, const Tensor& B) {
+  const int64_t n = out.size(0);
   if (use_onednn(gemm, A, B)) {
-    const Tensor r = onednn_linear(A, B.t());
-    out.copy_(r.size(0) == out.size(0) ? r : r.narrow(0, 0, out.size(0)));
+    out.copy_(onednn_linear(A, B.t()).narrow(0, 0, n));
   } else {
-    at::mm_out(out, A.size(0) == out.size(0) ? A : A.narrow(0, 0, out.size(0)), B);
+    at::mm_out(out, A.narrow(0, 0, n), B);
   }
 }
 
@@ -253,11 +253,8 @@ void mm_into(int64_t gemm, Tensor& out, const Tensor& A, const Tensor& B) {
 // (oneDNN allocates its output): for products whose result is read once and dropped.
 Tensor mm_scratch(int64_t gemm, Tensor& scratch, const Tensor& A, const Tensor& B) {
   const int64_t n = scratch.size(0);
-  if (use_onednn(gemm, A, B)) {
-    const Tensor r = onednn_linear(A, B.t());
-    return r.size(0) == n ? r : r.narrow(0, 0, n);
-  }
-  at::mm_out(scratch, A.size(0) == n ? A : A.narrow(0, 0, n), B);
+  if (use_onednn(gemm, A, B)) return onednn_linear(A, B.t()).narrow(0, 0, n);
+  at::mm_out(scratch, A.narrow(0, 0, n), B);
   return scratch;
 }
 
@@ -268,6 +265,9 @@ Tensor mm_scratch(int64_t gemm, Tensor& scratch, const Tensor& A, const Tensor& 
 // the shapes to a few per product; the padding rows' outputs are dropped, and they add nothing to
 // the weight gradients (sums over the rows).
 constexpr int64_t kRowBlock = 32;
+
+// Whether the products of a call with input x are padded: on oneDNN, which takes float32 only.
+bool pads_rows(int64_t gemm, const Tensor& x) { return gemm == 1 && x.scalar_type() == at::kFloat; }
 
 int64_t padded_rows(bool pad, int64_t n) { return pad ? (n + kRowBlock - 1) / kRowBlock * kRowBlock : n; }
 
@@ -663,7 +663,7 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   std::vector<Tensor> outs(plan.size());
   for (auto& o : outs) o = workspace().take(x_TD.sizes(), x_TD.options());
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
-  const bool pad = gemm == 1 && x_TD.scalar_type() == at::kFloat;  // see kRowBlock
+  const bool pad = pads_rows(gemm, x_TD);  // see kRowBlock
   const int64_t most_pad = padded_rows(pad, most);
   run_parts(
       plan.parts, tok, outs,
@@ -735,7 +735,7 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     if (need_out) rest_out[p] = at::empty_like(w_out.select(0, 0));
   }
   const bool need_hidden = need_x || need_w || need_in;
-  const bool pad = gemm == 1 && x_TD.scalar_type() == at::kFloat;  // see kRowBlock
+  const bool pad = pads_rows(gemm, x_TD);  // see kRowBlock
   const int64_t most_pad = padded_rows(pad, most);
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
