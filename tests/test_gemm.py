@@ -15,10 +15,10 @@ from sparseroute.moe import MoE
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN")
 
 
-def _ops_called(fn) -> set[str]:
+def _ops_called(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return {e.name for e in prof.events()}
+    return [e.name for e in prof.events()]
 
 
 def _linear_and_grads(x, w, fn, g):
@@ -28,11 +28,25 @@ def _linear_and_grads(x, w, fn, g):
     return y.detach(), x.grad, w.grad
 
 
-@needs_onednn
-@pytest.mark.parametrize("shape", [(64, 48), (3, 40, 48), (2, 5, 7, 48), (2, 48), (64, 3)])
-@pytest.mark.parametrize("out", [40, 2])
-def test_linear_on_onednn_equals_torch(shape, out):
-    """Any leading dims, and products with a dimension below MIN_DIM (those stay on ATen)."""
+@pytest.fixture(params=["matmul", "linear_op"])
+def onednn_path(request, monkeypatch):
+    """Each of the two ways gemm reaches oneDNN: its matmul through the compiled kernels (where
+    they are built and it runs here), and torch's oneDNN linear op (the fallback)."""
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    if request.param == "matmul":
+        if gemm._onednn_matmul() is None:
+            pytest.skip("oneDNN's matmul is not reachable here (no compiled kernels, or not on this CPU)")
+    else:
+        monkeypatch.setitem(gemm._matmul, "fn", None)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (3, 40, 48), (2, 5, 7, 48), (2, 48), (64, 3), (48, 64)])
+@pytest.mark.parametrize("out", [40, 2, 96])
+def test_linear_on_onednn_equals_torch(shape, out, onednn_path):
+    """Any leading dims, both orders of in and out features, and products with a dimension below
+    MIN_DIM (those stay on ATen)."""
     torch.manual_seed(0)
     x, w = torch.randn(*shape), torch.randn(out, shape[-1])
     g = torch.randn(*shape[:-1], out)
@@ -44,16 +58,23 @@ def test_linear_on_onednn_equals_torch(shape, out):
         assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@needs_onednn
-def test_onednn_is_really_used_and_aten_is_not():
+def test_onednn_is_really_used_and_aten_is_not(onednn_path, monkeypatch):
+    """The forward and both gradients run on oneDNN (its matmul, counted through a wrapper, or the
+    linear op, seen by the profiler), none on aten's matmul; the aten backend runs neither."""
+    calls = []
+    if onednn_path == "matmul":
+        real = gemm._matmul["fn"]
+        monkeypatch.setitem(gemm._matmul, "fn", lambda a, b, out: calls.append(1) or real(a, b, out))
     x, w = torch.randn(64, 48, requires_grad=True), torch.randn(40, 48, requires_grad=True)
     with gemm.use_backend("onednn"):
         called = _ops_called(lambda: gemm.linear(x, w).sum().backward())
-    assert sum("_linear_pointwise" in n for n in called) >= 1
+    on_onednn = len(calls) if onednn_path == "matmul" else sum("_linear_pointwise" in n for n in called)
+    assert on_onednn == 3
     assert not any(n in ("aten::mm", "aten::addmm", "aten::linear") for n in called), called
+    calls.clear()
     with gemm.use_backend("aten"):
         called = _ops_called(lambda: gemm.linear(x, w).sum().backward())
-    assert not any("_linear_pointwise" in n for n in called)
+    assert not calls and not any("_linear_pointwise" in n for n in called)
 
 
 @needs_onednn
@@ -124,8 +145,8 @@ def test_the_kernel_takes_the_backend_of_its_forward(T, D, E, differ):
     """The compiled kernel runs its products on the backend chosen at the forward (its backward
     too, even if the switch changed in between): each backend's results are reproducible, both
     equal the reference, and at D = 96 they differ in the last bits (at D = 50 the two libraries
-    happen to sum in the same order). With oneDNN the backward gathers x's rows transposed, in
-    16 x 16 tiles: D = 50 and odd row counts leave partial tiles."""
+    happen to sum in the same order). With oneDNN the kernel pads each expert's rows with zero
+    rows to a multiple of 32; odd row counts and D = 50 check that the padding adds nothing."""
     torch.manual_seed(0)
     moe = MoE(D, 80, E, 2)
     x, g = torch.randn(T, D), torch.randn(T, D)
@@ -157,6 +178,7 @@ _SHAPES_SCRIPT = """
 import torch
 from sparseroute.moe import cpu_kernels
 kernels = cpu_kernels.load()
+assert kernels.onednn_usable()  # asked before the products below, so its own probe is not among them
 torch.manual_seed(0)
 T, D, F, E = 150, 40, 24, 3
 counts = [33, 47, 70]  # 150 rows, one token each
@@ -174,7 +196,8 @@ print("KERNEL END", flush=True)
 def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat():
     """oneDNN builds a kernel per exact shape; the expert kernel pads each expert's rows to a
     multiple of 32 so that changing loads reuse them: every product it runs has 32k rows, or
-    (the weight gradients) sums over 32k rows, whatever the loads (here 33, 47 and 70)."""
+    (the weight gradients) sums over 32k rows, whatever the loads (here 33, 47 and 70). The
+    weight gradients take x^T and a^T as transposed views (oneDNN's "ba" source), not copies."""
     import os
     import re
     import subprocess
@@ -182,14 +205,29 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat():
 
     from sparseroute.moe import cpu_kernels
 
-    assert cpu_kernels.load() is not None  # built here, so the child only loads it
+    kernels = cpu_kernels.load()  # built here, so the child only loads it
+    if not kernels.onednn_usable():
+        pytest.skip("oneDNN's float32 matmul does not run on this CPU")
     env = dict(os.environ, ONEDNN_VERBOSE="1", SPARSEROUTE_GEMM="onednn")
     run = subprocess.run([sys.executable, "-c", _SHAPES_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.split("KERNEL START")[1].split("KERNEL END")[0].splitlines()
-    shapes = [tuple(map(int, m.groups())) for m in (re.search(r",mb(\d+)ic(\d+)oc(\d+),", ln) for ln in lines if ",exec," in ln) if m]
-    assert len(shapes) == 6 * 3  # six products per expert, every one on oneDNN
-    for mb, ic, oc in shapes:
-        assert mb % 32 == 0 or ic % 32 == 0, (mb, ic, oc)
-    # the row-wise products have 32k rows (33, 47 -> 64; 70 -> 96); the weight gradients D or F
-    assert {mb for mb, ic, oc in shapes if mb not in (40, 24)} == {64, 96}
+    products = [
+        (tuple(map(int, m.groups())), "src:f32::blocked:ba" in ln)
+        for ln, m in ((ln, re.search(r",(\d+)x(\d+):(\d+)x(\d+),", ln)) for ln in lines if ",exec," in ln and ",matmul," in ln)
+        if m
+    ]
+    assert len(products) == 6 * 3  # six products per expert, every one on oneDNN
+    D, F = 40, 24
+    rows, grads = [], []
+    for (m, k, k2, n), transposed in products:
+        assert k == k2
+        if m in (D, F):  # a weight gradient, x^T dL/dh or a^T g: a sum over the padded rows
+            grads.append(k)
+            assert transposed and k % 32 == 0, (m, k, n)
+        else:
+            rows.append(m)
+            assert not transposed
+    # the row-wise products have 32k rows (33, 47 -> 64; 70 -> 96), as have the weight gradients' sums
+    assert set(rows) == set(grads) == {64, 96}
+    assert len(grads) == 2 * 3

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ BACKENDS = ("auto", "aten", "onednn")
 MIN_DIM = 4
 _ENV = "SPARSEROUTE_GEMM"
 _state: dict[str, str] = {}
+_matmul: dict[str, Callable[[Tensor, Tensor, Tensor], None] | None] = {}
 
 
 def onednn_available() -> bool:
@@ -105,11 +106,30 @@ def kernel_code(x: Tensor) -> int:
     return 1 if uses_onednn(x) else 0
 
 
+def _onednn_matmul():
+    """oneDNN's matmul through the compiled kernels (``onednn_mm(a, b, out)``), where they are built
+    and it runs on this CPU (float32 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT); else None, and the
+    products use torch's oneDNN linear op. Decided once per process."""
+    if "fn" not in _matmul:
+        from sparseroute.moe import cpu_kernels  # here: sparseroute.moe imports this module
+
+        kernels = cpu_kernels.load()
+        _matmul["fn"] = kernels.onednn_mm if kernels is not None and kernels.onednn_usable() else None
+    return _matmul["fn"]
+
+
 def _mm(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for 2-D float32 CPU tensors: oneDNN unless a dimension is below MIN_DIM."""
+    """a @ b for 2-D float32 CPU tensors: oneDNN unless a dimension is below MIN_DIM. oneDNN's
+    matmul takes an operand that is the transpose of a dense matrix as it is and writes into the
+    output it is given; torch's oneDNN linear op, the fallback, copies a transposed left operand."""
     if min(a.shape[0], a.shape[1], b.shape[1]) < MIN_DIM:
         return a @ b
-    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], None)
+    matmul = _onednn_matmul()
+    if matmul is None:
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], None)
+    out = a.new_empty(a.shape[0], b.shape[1])
+    matmul(a, b, out)
+    return out
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -128,9 +148,10 @@ class _OneDNNLinear(torch.autograd.Function):
         gx = _mm(g, w) if ctx.needs_input_grad[0] else None
         gw = None
         if ctx.needs_input_grad[1]:
-            # oneDNN copies a transposed left operand into a dense one first: transpose the
-            # narrower of g [N, out] and x [N, in] (for in < out, gw^T = x^T g, then transposed)
-            gw = _mm(g.t(), x) if g.shape[1] <= x.shape[1] else _mm(x.t(), g).t().contiguous()
+            # the linear op (without oneDNN's matmul) copies a transposed left operand into a dense
+            # one: then transpose the narrower of g [N, out] and x [N, in] (gw^T = x^T g if in < out)
+            narrow_g = g.shape[1] <= x.shape[1] or _onednn_matmul() is not None
+            gw = _mm(g.t(), x) if narrow_g else _mm(x.t(), g).t().contiguous()
         return gx, gw
 
 

@@ -40,11 +40,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define SPARSEROUTE_HAVE_AVX512_TRANSPOSE 1
-#endif
-
 namespace {
 
 using at::Tensor;
@@ -53,6 +48,7 @@ using sparseroute::sigmoid_of;
 struct Piece {
   int64_t expert, start, rows;
   bool continues;  // not the expert's first rows: its weight gradient is a partial sum to add
+  int64_t at = 0;  // its first row in the saved activations (start, or with padding rows before it)
 };
 
 std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
@@ -120,11 +116,31 @@ SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward(int64_t n, int64_t F, co
   }
 }
 
+// The rows these loops read or update are scattered over a [T, D] matrix that the experts'
+// products keep pushing out of the caches, and the hardware prefetcher cannot guess the next
+// one: each loop asks for the row kPrefetchAhead rows ahead (cuts the time of the gathers and
+// of the scatter-adds by ~25% at T 8192, D 512, E 64, k 8).
+constexpr int64_t kPrefetchAhead = 4;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t D, bool for_write) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t b = 0; b < bytes; b += 64) {
+    if (for_write) {
+      __builtin_prefetch(p + b, 1, 3);
+    } else {
+      __builtin_prefetch(p + b, 0, 3);
+    }
+  }
+}
+
 // dst[r] = src[tok[r]] for n rows of D values: index_select over rows, without its per-call
 // dispatch and checks (the plan checked the tokens once).
 template <typename scalar_t>
 SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* tok, const scalar_t* src, scalar_t* dst) {
   for (int64_t r = 0; r < n; ++r) {
+    if (r + kPrefetchAhead < n) prefetch_row(src + tok[r + kPrefetchAhead] * D, D, false);
     const scalar_t* from = src + tok[r] * D;
     scalar_t* to = dst + r * D;
 #pragma omp simd
@@ -132,87 +148,12 @@ SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* 
   }
 }
 
-// Rows written transposed: dst [D, ld] with dst[d][r] = row(r)[d] for the n rows r < n, and 0 in
-// the padding columns n <= r < ld, where row(r) points at the D values of row r (a gathered
-// token row, or a row of a dense matrix). For oneDNN, which takes the left operand of a product
-// only as a dense matrix, and copies a transposed one into a dense one first: the weight
-// gradients need x's gathered rows and the activations transposed, and this writes them so in
-// one pass. Blocks of 16 rows, so that each output row gets 16 contiguous values at a time and
-// the 16 source rows stay in L1; float on AVX-512 transposes 16 x 16 tiles in registers.
-template <typename scalar_t, class RowPtr>
-void transpose_rows_scalar(int64_t r0, int64_t r1, int64_t d0, int64_t ld, int64_t D, const RowPtr& row, scalar_t* dst) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* from = row(r);
-    for (int64_t d = d0; d < D; ++d) dst[d * ld + r] = from[d];
-  }
-}
-
-#ifdef SPARSEROUTE_HAVE_AVX512_TRANSPOSE
-// The 16 x 16 tile at rows[i] + d (i < 16) written transposed: column c to out + c * n.
-__attribute__((target("avx512f"))) inline void transpose_tile_16(const float* const* rows, int64_t d, float* out,
-                                                                 int64_t n) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + d);
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int q = 0; q < 4; ++q) {  // per lane: 4 rows of one column; r[4q + j] holds columns j, j+4, j+8, j+12
-    const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * q + 2]), e = _mm512_castps_pd(t[4 * q + 3]);
-    r[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
-    r[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
-  }
-  for (int j = 0; j < 4; ++j) {  // lanes of rows 0-7 and of rows 8-15 brought together
-    t[j] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0x88);
-    t[j + 4] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0xdd);
-    t[j + 8] = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0x88);
-    t[j + 12] = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0xdd);
-  }
-  for (int c = 0; c < 8; ++c) {
-    _mm512_storeu_ps(out + c * n, _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88));
-    _mm512_storeu_ps(out + (c + 8) * n, _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd));
-  }
-}
-
-template <class RowPtr>
-__attribute__((target("avx512f"))) void transpose_rows_avx512(int64_t n, int64_t ld, int64_t D, const RowPtr& row,
-                                                              float* dst) {
-  const int64_t full_rows = n - n % 16, full_d = D - D % 16;
-  for (int64_t r0 = 0; r0 < full_rows; r0 += 16) {
-    const float* rows[16];
-    for (int i = 0; i < 16; ++i) rows[i] = row(r0 + i);
-    for (int64_t d = 0; d < full_d; d += 16) transpose_tile_16(rows, d, dst + d * ld + r0, ld);
-    transpose_rows_scalar<float>(r0, r0 + 16, full_d, ld, D, row, dst);
-  }
-  transpose_rows_scalar<float>(full_rows, n, 0, ld, D, row, dst);
-}
-#endif
-
-template <typename scalar_t, class RowPtr>
-void transpose_rows(int64_t n, int64_t ld, int64_t D, const RowPtr& row, scalar_t* dst) {
-  bool done = false;
-#ifdef SPARSEROUTE_HAVE_AVX512_TRANSPOSE
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    static const bool avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512) {
-      transpose_rows_avx512(n, ld, D, row, dst);
-      done = true;
-    }
-  }
-#endif
-  if (!done) transpose_rows_scalar<scalar_t>(0, n, 0, ld, D, row, dst);
-  if (ld > n)
-    for (int64_t d = 0; d < D; ++d) std::fill(dst + d * ld + n, dst + (d + 1) * ld, scalar_t(0));
-}
-
 // out[tok[r]] += y[r] for n rows of D values, in row order: index_add over rows, with the same
 // additions in the same order (so the same result to the bit), without its per-row dispatch.
 template <typename scalar_t>
 SPARSEROUTE_VECTOR_CLONES void add_rows(int64_t n, int64_t D, const int64_t* tok, const scalar_t* y, scalar_t* out) {
   for (int64_t r = 0; r < n; ++r) {
+    if (r + kPrefetchAhead < n) prefetch_row(out + tok[r + kPrefetchAhead] * D, D, true);
     scalar_t* to = out + tok[r] * D;
     const scalar_t* from = y + r * D;
 #pragma omp simd
@@ -220,54 +161,65 @@ SPARSEROUTE_VECTOR_CLONES void add_rows(int64_t n, int64_t D, const int64_t* tok
   }
 }
 
-// The per-expert products, on ATen (torch's matmul: MKL) or on oneDNN (torch's oneDNN linear
-// op, mkldnn::_linear_pointwise; A @ B = linear(A, B^T)): `gemm` is the backend's code from
-// sparseroute.gemm.kernel_code (0 ATen, 1 oneDNN). See sparseroute/gemm.py for why: on some
-// CPUs MKL runs its AVX2 code where oneDNN runs AVX-512. oneDNN takes float32 only, and a
-// product with a dimension below kMinDim (sparseroute.gemm.MIN_DIM) stays on ATen.
+}  // namespace
+
+namespace at::native {
+// oneDNN's matmul primitive as torch's CPU addmm calls it for reduced-precision float32 math
+// (ATen/native/mkldnn/Matmul.cpp; libtorch_cpu exports it, torch does not install its header):
+// result = alpha * mat1 @ mat2, plus beta * result when beta != 0. Each operand dense or the
+// transpose of a dense matrix (other strides are copied first); the product is written into
+// `result`. float32 needs a CPU with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT.
+TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
+}  // namespace at::native
+
+namespace {
+
+// The per-expert products run on ATen (torch's matmul: MKL) or on oneDNN; `gemm` is the
+// backend's code from sparseroute.gemm.kernel_code (0 ATen, 1 oneDNN). See sparseroute/gemm.py
+// for why: on some CPUs MKL runs its AVX2 code where oneDNN runs AVX-512. On oneDNN the products
+// call its matmul directly: it takes transposed operands as they are (the weight gradients'
+// x^T and a^T need no copy) and writes into the kernel's buffers. oneDNN takes float32 only, and
+// a call whose D or F is below kMinDim (sparseroute.gemm.MIN_DIM) stays on ATen.
 constexpr int64_t kMinDim = 4;
 
-Tensor onednn_linear(const Tensor& A, const Tensor& W) {  // A @ W^T
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, std::string_view,
-                                     c10::List<std::optional<c10::Scalar>>, std::optional<std::string_view>)>();
-  return op.call(A, W, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+// Whether oneDNN's float32 matmul runs on this CPU (asked once, with a small product).
+bool onednn_matmul_usable() {
+  static const bool usable = [] {
+    try {
+      const Tensor a = at::ones({kMinDim, kMinDim}, at::kFloat), out = at::empty({kMinDim, kMinDim}, at::kFloat);
+      at::native::mkldnn_matmul(a, a, out, 0.f, 1.f);
+      return out.eq(kMinDim).all().item<bool>();
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return usable;
 }
 
-bool use_onednn(int64_t gemm, const Tensor& A, const Tensor& B) {
-  return gemm == 1 && A.scalar_type() == at::kFloat && std::min({A.size(0), A.size(1), B.size(1)}) >= kMinDim;
+// Whether a call's products run on oneDNN: backend code 1, float32, D and F at least kMinDim,
+// and oneDNN's matmul usable here.
+bool on_onednn(int64_t gemm, const Tensor& x_TD, int64_t F) {
+  return gemm == 1 && x_TD.scalar_type() == at::kFloat && std::min(x_TD.size(1), F) >= kMinDim &&
+         onednn_matmul_usable();
 }
 
-// out = the first out.size(0) rows of A @ B (A may carry zero padding rows below them).
-void mm_into(int64_t gemm, Tensor& out, const Tensor& A, const Tensor& B) {
-  const int64_t n = out.size(0);
-  if (use_onednn(gemm, A, B)) {
-    out.copy_(onednn_linear(A, B.t()).narrow(0, 0, n));
+// out = A @ B, on oneDNN or on ATen.
+void product(bool onednn, Tensor out, const Tensor& A, const Tensor& B) {
+  if (onednn) {
+    at::native::mkldnn_matmul(A, B, out, 0.f, 1.f);
   } else {
-    at::mm_out(out, A.narrow(0, 0, n), B);
+    at::mm_out(out, A, B);
   }
 }
 
-// The first scratch.size(0) rows of A @ B, in `scratch` (on ATen) or in a tensor of their own
-// (oneDNN allocates its output): for products whose result is read once and dropped.
-Tensor mm_scratch(int64_t gemm, Tensor& scratch, const Tensor& A, const Tensor& B) {
-  const int64_t n = scratch.size(0);
-  if (use_onednn(gemm, A, B)) return onednn_linear(A, B.t()).narrow(0, 0, n);
-  at::mm_out(scratch, A.narrow(0, 0, n), B);
-  return scratch;
-}
-
-// oneDNN builds a product's kernel for its exact shape and keeps the last 1,024 in a cache. The
-// expert loads change at every training step, and with them the rows of every expert's products:
-// built afresh, each costs ~1 ms (~85 ms a step of the `tiny` MoE LM). So on oneDNN the kernel
-// rounds the rows of each piece up to a multiple of kRowBlock, with zero rows below, which bounds
-// the shapes to a few per product; the padding rows' outputs are dropped, and they add nothing to
-// the weight gradients (sums over the rows).
+// oneDNN builds a product's kernel for its exact shape (~1-2 ms) and keeps the last 1,024 in a
+// cache. The expert loads change at every training step, and with them the rows of every
+// expert's products: built afresh at every step, they would cost more than they compute (~85 ms
+// a step of the `tiny` MoE LM). So on oneDNN the kernel rounds the rows of each piece up to a
+// multiple of kRowBlock, with zero rows below, which bounds the shapes to a few per product:
+// the saved activations h, a (and s) hold each piece's rows padded so (Plan::at), the padding
+// rows' outputs are dropped, and they add nothing to the weight gradients (sums over the rows).
 constexpr int64_t kRowBlock = 32;
-
-// Whether the products of a call with input x are padded: on oneDNN, which takes float32 only.
-bool pads_rows(int64_t gemm, const Tensor& x) { return gemm == 1 && x.scalar_type() == at::kFloat; }
 
 int64_t padded_rows(bool pad, int64_t n) { return pad ? (n + kRowBlock - 1) / kRowBlock * kRowBlock : n; }
 
@@ -277,24 +229,9 @@ void zero_rows_from(Tensor& t, int64_t n) {
 }
 
 // The two over tensors: dst [n, D] = src[tok]; out[tok] += y [n, D]. All contiguous.
-void gather_rows_out(Tensor& dst, const Tensor& src, const int64_t* tok) {
+void gather_rows_out(const Tensor& dst, const Tensor& src, const int64_t* tok) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_rows", [&] {
     gather_rows<scalar_t>(dst.size(0), src.size(1), tok, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>());
-  });
-}
-
-// dst [D, ld]: its first n columns src[tok[:n]]^T (the gathered rows transposed), or src[:n]^T
-// when tok is null; the others zero.
-void transpose_rows_out(Tensor& dst, const Tensor& src, const int64_t* tok, int64_t n) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "transpose_rows", [&] {
-    const scalar_t* base = src.const_data_ptr<scalar_t>();
-    const int64_t D = src.size(1);
-    scalar_t* out = dst.mutable_data_ptr<scalar_t>();
-    if (tok != nullptr) {
-      transpose_rows<scalar_t>(n, dst.size(1), D, [&](int64_t r) { return base + tok[r] * D; }, out);
-    } else {
-      transpose_rows<scalar_t>(n, dst.size(1), D, [&](int64_t r) { return base + r * D; }, out);
-    }
   });
 }
 
@@ -427,12 +364,17 @@ Workspace& workspace() { return Workspace::instance(); }
 enum Activation : int64_t { kSwiGLU = 0, kGELU = 1, kSiLU = 2, kReLU = 3 };
 
 // The checked inputs' split over the threads, the same in the forward and the backward.
+// With `pad` (on oneDNN) each piece's rows are rounded up to a multiple of kRowBlock in the
+// products and in the saved activations (see kRowBlock).
 struct Plan {
   std::vector<std::vector<Piece>> parts;
-  int64_t most = 0;  // rows of the largest piece: the size of the per-thread buffers
+  bool pad;
+  int64_t most = 0;  // rows of the largest piece, padded: the size of the per-thread buffers
+  int64_t rows = 0;  // rows of the saved activations: S, plus the padding rows
 
   Plan(const std::vector<int64_t>& counts, const Tensor& x_TD, const Tensor& w_in, const Tensor& w_out,
-       const Tensor& tok_S, int64_t act, int64_t threads) {
+       const Tensor& tok_S, int64_t act, int64_t threads, bool pad_rows)
+      : pad(pad_rows) {
     TORCH_CHECK(act >= kSwiGLU && act <= kReLU, "expert_parallel: unknown activation code ", act);
     TORCH_CHECK(x_TD.dim() == 2 && x_TD.is_contiguous(), "expert_parallel: x must be a contiguous [T, D] tensor");
     TORCH_CHECK(tok_S.dim() == 1 && tok_S.scalar_type() == at::kLong && tok_S.is_contiguous(),
@@ -445,14 +387,20 @@ struct Plan {
     TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "expert_parallel: ", counts.size(), " counts for ", E,
                 " experts");
     for (int64_t c : counts) TORCH_CHECK(c >= 0, "expert_parallel: negative count ", c);
-    const int64_t rows = offsets_of(counts).back();
-    TORCH_CHECK(rows == S, "expert_parallel: the counts sum to ", rows, " rows, tok_S has ", S);
+    const int64_t total = offsets_of(counts).back();
+    TORCH_CHECK(total == S, "expert_parallel: the counts sum to ", total, " rows, tok_S has ", S);
     parts = split_rows(counts, std::max<int64_t>(1, std::min(threads, S)));
-    for (const auto& part : parts)
-      for (const auto& piece : part) most = std::max(most, piece.rows);
+    for (auto& part : parts)  // the pieces in row order
+      for (auto& piece : part) {
+        piece.at = rows;
+        rows += padded(piece);
+        most = std::max(most, padded(piece));
+      }
   }
 
   int64_t size() const { return static_cast<int64_t>(parts.size()); }
+
+  int64_t padded(const Piece& piece) const { return padded_rows(pad, piece.rows); }
 
   // The expert whose rows part p continues from an earlier part (its weight gradient is a partial
   // sum, added after the parallel region), or -1.
@@ -650,54 +598,50 @@ Tensor add_parts(std::vector<Tensor>& bufs) {
 }  // namespace
 
 // Returns {out_TD, h_SH (pre-activations: [gate | up] for SwiGLU, H = 2F; else H = F), a_SF
-// (weighted activations), s_SF (act(h) for the non-gated activations; empty for SwiGLU)}.
+// (weighted activations), s_SF (act(h) for the non-gated activations; empty for SwiGLU)}. On
+// oneDNN the saved activations have each piece's padding rows too (see kRowBlock), so more than
+// S rows; only mlp_backward, with the same counts, threads and backend code, reads them.
 std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in, const Tensor& w_out,
                                 const Tensor& tok_S, std::vector<int64_t> counts, int64_t act, int64_t threads,
                                 int64_t gemm) {
   TORCH_CHECK(gemm == 0 || gemm == 1, "expert_parallel: unknown GEMM backend code ", gemm);
-  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads);
-  const int64_t S = tok_S.size(0), D = x_TD.size(1), F = w_out.size(1), most = plan.most;
-  Tensor h = workspace().take({S, w_in.size(2)}, x_TD.options());
-  Tensor a = workspace().take({S, F}, x_TD.options());
-  Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({S, F}, x_TD.options());
+  const int64_t D = x_TD.size(1), F = w_out.size(1);
+  const bool onednn = on_onednn(gemm, x_TD, F);
+  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads, /*pad=*/onednn);
+  Tensor h = workspace().take({plan.rows, w_in.size(2)}, x_TD.options());
+  Tensor a = workspace().take({plan.rows, F}, x_TD.options());
+  Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
   std::vector<Tensor> outs(plan.size());
   for (auto& o : outs) o = workspace().take(x_TD.sizes(), x_TD.options());
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
-  const bool pad = pads_rows(gemm, x_TD);  // see kRowBlock
-  const int64_t most_pad = padded_rows(pad, most);
   run_parts(
       plan.parts, tok, outs,
-      [&] {  // per thread: x rows, output rows, the activations with their padding rows
-        return std::array<Tensor, 3>{workspace().take({most_pad, D}, x_TD.options()),
-                                     workspace().take({most, D}, x_TD.options()),
-                                     workspace().take({pad ? most_pad : 0, F}, x_TD.options())};
+      [&] {  // per thread: x rows, output rows
+        return std::array<Tensor, 2>{workspace().take({plan.most, D}, x_TD.options()),
+                                     workspace().take({plan.most, D}, x_TD.options())};
       },
-      [&](std::array<Tensor, 3>& bufs, int64_t p, int64_t i, bool own) {
+      [&](std::array<Tensor, 2>& bufs, int64_t p, int64_t i, bool own) {
         const Piece& piece = plan.parts[p][i];
-        const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = padded_rows(pad, n);
+        const int64_t e = piece.expert, n = piece.rows, np = plan.padded(piece);
         Tensor x_p = bufs[0].narrow(0, 0, np), x_e = x_p.narrow(0, 0, n);
-        Tensor y_e = own ? bufs[1].narrow(0, 0, n) : workspace().take({n, D}, x_TD.options());
-        Tensor h_e = h.narrow(0, start, n), a_e = a.narrow(0, start, n);
-        gather_rows_out(x_e, x_TD, tok + start);
+        Tensor h_p = h.narrow(0, piece.at, np), a_p = a.narrow(0, piece.at, np), a_e = a_p.narrow(0, 0, n);
+        gather_rows_out(x_e, x_TD, tok + piece.start);
         zero_rows_from(x_p, n);
-        mm_into(gemm, h_e, x_p, w_in.select(0, e));
+        product(onednn, h_p, x_p, w_in.select(0, e));
         if (act == kSwiGLU) {
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
-            weighted_swiglu<scalar_t>(n, F, h_e.const_data_ptr<scalar_t>(), w_S.const_data_ptr<scalar_t>() + start,
-                                      a_e.mutable_data_ptr<scalar_t>());
+            weighted_swiglu<scalar_t>(n, F, h_p.const_data_ptr<scalar_t>(),
+                                      w_S.const_data_ptr<scalar_t>() + piece.start, a_e.mutable_data_ptr<scalar_t>());
           });
         } else {
-          Tensor s_e = s.narrow(0, start, n);
-          activation_out(act, s_e, h_e);
-          at::mul_out(a_e, s_e, w_S.narrow(0, start, n).unsqueeze(1));
+          Tensor s_e = s.narrow(0, piece.at, n);
+          activation_out(act, s_e, h_p.narrow(0, 0, n));
+          at::mul_out(a_e, s_e, w_S.narrow(0, piece.start, n).unsqueeze(1));
         }
-        Tensor a_p = a_e;
-        if (np > n) {  // the saved activations have no room for padding rows: a copy that has
-          a_p = bufs[2].narrow(0, 0, np);
-          a_p.narrow(0, 0, n).copy_(a_e);
-          zero_rows_from(a_p, n);
-        }
-        return mm_scratch(gemm, y_e, a_p, w_out.select(0, e));
+        zero_rows_from(a_p, n);
+        Tensor y_p = own ? bufs[1].narrow(0, 0, np) : workspace().take({np, D}, x_TD.options());
+        product(onednn, y_p, a_p, w_out.select(0, e));
+        return y_p.narrow(0, 0, n);
       });
   return {add_parts(outs), h, a, s};
 }
@@ -708,10 +652,15 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
                                  const Tensor& h, const Tensor& a, const Tensor& s, int64_t act,
                                  std::vector<bool> needs, int64_t threads, int64_t gemm) {
   TORCH_CHECK(gemm == 0 || gemm == 1, "expert_parallel: unknown GEMM backend code ", gemm);
-  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads);
+  const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0);
+  const bool onednn = on_onednn(gemm, x_TD, F);
+  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads, /*pad=*/onednn);
   TORCH_CHECK(g_TD.sizes() == x_TD.sizes() && g_TD.scalar_type() == x_TD.scalar_type() && g_TD.is_contiguous(),
               "expert_parallel: the output gradient must be a contiguous tensor of x's shape and dtype");
-  const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0), P = plan.size(), most = plan.most;
+  TORCH_CHECK(h.size(0) == plan.rows && a.size(0) == plan.rows && (act == kSwiGLU || s.size(0) == plan.rows),
+              "expert_parallel: the saved activations have ", a.size(0), " rows where this call's plan has ",
+              plan.rows, " (the backward must use the forward's backend code)");
+  const int64_t P = plan.size();
   const bool need_x = needs[0], need_w = needs[1], need_in = needs[2], need_out = needs[3];
   Tensor gw = need_w ? at::empty_like(w_S) : Tensor();
   Tensor g_in = need_in ? workspace().take(w_in.sizes(), w_in.options()) : Tensor();
@@ -735,68 +684,55 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     if (need_out) rest_out[p] = at::empty_like(w_out.select(0, 0));
   }
   const bool need_hidden = need_x || need_w || need_in;
-  const bool pad = pads_rows(gemm, x_TD);  // see kRowBlock
-  const int64_t most_pad = padded_rows(pad, most);
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
       plan.parts, tok, gxs,
-      [&] {  // per thread: g rows, x rows (then their gradient), dL/da, dL/dh (with padding rows)
-        return std::array<Tensor, 4>{workspace().take({most_pad, D}, x_TD.options()),
-                                     workspace().take({most_pad, D}, x_TD.options()),
-                                     workspace().take({most_pad, F}, a.options()),
-                                     workspace().take({most_pad, h.size(1)}, h.options())};
+      [&] {  // per thread: g rows, x rows (then their gradient), dL/da, dL/dh
+        return std::array<Tensor, 4>{workspace().take({plan.most, D}, x_TD.options()),
+                                     workspace().take({plan.most, D}, x_TD.options()),
+                                     workspace().take({plan.most, F}, a.options()),
+                                     workspace().take({plan.most, h.size(1)}, h.options())};
       },
       [&](std::array<Tensor, 4>& bufs, int64_t p, int64_t i, bool own) {
         const Piece& piece = plan.parts[p][i];
-        const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = padded_rows(pad, n);
+        const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = plan.padded(piece);
         const int64_t* t = tok + start;
         Tensor g_p = bufs[0].narrow(0, 0, np), ge = g_p.narrow(0, 0, n);
         gather_rows_out(ge, g_TD, t);
         zero_rows_from(g_p, n);
-        if (need_out) {
+        if (need_out) {  // a^T g: the padding rows of a and g are zero
           Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
-          const Tensor a_e = a.narrow(0, start, n);
-          if (pad) {  // a^T as a dense [F, np] matrix, in dL/da's buffer (free until dL/da)
-            Tensor aT = bufs[2].narrow(0, 0, np).view({F, np});
-            transpose_rows_out(aT, a_e, nullptr, n);
-            mm_into(gemm, g_out_e, aT, g_p);
-          } else {
-            mm_into(gemm, g_out_e, a_e.t(), ge);
-          }
+          product(onednn, g_out_e, a.narrow(0, piece.at, np).t(), g_p);
         }
         if (!need_hidden) return Tensor();
-        Tensor ga_scratch = bufs[2].narrow(0, 0, n);
-        Tensor ga = mm_scratch(gemm, ga_scratch, g_p, w_out.select(0, e).t());  // dL/d(weighted activation)
+        Tensor ga_p = bufs[2].narrow(0, 0, np), ga = ga_p.narrow(0, 0, n);  // dL/d(weighted activation)
+        product(onednn, ga_p, g_p, w_out.select(0, e).t());
         Tensor gh_p = bufs[3].narrow(0, 0, np), gh = gh_p.narrow(0, 0, n);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
           scalar_t* gw_e = need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr;
           const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
           if (act == kSwiGLU) {
             weighted_swiglu_backward<scalar_t>(n, F, ga.const_data_ptr<scalar_t>(),
-                                               h.const_data_ptr<scalar_t>() + start * 2 * F, w_e,
+                                               h.const_data_ptr<scalar_t>() + piece.at * 2 * F, w_e,
                                                gh.mutable_data_ptr<scalar_t>(), gw_e);
           } else {
             scaled_rows_backward<scalar_t>(n, F, ga.mutable_data_ptr<scalar_t>(),
-                                           s.const_data_ptr<scalar_t>() + start * F, w_e, gw_e);
+                                           s.const_data_ptr<scalar_t>() + piece.at * F, w_e, gw_e);
           }
         });
-        if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, start, n));
+        if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, piece.at, n));
         zero_rows_from(gh_p, n);
-        Tensor xd = bufs[1].narrow(0, 0, n);
-        if (need_in) {
+        if (need_in) {  // x^T dL/dh: the padding rows of dL/dh (and of x) are zero
           Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
-          if (pad) {  // x^T as a dense [D, np] matrix, gathered so
-            Tensor xT = bufs[1].narrow(0, 0, np).view({D, np});
-            transpose_rows_out(xT, x_TD, t, n);
-            mm_into(gemm, g_in_e, xT, gh_p);
-          } else {
-            gather_rows_out(xd, x_TD, t);
-            mm_into(gemm, g_in_e, xd.t(), gh);
-          }
+          Tensor x_p = bufs[1].narrow(0, 0, np);
+          gather_rows_out(x_p.narrow(0, 0, n), x_TD, t);
+          zero_rows_from(x_p, n);
+          product(onednn, g_in_e, x_p.t(), gh_p);
         }
         if (!need_x) return Tensor();
-        Tensor gx_e = own ? xd : workspace().take({n, D}, x_TD.options());
-        return mm_scratch(gemm, gx_e, gh_p, w_in.select(0, e).t());
+        Tensor gx_p = own ? bufs[1].narrow(0, 0, np) : workspace().take({np, D}, x_TD.options());
+        product(onednn, gx_p, gh_p, w_in.select(0, e).t());
+        return gx_p.narrow(0, 0, n);
       });
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = plan.continued(p);
@@ -837,6 +773,18 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> sort_by_expert(const Tensor& in
   return {order, tok, counts};
 }
 
+// out = a @ b on oneDNN's matmul, for sparseroute.gemm: float32 CPU matrices, `out` dense.
+void onednn_mm(const Tensor& a, const Tensor& b, Tensor& out) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.size(1) == b.size(0) &&
+                  out.size(0) == a.size(0) && out.size(1) == b.size(1),
+              "onednn_mm: shapes ", a.sizes(), " @ ", b.sizes(), " -> ", out.sizes(), " do not fit");
+  for (const Tensor* t : {&a, &b, static_cast<const Tensor*>(&out)})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "onednn_mm: float32 CPU tensors only");
+  TORCH_CHECK(out.is_contiguous(), "onednn_mm: the output must be contiguous");
+  TORCH_CHECK(onednn_matmul_usable(), "onednn_mm: oneDNN's float32 matmul does not run on this CPU");
+  at::native::mkldnn_matmul(a, b, out, 0.f, 1.f);
+}
+
 void register_softmax_topk(pybind11::module& m);  // softmax_topk.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -850,6 +798,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_fail_stolen", [](bool on) { Sharing::fail_stolen().store(on); }, "tests: a stolen piece raises");
   m.def("_set_owner_delay_us", [](int64_t us) { Sharing::owner_delay_us().store(us); },
         "tests: part 0's thread waits this long before each of its pieces");
+  m.def("onednn_usable", &onednn_matmul_usable, "whether oneDNN's float32 matmul runs on this CPU");
+  m.def("onednn_mm", &onednn_mm, "out = a @ b on oneDNN's matmul (float32 CPU matrices, each dense or transposed)");
   m.def("sort_by_expert", &sort_by_expert, "routed pairs stably sorted by expert (counting sort)");
   m.def("mlp_forward", &mlp_forward, "expert-parallel expert MLP, forward");
   m.def("mlp_backward", &mlp_backward, "expert-parallel expert MLP, backward");
