@@ -1,21 +1,22 @@
 // Expert-parallel expert MLP for CPUs (SwiGLU, GELU, SiLU or ReLU experts): the routed rows,
 // sorted by expert, are split into as many equal parts as there are intra-op threads, and each
-// thread runs its part expert by expert with single-threaded ATen matmuls (and its own row
-// gather and scatter-add loops) inside one at::parallel_for region (ATen and MKL do not nest
-// parallelism). Small per-expert matmuls then run without a fork/join per op, and the threads
-// get equal numbers of rows however skewed the expert loads are; a thread that finishes early
-// takes unstarted pieces of another's part (see Sharing). Python: sparseroute.moe.cpu_kernels.
+// thread runs its part expert by expert with single-threaded matmuls (and its own row gather
+// loops) inside one at::parallel_for region (ATen and oneDNN do not nest parallelism). Small
+// per-expert matmuls then run without a fork/join per op, and the threads get equal numbers of
+// rows however skewed the expert loads are; a thread that finishes early takes unstarted pieces
+// of another's part (see Sharing). Each row's output goes to its own row of a [rows, D] buffer;
+// after the region, each token's output is the sum of its rows (combine_rows), in parallel over
+// the tokens. Python: sparseroute.moe.cpu_kernels.
 //
 // Legend: T tokens, D model dim, E experts, F expert hidden, S routed rows sorted by expert,
 // P parts. The rows of expert e are [offset[e], offset[e] + counts[e]) of the S rows; tok_S[s]
 // is the token of row s and w_S[s] its routing weight. A piece is the rows of one expert that
 // fall into one part; an expert cut by a part boundary has a piece in each of those parts.
 //
-// Determinism: the pieces are a fixed function of the counts and of P; each part adds into its
-// own [T, D] buffer in row order (a stolen piece's rows too, by the part's own thread), and the
-// buffers are added in part order; the weight gradient of a cut expert is its first piece's,
-// plus the later pieces' in part order. A result thus depends only on the inputs and P, not on
-// which thread ran which piece.
+// Determinism: the pieces are a fixed function of the counts and of P; a token's rows are summed
+// in row order; the weight gradient of a cut expert is its first piece's, plus the later pieces'
+// in part order. A result thus depends only on the inputs and P, not on which thread ran which
+// piece.
 
 #include <torch/extension.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -48,7 +49,8 @@ using sparseroute::sigmoid_of;
 struct Piece {
   int64_t expert, start, rows;
   bool continues;  // not the expert's first rows: its weight gradient is a partial sum to add
-  int64_t at = 0;  // its first row in the saved activations (start, or with padding rows before it)
+  int64_t at = 0;    // its first row in the saved activations (start, or with padding rows before it)
+  int64_t part = 0;  // the part it is in
 };
 
 std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
@@ -116,10 +118,10 @@ SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward(int64_t n, int64_t F, co
   }
 }
 
-// The rows these loops read or update are scattered over a [T, D] matrix that the experts'
-// products keep pushing out of the caches, and the hardware prefetcher cannot guess the next
-// one: each loop asks for the row kPrefetchAhead rows ahead (cuts the time of the gathers and
-// of the scatter-adds by ~25% at T 8192, D 512, E 64, k 8).
+// The rows the gathers read are scattered over a [T, D] matrix that the experts' products keep
+// pushing out of the caches, and the hardware prefetcher cannot guess the next one: the loop
+// asks for the row kPrefetchAhead rows ahead (cuts the gathers' time by ~25% at T 8192, D 512,
+// E 64, k 8).
 constexpr int64_t kPrefetchAhead = 4;
 
 template <typename scalar_t>
@@ -148,17 +150,11 @@ SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* 
   }
 }
 
-// out[tok[r]] += y[r] for n rows of D values, in row order: index_add over rows, with the same
-// additions in the same order (so the same result to the bit), without its per-row dispatch.
-template <typename scalar_t>
-SPARSEROUTE_VECTOR_CLONES void add_rows(int64_t n, int64_t D, const int64_t* tok, const scalar_t* y, scalar_t* out) {
-  for (int64_t r = 0; r < n; ++r) {
-    if (r + kPrefetchAhead < n) prefetch_row(out + tok[r + kPrefetchAhead] * D, D, true);
-    scalar_t* to = out + tok[r] * D;
-    const scalar_t* from = y + r * D;
+// acc[d] += y[d] for D values, in the accumulation type.
+template <typename acc_t, typename scalar_t>
+SPARSEROUTE_VECTOR_CLONES void add_into(acc_t* acc, const scalar_t* y, int64_t D) {
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) to[d] += from[d];
-  }
+  for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(y[d]);
 }
 
 }  // namespace
@@ -228,18 +224,13 @@ void zero_rows_from(Tensor& t, int64_t n) {
   if (t.size(0) > n) t.narrow(0, n, t.size(0) - n).zero_();
 }
 
-// The two over tensors: dst [n, D] = src[tok]; out[tok] += y [n, D]. All contiguous.
+// gather_rows over tensors: dst [n, D] = src[tok]. Both contiguous.
 void gather_rows_out(const Tensor& dst, const Tensor& src, const int64_t* tok) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_rows", [&] {
     gather_rows<scalar_t>(dst.size(0), src.size(1), tok, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>());
   });
 }
 
-void add_rows_out(Tensor& out, const int64_t* tok, const Tensor& y) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "add_rows", [&] {
-    add_rows<scalar_t>(y.size(0), y.size(1), tok, y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
-  });
-}
 
 // A pool of the kernel's buffers (saved activations, outputs, weight gradients, per-thread
 // scratch), reused across calls. Tensors this large come straight from mmap and go back to the
@@ -390,8 +381,9 @@ struct Plan {
     const int64_t total = offsets_of(counts).back();
     TORCH_CHECK(total == S, "expert_parallel: the counts sum to ", total, " rows, tok_S has ", S);
     parts = split_rows(counts, std::max<int64_t>(1, std::min(threads, S)));
-    for (auto& part : parts)  // the pieces in row order
-      for (auto& piece : part) {
+    for (size_t p = 0; p < parts.size(); ++p)  // the pieces in row order
+      for (auto& piece : parts[p]) {
+        piece.part = static_cast<int64_t>(p);
         piece.at = rows;
         rows += padded(piece);
         most = std::max(most, padded(piece));
@@ -450,18 +442,12 @@ SPARSEROUTE_VECTOR_CLONES void scaled_rows_backward(int64_t n, int64_t F, scalar
 // Work sharing between the parts' threads. Each thread claims the pieces of its own part from
 // the front; a thread that has run out of its own takes the last unclaimed piece of the started
 // part with the most left (work stealing: a neighbour slowed down by the machine no longer holds
-// up the call), always leaving its owner one. A stolen piece's output rows wait in a buffer of
-// their own until the owner, after its own pieces, adds them into its part's [T, D] buffer in row
-// order. The pieces, the products of each and the order of every addition are those of a run
-// without stealing, so the results do not depend on who ran what.
+// up the call), always leaving its owner one. Every piece writes rows and weight gradients of
+// its own, so who runs it changes no result.
 class Sharing {
  public:
   explicit Sharing(const std::vector<std::vector<Piece>>& parts) : parts_(parts.size()) {
-    for (size_t p = 0; p < parts.size(); ++p) {
-      parts_[p].back = static_cast<int64_t>(parts[p].size());
-      parts_[p].done = std::make_unique<std::atomic<int>[]>(parts[p].size());
-      for (size_t i = 0; i < parts[p].size(); ++i) parts_[p].done[i].store(kRunning);
-    }
+    for (size_t p = 0; p < parts.size(); ++p) parts_[p].back = static_cast<int64_t>(parts[p].size());
   }
 
   void start(int64_t p) {
@@ -492,25 +478,6 @@ class Sharing {
     return {best, --parts_[best].back};
   }
 
-  // The first stolen piece of part p (pieces from here on were run by other threads).
-  int64_t first_stolen(int64_t p) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return parts_[p].back;
-  }
-
-  // A stolen piece is done (ok) or failed (its thread's exception is on its way out of the
-  // parallel region).
-  void finish(int64_t p, int64_t i, bool ok) {
-    parts_[p].done[i].store(ok ? kDone : kFailed, std::memory_order_release);
-  }
-
-  // Whether stolen piece i of part p finished without an exception, once it has finished.
-  bool wait(int64_t p, int64_t i) {
-    int state;
-    while ((state = parts_[p].done[i].load(std::memory_order_acquire)) == kRunning) std::this_thread::yield();
-    return state == kDone;
-  }
-
   static std::atomic<bool>& stealing_enabled() {
     static std::atomic<bool> on{true};
     return on;
@@ -529,32 +496,23 @@ class Sharing {
   }
 
  private:
-  enum : int { kRunning = 0, kDone = 1, kFailed = 2 };
   struct State {
     int64_t front = 0, back = 0;  // pieces [front, back) are unclaimed
     bool started = false;
-    std::unique_ptr<std::atomic<int>[]> done;  // per piece: kRunning, kDone or kFailed
   };
   std::mutex mutex_;
   std::vector<State> parts_;
 };
 
-// Run the pieces of every part, one part per thread, with work sharing (see Sharing), and add
-// their output rows into the part's [T, D] buffer `sums[p]` (none when `sums` is empty). Per
-// thread, `scratch()` makes its buffers once; `compute(scratch, p, i, own)` runs piece i of part
-// p and returns its [rows, D] output rows (or an undefined tensor): in the thread's scratch when
-// `own` (the owner's piece, added at once), else in a buffer of their own (a stolen piece, added
-// by the owner after its own pieces, in piece order). A part's buffer is zero-filled by its
-// owner before its first piece, which is never stolen. Grad mode is thread-local, so each worker
-// dispatches below autograd itself (the caller is an autograd Function that does its own
-// backward).
+// Run the pieces of every part, one part per thread, with work sharing (see Sharing). Per
+// thread, `scratch()` makes its buffers once; `compute(scratch, piece)` runs a piece. An
+// exception in any thread leaves the region (at::parallel_for rethrows it). Grad mode is
+// thread-local, so each worker dispatches below autograd itself (the caller is an autograd
+// Function that does its own backward).
 template <class MakeScratch, class Compute>
-void run_parts(const std::vector<std::vector<Piece>>& parts, const int64_t* tok, std::vector<Tensor>& sums,
-               const MakeScratch& scratch, const Compute& compute) {
+void run_parts(const std::vector<std::vector<Piece>>& parts, const MakeScratch& scratch, const Compute& compute) {
   const int64_t P = static_cast<int64_t>(parts.size());
   Sharing sharing(parts);
-  std::vector<std::vector<Tensor>> held(P);  // the output rows of stolen pieces
-  for (int64_t p = 0; p < P; ++p) held[p].resize(parts[p].size());
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto buffers = scratch();
@@ -563,36 +521,67 @@ void run_parts(const std::vector<std::vector<Piece>>& parts, const int64_t* tok,
       for (int64_t i; (i = sharing.own(p)) >= 0;) {
         if (p == 0 && Sharing::owner_delay_us().load() > 0)
           std::this_thread::sleep_for(std::chrono::microseconds(Sharing::owner_delay_us().load()));
-        // by the thread that adds into it: the fill and the first touch of its pages in parallel
-        if (i == 0 && !sums.empty()) sums[p].zero_();
-        const Tensor rows = compute(buffers, p, i, true);
-        if (rows.defined()) add_rows_out(sums[p], tok + parts[p][i].start, rows);
+        compute(buffers, parts[p][i]);
       }
     }
     for (auto [q, i] = sharing.steal(); q >= 0; std::tie(q, i) = sharing.steal()) {
-      try {
-        TORCH_CHECK(!Sharing::fail_stolen().load(), "expert_parallel: a stolen piece failed (test)");
-        held[q][i] = compute(buffers, q, i, false);
-      } catch (...) {
-        sharing.finish(q, i, false);  // its owner stops waiting; the exception leaves the region
-        throw;
-      }
-      sharing.finish(q, i, true);
-    }
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t i = sharing.first_stolen(p); i < static_cast<int64_t>(parts[p].size()); ++i) {
-        if (!sharing.wait(p, i)) return;  // the thief's exception ends the call
-        if (held[p][i].defined()) add_rows_out(sums[p], tok + parts[p][i].start, held[p][i]);
-        held[p][i].reset();
-      }
+      TORCH_CHECK(!Sharing::fail_stolen().load(), "expert_parallel: a stolen piece failed (test)");
+      compute(buffers, parts[q][i]);
     }
   });
 }
 
-// Sum of the per-part [T, D] buffers, in part order, into the first one.
-Tensor add_parts(std::vector<Tensor>& bufs) {
-  for (size_t p = 1; p < bufs.size(); ++p) bufs[0].add_(bufs[p]);
-  return bufs[0];
+// out[t] = the sum of the rows of token t, in row order: the rows of Y [plan rows, D], where
+// sorted row s of a piece is row piece.at + (s - piece.start). Summed in the accumulation type,
+// rounded once; a token without rows gets zeros. In parallel over the tokens, each thread
+// asking for the rows of the token two ahead while it sums one.
+template <typename scalar_t>
+void combine_rows(const std::vector<int64_t>& first, const std::vector<int64_t>& pos, int64_t D, const scalar_t* Y,
+                  scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = static_cast<int64_t>(first.size()) - 1;
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(D);
+    for (int64_t t = begin; t < end; ++t) {
+      if (t + 2 < end)
+        for (int64_t q = first[t + 2]; q < first[t + 3]; ++q) prefetch_row(Y + pos[q] * D, D, false);
+      scalar_t* o = out + t * D;
+      const int64_t lo = first[t], hi = first[t + 1];
+      if (lo == hi) {
+        std::fill(o, o + D, scalar_t(0));
+        continue;
+      }
+      const scalar_t* y0 = Y + pos[lo] * D;
+      if (hi == lo + 1) {
+        std::copy(y0, y0 + D, o);
+        continue;
+      }
+      for (int64_t d = 0; d < D; ++d) acc[d] = static_cast<acc_t>(y0[d]);
+      for (int64_t q = lo + 1; q < hi; ++q) {
+        const scalar_t* y = Y + pos[q] * D;
+        add_into(acc.data(), y, D);
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+    }
+  });
+}
+
+// The [T, D] sums of each token's rows of Y (see combine_rows).
+Tensor combine(const Plan& plan, const Tensor& tok_S, const Tensor& Y, int64_t T) {
+  const int64_t* tok = tok_S.const_data_ptr<int64_t>();
+  const int64_t S = tok_S.size(0), D = Y.size(1);
+  std::vector<int64_t> first(T + 1, 0), pos(S);  // token t's rows: pos[first[t]:first[t + 1]]
+  for (int64_t r = 0; r < S; ++r) ++first[tok[r] + 1];
+  for (int64_t t = 0; t < T; ++t) first[t + 1] += first[t];
+  std::vector<int64_t> next(first.begin(), first.end() - 1);
+  for (const auto& part : plan.parts)  // the pieces in row order
+    for (const auto& piece : part)
+      for (int64_t r = 0; r < piece.rows; ++r) pos[next[tok[piece.start + r]]++] = piece.at + r;
+  Tensor out = workspace().take({T, D}, Y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, Y.scalar_type(), "combine_rows", [&] {
+    combine_rows<scalar_t>(first, pos, D, Y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 }  // namespace
@@ -611,19 +600,14 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   Tensor h = workspace().take({plan.rows, w_in.size(2)}, x_TD.options());
   Tensor a = workspace().take({plan.rows, F}, x_TD.options());
   Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
-  std::vector<Tensor> outs(plan.size());
-  for (auto& o : outs) o = workspace().take(x_TD.sizes(), x_TD.options());
+  Tensor y = workspace().take({plan.rows, D}, x_TD.options());  // each row's output
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
-      plan.parts, tok, outs,
-      [&] {  // per thread: x rows, output rows
-        return std::array<Tensor, 2>{workspace().take({plan.most, D}, x_TD.options()),
-                                     workspace().take({plan.most, D}, x_TD.options())};
-      },
-      [&](std::array<Tensor, 2>& bufs, int64_t p, int64_t i, bool own) {
-        const Piece& piece = plan.parts[p][i];
+      plan.parts,
+      [&] { return workspace().take({plan.most, D}, x_TD.options()); },  // per thread: x rows
+      [&](Tensor& x_buf, const Piece& piece) {
         const int64_t e = piece.expert, n = piece.rows, np = plan.padded(piece);
-        Tensor x_p = bufs[0].narrow(0, 0, np), x_e = x_p.narrow(0, 0, n);
+        Tensor x_p = x_buf.narrow(0, 0, np), x_e = x_p.narrow(0, 0, n);
         Tensor h_p = h.narrow(0, piece.at, np), a_p = a.narrow(0, piece.at, np), a_e = a_p.narrow(0, 0, n);
         gather_rows_out(x_e, x_TD, tok + piece.start);
         zero_rows_from(x_p, n);
@@ -639,11 +623,9 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
           at::mul_out(a_e, s_e, w_S.narrow(0, piece.start, n).unsqueeze(1));
         }
         zero_rows_from(a_p, n);
-        Tensor y_p = own ? bufs[1].narrow(0, 0, np) : workspace().take({np, D}, x_TD.options());
-        product(onednn, y_p, a_p, w_out.select(0, e));
-        return y_p.narrow(0, 0, n);
+        product(onednn, y.narrow(0, piece.at, np), a_p, w_out.select(0, e));
       });
-  return {add_parts(outs), h, a, s};
+  return {combine(plan, tok_S, y, x_TD.size(0)), h, a, s};
 }
 
 // Gradients {x, w_S, w_in, w_out}; an undefined tensor where ``needs`` is false.
@@ -670,11 +652,6 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     if (need_in) g_in.select(0, e).zero_();
     if (need_out) g_out.select(0, e).zero_();
   }
-  std::vector<Tensor> gxs;
-  if (need_x) {
-    gxs.resize(P);
-    for (auto& b : gxs) b = workspace().take(x_TD.sizes(), x_TD.options());
-  }
   // a part's first piece may continue an expert begun in an earlier part: its weight gradients
   // go to the part's own buffers, added to the expert's after the parallel region
   std::vector<Tensor> rest_in(P), rest_out(P);
@@ -683,28 +660,28 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     if (need_in) rest_in[p] = at::empty_like(w_in.select(0, 0));
     if (need_out) rest_out[p] = at::empty_like(w_out.select(0, 0));
   }
+  Tensor gx_rows = need_x ? workspace().take({plan.rows, D}, x_TD.options()) : Tensor();  // each row's dL/dx
   const bool need_hidden = need_x || need_w || need_in;
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
-      plan.parts, tok, gxs,
-      [&] {  // per thread: g rows, x rows (then their gradient), dL/da, dL/dh
+      plan.parts,
+      [&] {  // per thread: g rows, x rows, dL/da, dL/dh
         return std::array<Tensor, 4>{workspace().take({plan.most, D}, x_TD.options()),
                                      workspace().take({plan.most, D}, x_TD.options()),
                                      workspace().take({plan.most, F}, a.options()),
                                      workspace().take({plan.most, h.size(1)}, h.options())};
       },
-      [&](std::array<Tensor, 4>& bufs, int64_t p, int64_t i, bool own) {
-        const Piece& piece = plan.parts[p][i];
+      [&](std::array<Tensor, 4>& bufs, const Piece& piece) {
         const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = plan.padded(piece);
         const int64_t* t = tok + start;
         Tensor g_p = bufs[0].narrow(0, 0, np), ge = g_p.narrow(0, 0, n);
         gather_rows_out(ge, g_TD, t);
         zero_rows_from(g_p, n);
         if (need_out) {  // a^T g: the padding rows of a and g are zero
-          Tensor g_out_e = piece.continues ? rest_out[p] : g_out.select(0, e);
+          Tensor g_out_e = piece.continues ? rest_out[piece.part] : g_out.select(0, e);
           product(onednn, g_out_e, a.narrow(0, piece.at, np).t(), g_p);
         }
-        if (!need_hidden) return Tensor();
+        if (!need_hidden) return;
         Tensor ga_p = bufs[2].narrow(0, 0, np), ga = ga_p.narrow(0, 0, n);  // dL/d(weighted activation)
         product(onednn, ga_p, g_p, w_out.select(0, e).t());
         Tensor gh_p = bufs[3].narrow(0, 0, np), gh = gh_p.narrow(0, 0, n);
@@ -723,16 +700,13 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, piece.at, n));
         zero_rows_from(gh_p, n);
         if (need_in) {  // x^T dL/dh: the padding rows of dL/dh (and of x) are zero
-          Tensor g_in_e = piece.continues ? rest_in[p] : g_in.select(0, e);
+          Tensor g_in_e = piece.continues ? rest_in[piece.part] : g_in.select(0, e);
           Tensor x_p = bufs[1].narrow(0, 0, np);
           gather_rows_out(x_p.narrow(0, 0, n), x_TD, t);
           zero_rows_from(x_p, n);
           product(onednn, g_in_e, x_p.t(), gh_p);
         }
-        if (!need_x) return Tensor();
-        Tensor gx_p = own ? bufs[1].narrow(0, 0, np) : workspace().take({np, D}, x_TD.options());
-        product(onednn, gx_p, gh_p, w_in.select(0, e).t());
-        return gx_p.narrow(0, 0, n);
+        if (need_x) product(onednn, gx_rows.narrow(0, piece.at, np), gh_p, w_in.select(0, e).t());
       });
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = plan.continued(p);
@@ -740,7 +714,7 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
     if (need_in) g_in.select(0, e).add_(rest_in[p]);
     if (need_out) g_out.select(0, e).add_(rest_out[p]);
   }
-  Tensor gx = need_x ? add_parts(gxs) : Tensor();
+  Tensor gx = need_x ? combine(plan, tok_S, gx_rows, x_TD.size(0)) : Tensor();
   return {gx, gw, g_in, g_out};
 }
 
