@@ -224,6 +224,25 @@ void zero_rows_from(Tensor& t, int64_t n) {
   if (t.size(0) > n) t.narrow(0, n, t.size(0) - n).zero_();
 }
 
+// dst [C, R] = src [R, C]^T, both contiguous, in 16 x 16 blocks (each read and written row of a
+// block stays in L1).
+template <typename scalar_t>
+void transpose_block(int64_t R, int64_t C, const scalar_t* src, scalar_t* dst) {
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < R; r0 += kB)
+    for (int64_t c0 = 0; c0 < C; c0 += kB) {
+      const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * R + r] = src[r * C + c];
+    }
+}
+
+void transpose_out(Tensor dst, const Tensor& src) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "transpose_block", [&] {
+    transpose_block<scalar_t>(src.size(0), src.size(1), src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>());
+  });
+}
+
 // gather_rows over tensors: dst [n, D] = src[tok]. Both contiguous.
 void gather_rows_out(const Tensor& dst, const Tensor& src, const int64_t* tok) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_rows", [&] {
@@ -665,21 +684,23 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
       plan.parts,
-      [&] {  // per thread: g rows, x rows, dL/da, dL/dh
-        return std::array<Tensor, 4>{workspace().take({plan.most, D}, x_TD.options()),
+      [&] {  // per thread: g rows, x rows, dL/da, dL/dh, an expert's dL/dw_out transposed
+        return std::array<Tensor, 5>{workspace().take({plan.most, D}, x_TD.options()),
                                      workspace().take({plan.most, D}, x_TD.options()),
                                      workspace().take({plan.most, F}, a.options()),
-                                     workspace().take({plan.most, h.size(1)}, h.options())};
+                                     workspace().take({plan.most, h.size(1)}, h.options()),
+                                     workspace().take({need_out ? D : 0, F}, w_out.options())};
       },
-      [&](std::array<Tensor, 4>& bufs, const Piece& piece) {
+      [&](std::array<Tensor, 5>& bufs, const Piece& piece) {
         const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = plan.padded(piece);
         const int64_t* t = tok + start;
         Tensor g_p = bufs[0].narrow(0, 0, np), ge = g_p.narrow(0, 0, n);
         gather_rows_out(ge, g_TD, t);
         zero_rows_from(g_p, n);
-        if (need_out) {  // a^T g: the padding rows of a and g are zero
-          Tensor g_out_e = piece.continues ? rest_out[piece.part] : g_out.select(0, e);
-          product(onednn, g_out_e, a.narrow(0, piece.at, np).t(), g_p);
+        if (need_out) {  // (g^T a)^T: the padding rows of a and g are zero
+          // as a^T g, with F rows (128) against D (512) columns, this product runs ~20% slower
+          product(onednn, bufs[4], g_p.t(), a.narrow(0, piece.at, np));
+          transpose_out(piece.continues ? rest_out[piece.part] : g_out.select(0, e), bufs[4]);
         }
         if (!need_hidden) return;
         Tensor ga_p = bufs[2].narrow(0, 0, np), ga = ga_p.narrow(0, 0, n);  // dL/d(weighted activation)
