@@ -24,6 +24,14 @@ round (the MoE and the dense layer timed next to each other), ``moe_over_dense_p
 median), and ``moe_over_dense_ci95``, a 95% bootstrap interval of ``moe_over_dense`` (the rounds
 resampled as pairs).
 
+A layer's time also depends on how the process's memory allocator serves it: a step whose large
+tensors come from fresh pages pays the OS to zero-fill them (on the 2-core CPU: ~70,000 minor
+faults and ~70 ms a step for the fine-grained dense layer, a third of its time). The MoE kernel
+reuses its own buffers; the dense layer's tensors come from glibc's malloc, which serves them
+without faults once the process's heap has grown (after the first rounds of the other variants
+here). ``faults_per_step`` gives each side's median, so that a run where either paid for fresh
+memory shows as such.
+
 Prints a table to stderr and one JSON line last on stdout.
 """
 
@@ -134,8 +142,20 @@ def make_loop(moe: MoE):
     return run, [w_r, w_in, w_out]
 
 
-def time_variants(variants: dict[str, tuple[Callable, list]], x, g, repeats: int, device) -> dict[str, list[float]]:
-    """Seconds of forward + backward per variant, one per round, the variants interleaved."""
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_variants(
+    variants: dict[str, tuple[Callable, list]], x, g, repeats: int, device, faults: dict[str, list[int]] | None = None
+) -> dict[str, list[float]]:
+    """Seconds of forward + backward per variant, one per round, the variants interleaved; with
+    ``faults``, also each round's minor page faults per variant."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(repeats + 1):  # first round is warm-up
         for name, (fn, params) in variants.items():
@@ -143,6 +163,7 @@ def time_variants(variants: dict[str, tuple[Callable, list]], x, g, repeats: int
                 p.grad = None
             xx = x.detach().requires_grad_()
             sync(device)
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             y = fn(xx)
             if isinstance(y, tuple):
@@ -151,6 +172,8 @@ def time_variants(variants: dict[str, tuple[Callable, list]], x, g, repeats: int
             sync(device)
             if rep:
                 times[name].append(time.perf_counter() - t0)
+                if faults is not None:
+                    faults.setdefault(name, []).append(_minor_faults() - f0)
     return times
 
 
@@ -226,7 +249,8 @@ def main(argv=None) -> int:
             variants["hf_grouped_mm"] = make_hf(moe, "grouped_mm", device, dtype)
         else:
             variants["loop"] = make_loop(moe)
-        times = time_variants(variants, x, g, args.repeats, device)
+        faults: dict[str, list[int]] = {}
+        times = time_variants(variants, x, g, args.repeats, device, faults)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         torch_dense = min(("dense_fused", "dense_split"), key=med.__getitem__)
         dense = min((n for n in med if n.startswith("dense_")), key=med.__getitem__)  # the fastest dense
@@ -242,6 +266,9 @@ def main(argv=None) -> int:
             "moe_over_dense_ci95": [round(ci[0], 3), round(ci[1], 3)],
             "moe_over_dense_torch": round(med["moe"] / med[torch_dense], 3),
             "dense_variant": dense,
+            # minor page faults per step (median): fresh memory the OS zero-fills, which costs
+            # time apart from the layer's own work (see the module docstring)
+            "faults_per_step": {n: int(statistics.median(faults[n])) for n in ("moe", dense)},
         }
         if have_hf:
             row["hf_eager_over_moe"] = round(med["hf_eager"] / med["moe"], 3)

@@ -64,6 +64,27 @@ def test_moe_layer_json(capsys):
     lo, hi = row["moe_over_dense_ci95"]
     assert 0 < lo <= hi and row["moe_over_dense_paired"] > 0
     assert row["loop_over_moe"] > 0 and row["moe_loop_s"] > 0
+    assert set(row["faults_per_step"]) == {"moe", row["dense_variant"]}
+    assert all(isinstance(n, int) and n >= 0 for n in row["faults_per_step"].values())
+
+
+def test_page_faults_are_counted(monkeypatch):
+    """time_variants charges each variant the page faults its own steps caused."""
+    bench = _load("moe_layer")
+    counter = iter(range(0, 1000, 10))  # every reading 10 faults later than the one before
+    monkeypatch.setattr(bench, "_minor_faults", lambda: next(counter))
+    faults: dict = {}
+    fn = (lambda x: (x * 2).sum(), [])
+    bench.time_variants({"a": fn, "b": fn}, torch.ones(3), torch.ones(()), 2, torch.device("cpu"), faults)
+    assert faults == {"a": [10, 10], "b": [10, 10]}  # the warm-up round not counted
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="minor faults are counted on Linux")
+def test_minor_faults_count_fresh_memory():
+    bench = _load("moe_layer")
+    before = bench._minor_faults()
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB of fresh pages, written
+    assert bench._minor_faults() - before >= 1000 and int(block[-1]) == 1
 
 
 def test_moe_layer_bf16(capsys):
