@@ -84,7 +84,7 @@ def test_minor_faults_count_fresh_memory():
     bench = _load("moe_layer")
     before = bench._minor_faults()
     block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB of fresh pages, written
-    assert bench._minor_faults() - before >= 1000 and int(block[-1]) == 1
+    assert bench._minor_faults() - before >= 16 and int(block[-1]) == 1  # 16 000 pages of 4 KiB, 32 huge ones
 
 
 def test_moe_layer_bf16(capsys):
