@@ -12,7 +12,10 @@ variable, read once):
 
   auto     oneDNN on x86-64 where torch has it, else ATen (the default)
   aten     torch's own matmul (MKL or whatever BLAS torch was built with)
-  onednn   torch's oneDNN linear op (``mkldnn::_linear_pointwise``); an error where torch lacks it
+  onednn   oneDNN, an error where torch lacks it: its matmul primitive through the compiled
+           kernels (sparseroute.moe.cpu_kernels) where they are built and it runs on the CPU
+           (float32 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT), else torch's oneDNN linear op
+           (``mkldnn::_linear_pointwise``), which copies a transposed left operand first
 
 oneDNN takes float32 CPU tensors here; other dtypes and devices, products under a Python dispatch
 mode (FlopCounterMode, torch.compile's fake tensors), and products with fewer than
