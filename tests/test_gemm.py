@@ -231,3 +231,22 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat():
     # the row-wise products have 32k rows (33, 47 -> 64; 70 -> 96), as have the weight gradients' sums
     assert set(rows) == set(grads) == {64, 96}
     assert len(grads) == 2 * 3
+
+
+def test_the_kernels_onednn_matmul_checks_its_arguments():
+    from sparseroute.moe import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if kernels is None or not kernels.onednn_usable():
+        pytest.skip("oneDNN's matmul is not reachable here")
+    a, b = torch.randn(8, 5), torch.randn(5, 6)
+    out = torch.empty(8, 6)
+    kernels.onednn_mm(a.t().contiguous().t(), b, out)  # a transposed-dense operand is fine
+    assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        kernels.onednn_mm(a, b, torch.empty(8, 5))
+    with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
+        kernels.onednn_mm(a.double(), b.double(), out.double())
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        kernels.onednn_mm(a, b, torch.empty(6, 8).t())
+
