@@ -25,12 +25,12 @@ median), and ``moe_over_dense_ci95``, a 95% bootstrap interval of ``moe_over_den
 resampled as pairs).
 
 A layer's time also depends on how the process's memory allocator serves it: a step whose large
-tensors come from fresh pages pays the OS to zero-fill them (on the 2-core CPU: ~70,000 minor
-faults and ~70 ms a step for the fine-grained dense layer, a third of its time). The MoE kernel
-reuses its own buffers; the dense layer's tensors come from glibc's malloc, which serves them
-without faults once the process's heap has grown (after the first rounds of the other variants
-here). ``faults_per_step`` gives each side's median, so that a run where either paid for fresh
-memory shows as such.
+tensors come from fresh pages pays the OS to zero-fill them (~1 ms per 1,000 minor faults on
+the 2-core CPU). The MoE kernel reuses its own buffers; the dense layer's tensors come from
+glibc's malloc, which serves them from its heap or maps fresh pages depending on what the
+process allocated before (in a full run here the fine-grained dense layer maps ~64 MB a step;
+in a process that runs only the two layers, ~270 MB, a third of its time). ``faults_per_step``
+gives each side's median, so that a run where either paid for fresh memory shows as such.
 
 Prints a table to stderr and one JSON line last on stdout.
 """

@@ -26,7 +26,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "vector_math.h"
 
@@ -40,7 +39,6 @@
 #include <mutex>
 #include <thread>
 #include <tuple>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -128,16 +126,10 @@ SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward(int64_t n, int64_t F, co
 constexpr int64_t kPrefetchAhead = 4;
 
 template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t D, bool for_write) {
+inline void prefetch_row(const scalar_t* row, int64_t D) {
   const char* p = reinterpret_cast<const char*>(row);
   const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t b = 0; b < bytes; b += 64) {
-    if (for_write) {
-      __builtin_prefetch(p + b, 1, 3);
-    } else {
-      __builtin_prefetch(p + b, 0, 3);
-    }
-  }
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
 }
 
 // dst[r] = src[tok[r]] for n rows of D values: index_select over rows, without its per-call
@@ -145,7 +137,7 @@ inline void prefetch_row(const scalar_t* row, int64_t D, bool for_write) {
 template <typename scalar_t>
 SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* tok, const scalar_t* src, scalar_t* dst) {
   for (int64_t r = 0; r < n; ++r) {
-    if (r + kPrefetchAhead < n) prefetch_row(src + tok[r + kPrefetchAhead] * D, D, false);
+    if (r + kPrefetchAhead < n) prefetch_row(src + tok[r + kPrefetchAhead] * D, D);
     const scalar_t* from = src + tok[r] * D;
     scalar_t* to = dst + r * D;
 #pragma omp simd
@@ -177,7 +169,7 @@ namespace {
 // backend's code from sparseroute.gemm.kernel_code (0 ATen, 1 oneDNN). See sparseroute/gemm.py
 // for why: on some CPUs MKL runs its AVX2 code where oneDNN runs AVX-512. On oneDNN the products
 // call its matmul directly: it takes transposed operands as they are (the weight gradients'
-// x^T and a^T need no copy) and writes into the kernel's buffers. oneDNN takes float32 only, and
+// x^T and g^T need no copy) and writes into the kernel's buffers. oneDNN takes float32 only, and
 // a call whose D or F is below kMinDim (sparseroute.gemm.MIN_DIM) stays on ATen.
 constexpr int64_t kMinDim = 4;
 
@@ -252,7 +244,6 @@ void gather_rows_out(const Tensor& dst, const Tensor& src, const int64_t* tok) {
     gather_rows<scalar_t>(dst.size(0), src.size(1), tok, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>());
   });
 }
-
 
 // Memory for a pool block. Blocks of 2 MiB and more are aligned to 2 MiB and marked for
 // transparent huge pages (where the OS grants them on request, as with THP "madvise"): the
@@ -587,7 +578,7 @@ void combine_rows(const std::vector<int64_t>& first, const std::vector<int64_t>&
     std::vector<acc_t> acc(D);
     for (int64_t t = begin; t < end; ++t) {
       if (t + 2 < end)
-        for (int64_t q = first[t + 2]; q < first[t + 3]; ++q) prefetch_row(Y + pos[q] * D, D, false);
+        for (int64_t q = first[t + 2]; q < first[t + 3]; ++q) prefetch_row(Y + pos[q] * D, D);
       scalar_t* o = out + t * D;
       const int64_t lo = first[t], hi = first[t + 1];
       if (lo == hi) {
