@@ -25,12 +25,18 @@ median), and ``moe_over_dense_ci95``, a 95% bootstrap interval of ``moe_over_den
 resampled as pairs).
 
 A layer's time also depends on how the process's memory allocator serves it: a step whose large
-tensors come from fresh pages pays the OS to zero-fill them (~1 ms per 1,000 minor faults on
-the 2-core CPU). The MoE kernel reuses its own buffers; the dense layer's tensors come from
-glibc's malloc, which serves them from its heap or maps fresh pages depending on what the
-process allocated before (in a full run here the fine-grained dense layer maps ~64 MB a step;
-in a process that runs only the two layers, ~270 MB, a third of its time). ``faults_per_step``
-gives each side's median, so that a run where either paid for fresh memory shows as such.
+tensors come from fresh pages pays the OS to zero-fill them (~1 ms per 1,000 minor faults on the
+2-core CPU). The MoE kernel reuses its own buffers; the dense layer's tensors come from glibc's
+malloc, which by default maps fresh pages for every block of 32 MiB and more (the dense layer's
+[T, k·F] activations at both shapes) and unmaps them when they are freed: in a run with glibc's
+defaults the dense layer pays for 64 MB (fine-grained) to 320 MB (coarse) of fresh pages a step,
+and the MoE for none. So that the comparison measures the layers and not the allocator, the
+benchmark first tells glibc to keep freed memory for reuse (``mallopt``: blocks under 1 GiB from
+its heap, the heap never trimmed), as a CPU training job does when it runs on jemalloc or
+tcmalloc. ``--system-malloc`` keeps glibc's defaults. The JSON says which (``malloc``:
+``retain`` or ``system``; ``system`` also where the C library is not glibc), and
+``faults_per_step`` gives each side's median minor page faults, so that a run where either side
+paid for fresh memory shows as such.
 
 Prints a table to stderr and one JSON line last on stdout.
 """
@@ -38,7 +44,9 @@ Prints a table to stderr and one JSON line last on stdout.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import platform
 import statistics
 import sys
 import time
@@ -151,6 +159,20 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _retain_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse: blocks under 1 GiB from its heap
+    instead of fresh mappings, and the heap's free top never given back to the OS. True when it
+    took; False on another C library, which keeps its own policy."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+    return mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
 def time_variants(
     variants: dict[str, tuple[Callable, list]], x, g, repeats: int, device, faults: dict[str, list[int]] | None = None
 ) -> dict[str, list[float]]:
@@ -192,6 +214,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers even if installed")
     ap.add_argument("--shape", action="append", metavar="E,k,F", help="shape(s) to run (default: 8,2,1024 and 64,8,128)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--system-malloc", action="store_true",
+        help="keep glibc's default malloc, which maps fresh pages for the dense layer's large tensors at "
+        "every step (see above)",
+    )
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -209,6 +236,7 @@ def main(argv=None) -> int:
     if device.type != "cpu" and "parallel" in args.dispatch:
         ap.error("--dispatch parallel is the CPU kernel; it cannot run on " + device.type)
     dtype = DTYPES[args.dtype]
+    malloc = "system" if args.system_malloc or not _retain_freed_memory() else "retain"
     # whether the MoE's products run on oneDNN here (then the dense layer gets oneDNN variants)
     onednn = gemm.uses_onednn(torch.empty(0, device=device, dtype=dtype))
     torch.manual_seed(args.seed)
@@ -293,6 +321,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "gemm": "onednn" if onednn else "aten",
         "threads": torch.get_num_threads(),
+        "malloc": malloc,
         "shapes": rows,
     }
     print(json.dumps(out))
