@@ -193,26 +193,38 @@ def test_kernel_rejects_inconsistent_layouts():
         kernels.mlp_backward(torch.randn(4, 2), x, w_S, w_in, w_out, tok_S, [2, 2], h, a, s, 1, [True] * 4, 2, 0)
 
 
+def _swiglu_activations(kernels, gate: torch.Tensor, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's weighted SwiGLU activations a of one row with this gate, up = 1 and routing
+    weight 1, as the backward recomputes them: w_out's gradient for an output gradient of 1 is
+    a^T · 1 = a (one row, on ATen: no padding rows). Also the forward's saved a and s."""
+    F = gate.numel()
+    w_in = torch.cat([gate, torch.ones(F)]).reshape(1, 1, 2 * F)
+    x, w_S, tok_S, w_out = torch.ones(1, 1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.zeros(1, F, 1)
+    _, h, a, s = kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [1], 0, 1, 0)
+    g_out = kernels.mlp_backward(torch.ones(1, 1), x, w_S, w_in, w_out, tok_S, [1], h, a, s, 0, needs, 1, 0)[3]
+    return g_out[0, :, 0], a, s
+
+
 def test_kernel_swiglu_sigmoid_matches_torch():
     """The SwiGLU pass computes sigmoid(gate) itself (a vectorisable exp): with up = 1 and routing
     weight 1 the weighted activation is gate * sigmoid(gate), within 3 ulp of torch's where that
-    is not vanishingly small, about 0 below, NaN kept; and it is not kept for the backward."""
+    is not vanishingly small, about 0 below, NaN kept. Neither it nor the sigmoid is kept for the
+    backward, which recomputes the activations: alone (only w_out's gradient asked for) or in
+    the pass that computes dL/dh, to the same bits."""
     kernels = cpu_kernels.load()
     gate = torch.cat([torch.linspace(-100, 100, 40001), torch.tensor([0.0, -0.0, float("inf"), 1e-30])])
-    F = gate.numel()
-    w_in = torch.cat([gate, torch.ones(F)]).reshape(1, 1, 2 * F)
-    x, w_S, tok_S = torch.ones(1, 1), torch.ones(1), torch.zeros(1, dtype=torch.long)
-    _, _, a, s = kernels.mlp_forward(x, w_S, w_in, torch.zeros(1, F, 1), tok_S, [1], 0, 1, 0)
-    assert s.numel() == 0
+    a, saved_a, s = _swiglu_activations(kernels, gate, [False, False, False, True])
+    assert saved_a.numel() == 0 and s.numel() == 0
+    fused, _, _ = _swiglu_activations(kernels, gate, [True, True, True, True])
+    assert torch.equal(a.view(torch.int32), fused.view(torch.int32))
     ref = gate * torch.sigmoid(gate)
     big = (gate.abs() > 1e-20) & gate.isfinite() & (gate > -80)
-    ulps = (a[0].view(torch.int32) - ref.view(torch.int32)).abs()
+    ulps = (a.view(torch.int32) - ref.view(torch.int32)).abs()
     assert int(ulps[big].max()) <= 3
-    assert float(a[0][gate <= -80].abs().max()) < 1e-30
-    assert float(a[0][gate == float("inf")]) == float("inf") and float(a[0][gate == 0].abs().max()) == 0.0
-    nan = torch.tensor([float("nan")])
-    _, _, a, _ = kernels.mlp_forward(x, w_S, torch.cat([nan, nan]).reshape(1, 1, 2), torch.zeros(1, 1, 1), tok_S, [1], 0, 1, 0)
-    assert a.isnan().all()
+    assert float(a[gate <= -80].abs().max()) < 1e-30
+    assert float(a[gate == float("inf")]) == float("inf") and float(a[gate == 0].abs().max()) == 0.0
+    for needs in ([False, False, False, True], [True, True, True, True]):
+        assert _swiglu_activations(kernels, torch.tensor([float("nan")]), needs)[0].isnan().all()
 
 
 @pytest.fixture
@@ -237,18 +249,18 @@ def test_workspace_reuses_a_buffer_only_once_nothing_uses_it(workspace):
     """The kernel's buffers come back for a later call only after every tensor on them (the
     returned one, a view of it) is gone; results never depend on the reuse."""
     kernels = cpu_kernels.load()
-    out, h, a, _ = _kernel_forward(kernels)
-    first = {t.data_ptr() for t in (out, h, a)}
+    out, h, _, _ = _kernel_forward(kernels)  # SwiGLU: no saved activations besides h
+    first = {t.data_ptr() for t in (out, h)}
     h_first = h.clone()
-    out2, h2, a2, _ = _kernel_forward(kernels)  # out, h and a alive: none of their buffers
-    assert first.isdisjoint({t.data_ptr() for t in (out2, h2, a2)})
+    out2, h2, _, _ = _kernel_forward(kernels)  # out and h alive: neither of their buffers
+    assert first.isdisjoint({t.data_ptr() for t in (out2, h2)})
     assert torch.equal(h2, h_first) and torch.equal(out2, out)
     view, h_ptr = h[3:], h.data_ptr()
-    del out, h, a, out2, h2, a2
-    _, h3, a3, _ = _kernel_forward(kernels, seed=1)  # h's buffer is held by the view
-    assert h_ptr not in {h3.data_ptr(), a3.data_ptr()}
+    del out, h, out2, h2
+    out3, h3, _, _ = _kernel_forward(kernels, seed=1)  # h's buffer is held by the view
+    assert h_ptr not in {out3.data_ptr(), h3.data_ptr()}
     assert torch.equal(view, h_first[3:])  # the data under the view is untouched
-    del view, h3, a3
+    del view, out3, h3
     _kernel_forward(kernels)  # settle: everything is free again
     kept = cpu_kernels.workspace_state()
     for seed in range(3):  # nothing held between calls: every buffer is a reused one
@@ -267,13 +279,13 @@ def test_workspace_buffers_have_one_owner_and_come_back_when_it_dies(workspace):
     kernels = cpu_kernels.load()
     cpu_kernels.set_workspace_limits(0, 0)  # an empty pool: no other free block of h's size
     cpu_kernels.set_workspace_limits(64, 1 << 30)
-    out, h, a, _ = _kernel_forward(kernels)
+    out, h, _, _ = _kernel_forward(kernels)
     assert _owners(out) == _owners(h) == _owners(torch.empty(3))
     ptr, before = h.data_ptr(), cpu_kernels.workspace_state()
     del h
     after = cpu_kernels.workspace_state()
     assert after["kept"] == before["kept"] + 1 and after["kept_bytes"] > before["kept_bytes"]
-    del out, a
+    del out
     _, h2, _, _ = _kernel_forward(kernels, seed=1)
     assert h2.data_ptr() == ptr
 

@@ -97,13 +97,15 @@ SPARSEROUTE_VECTOR_CLONES void weighted_swiglu(int64_t n, int64_t F, const scala
 
 // Its backward, in one pass: from ga = dL/da, gh = [dL/dgate | dL/dup] (row stride 2F) and, when
 // gw is not null, gw[r] = dL/dw[r] = sum_f ga * silu(gate) * up. silu'(x) = s (1 + x (1 - s)).
-template <typename scalar_t>
-SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward(int64_t n, int64_t F, const scalar_t* ga, const scalar_t* h,
-                                                        const scalar_t* w, scalar_t* gh, scalar_t* gw) {
+// With kActivations it also writes the weighted activations a (as weighted_swiglu does, from the
+// same sigmoid), which the forward does not save.
+template <typename scalar_t, bool kActivations>
+SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward_rows(int64_t n, int64_t F, const scalar_t* ga, const scalar_t* h,
+                                                             const scalar_t* w, scalar_t* gh, scalar_t* gw, scalar_t* a) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t *gate = h + r * 2 * F, *up = gate + F, *g = ga + r * F;
-    scalar_t *g_gate = gh + r * 2 * F, *g_up = g_gate + F;
+    scalar_t *g_gate = gh + r * 2 * F, *g_up = g_gate + F, *out = kActivations ? a + r * F : nullptr;
     const acc_t wr = static_cast<acc_t>(w[r]);
     acc_t dw = 0;
 #pragma omp simd reduction(+ : dw)
@@ -114,8 +116,20 @@ SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward(int64_t n, int64_t F, co
       dw += g_silu * u;
       g_up[f] = static_cast<scalar_t>(g_silu * wr);
       g_gate[f] = static_cast<scalar_t>(gr * wr * u * s * (acc_t(1) + x * (acc_t(1) - s)));
+      if constexpr (kActivations) out[f] = static_cast<scalar_t>(x * s * u * wr);
     }
     if (gw != nullptr) gw[r] = static_cast<scalar_t>(dw);
+  }
+}
+
+// a may be null (then only dL/dh and dL/dw).
+template <typename scalar_t>
+void weighted_swiglu_backward(int64_t n, int64_t F, const scalar_t* ga, const scalar_t* h, const scalar_t* w,
+                              scalar_t* gh, scalar_t* gw, scalar_t* a) {
+  if (a != nullptr) {
+    weighted_swiglu_backward_rows<scalar_t, true>(n, F, ga, h, w, gh, gw, a);
+  } else {
+    weighted_swiglu_backward_rows<scalar_t, false>(n, F, ga, h, w, gh, gw, a);
   }
 }
 
@@ -208,7 +222,7 @@ void product(bool onednn, Tensor out, const Tensor& A, const Tensor& B) {
 // expert's products: built afresh at every step, they would cost more than they compute (~85 ms
 // a step of the `tiny` MoE LM). So on oneDNN the kernel rounds the rows of each piece up to a
 // multiple of kRowBlock, with zero rows below, which bounds the shapes to a few per product:
-// the saved activations h, a (and s) hold each piece's rows padded so (Plan::at), the padding
+// the saved activations h (a and s) hold each piece's rows padded so (Plan::at), the padding
 // rows' outputs are dropped, and they add nothing to the weight gradients (sums over the rows).
 constexpr int64_t kRowBlock = 32;
 
@@ -621,7 +635,9 @@ Tensor combine(const Plan& plan, const Tensor& tok_S, const Tensor& Y, int64_t T
 }  // namespace
 
 // Returns {out_TD, h_SH (pre-activations: [gate | up] for SwiGLU, H = 2F; else H = F), a_SF
-// (weighted activations), s_SF (act(h) for the non-gated activations; empty for SwiGLU)}. On
+// (weighted activations; empty for SwiGLU, whose backward recomputes them from h in the pass
+// that computes dL/dh: the forward then writes them only to a per-thread scratch, and saves a
+// third less), s_SF (act(h) for the non-gated activations; empty for SwiGLU)}. On
 // oneDNN the saved activations have each piece's padding rows too (see kRowBlock), so more than
 // S rows; only mlp_backward, with the same counts, threads and backend code, reads them.
 std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Tensor& w_in, const Tensor& w_out,
@@ -632,17 +648,21 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   const bool onednn = on_onednn(gemm, x_TD, F);
   const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads, /*pad=*/onednn);
   Tensor h = workspace().take({plan.rows, w_in.size(2)}, x_TD.options());
-  Tensor a = workspace().take({plan.rows, F}, x_TD.options());
+  Tensor a = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
   Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
   Tensor y = workspace().take({plan.rows, D}, x_TD.options());  // each row's output
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
       plan.parts,
-      [&] { return workspace().take({plan.most, D}, x_TD.options()); },  // per thread: x rows
-      [&](Tensor& x_buf, const Piece& piece) {
+      [&] {  // per thread: x rows, the weighted activations (SwiGLU)
+        return std::array<Tensor, 2>{workspace().take({plan.most, D}, x_TD.options()),
+                                     workspace().take({act == kSwiGLU ? plan.most : 0, F}, x_TD.options())};
+      },
+      [&](std::array<Tensor, 2>& bufs, const Piece& piece) {
         const int64_t e = piece.expert, n = piece.rows, np = plan.padded(piece);
-        Tensor x_p = x_buf.narrow(0, 0, np), x_e = x_p.narrow(0, 0, n);
-        Tensor h_p = h.narrow(0, piece.at, np), a_p = a.narrow(0, piece.at, np), a_e = a_p.narrow(0, 0, n);
+        Tensor x_p = bufs[0].narrow(0, 0, np), x_e = x_p.narrow(0, 0, n);
+        Tensor h_p = h.narrow(0, piece.at, np);
+        Tensor a_p = act == kSwiGLU ? bufs[1].narrow(0, 0, np) : a.narrow(0, piece.at, np), a_e = a_p.narrow(0, 0, n);
         gather_rows_out(x_e, x_TD, tok + piece.start);
         zero_rows_from(x_p, n);
         product(onednn, h_p, x_p, w_in.select(0, e));
@@ -673,8 +693,8 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads, /*pad=*/onednn);
   TORCH_CHECK(g_TD.sizes() == x_TD.sizes() && g_TD.scalar_type() == x_TD.scalar_type() && g_TD.is_contiguous(),
               "expert_parallel: the output gradient must be a contiguous tensor of x's shape and dtype");
-  TORCH_CHECK(h.size(0) == plan.rows && a.size(0) == plan.rows && (act == kSwiGLU || s.size(0) == plan.rows),
-              "expert_parallel: the saved activations have ", a.size(0), " rows where this call's plan has ",
+  TORCH_CHECK(h.size(0) == plan.rows && (act == kSwiGLU || (a.size(0) == plan.rows && s.size(0) == plan.rows)),
+              "expert_parallel: the saved activations have ", h.size(0), " rows where this call's plan has ",
               plan.rows, " (the backward must use the forward's backend code)");
   const int64_t P = plan.size();
   const bool need_x = needs[0], need_w = needs[1], need_in = needs[2], need_out = needs[3];
@@ -700,39 +720,53 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   run_parts(
       plan.parts,
       [&] {  // per thread: g rows, x rows, dL/da, dL/dh, an expert's dL/dw_out transposed
-        return std::array<Tensor, 5>{workspace().take({plan.most, D}, x_TD.options()),
+        return std::array<Tensor, 6>{workspace().take({plan.most, D}, x_TD.options()),
                                      workspace().take({plan.most, D}, x_TD.options()),
-                                     workspace().take({plan.most, F}, a.options()),
+                                     workspace().take({plan.most, F}, h.options()),
                                      workspace().take({plan.most, h.size(1)}, h.options()),
-                                     workspace().take({need_out ? D : 0, F}, w_out.options())};
+                                     workspace().take({need_out ? D : 0, F}, w_out.options()),
+                                     workspace().take({act == kSwiGLU && need_out ? plan.most : 0, F}, h.options())};
       },
-      [&](std::array<Tensor, 5>& bufs, const Piece& piece) {
+      [&](std::array<Tensor, 6>& bufs, const Piece& piece) {
         const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = plan.padded(piece);
         const int64_t* t = tok + start;
         Tensor g_p = bufs[0].narrow(0, 0, np), ge = g_p.narrow(0, 0, n);
         gather_rows_out(ge, g_TD, t);
         zero_rows_from(g_p, n);
+        // the piece's weighted activations: saved, or for SwiGLU recomputed from h (with dL/dh
+        // when that is needed, in the same pass)
+        const bool recompute = act == kSwiGLU && need_out;
+        Tensor a_p = act == kSwiGLU ? bufs[5].narrow(0, 0, recompute ? np : 0) : a.narrow(0, piece.at, np);
+        Tensor ga_p = bufs[2].narrow(0, 0, np), ga = ga_p.narrow(0, 0, n);  // dL/d(weighted activation)
+        Tensor gh_p = bufs[3].narrow(0, 0, np), gh = gh_p.narrow(0, 0, n);
+        if (need_hidden) {
+          product(onednn, ga_p, g_p, w_out.select(0, e).t());
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
+            scalar_t* gw_e = need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr;
+            const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
+            if (act == kSwiGLU) {
+              weighted_swiglu_backward<scalar_t>(n, F, ga.const_data_ptr<scalar_t>(),
+                                                 h.const_data_ptr<scalar_t>() + piece.at * 2 * F, w_e,
+                                                 gh.mutable_data_ptr<scalar_t>(), gw_e,
+                                                 recompute ? a_p.mutable_data_ptr<scalar_t>() : nullptr);
+            } else {
+              scaled_rows_backward<scalar_t>(n, F, ga.mutable_data_ptr<scalar_t>(),
+                                             s.const_data_ptr<scalar_t>() + piece.at * F, w_e, gw_e);
+            }
+          });
+        } else if (recompute) {
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
+            weighted_swiglu<scalar_t>(n, F, h.const_data_ptr<scalar_t>() + piece.at * 2 * F,
+                                      w_S.const_data_ptr<scalar_t>() + start, a_p.mutable_data_ptr<scalar_t>());
+          });
+        }
         if (need_out) {  // (g^T a)^T: the padding rows of a and g are zero
+          if (recompute) zero_rows_from(a_p, n);
           // as a^T g, with F rows (128) against D (512) columns, this product runs ~20% slower
-          product(onednn, bufs[4], g_p.t(), a.narrow(0, piece.at, np));
+          product(onednn, bufs[4], g_p.t(), a_p);
           transpose_out(piece.continues ? rest_out[piece.part] : g_out.select(0, e), bufs[4]);
         }
         if (!need_hidden) return;
-        Tensor ga_p = bufs[2].narrow(0, 0, np), ga = ga_p.narrow(0, 0, n);  // dL/d(weighted activation)
-        product(onednn, ga_p, g_p, w_out.select(0, e).t());
-        Tensor gh_p = bufs[3].narrow(0, 0, np), gh = gh_p.narrow(0, 0, n);
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
-          scalar_t* gw_e = need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr;
-          const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
-          if (act == kSwiGLU) {
-            weighted_swiglu_backward<scalar_t>(n, F, ga.const_data_ptr<scalar_t>(),
-                                               h.const_data_ptr<scalar_t>() + piece.at * 2 * F, w_e,
-                                               gh.mutable_data_ptr<scalar_t>(), gw_e);
-          } else {
-            scaled_rows_backward<scalar_t>(n, F, ga.mutable_data_ptr<scalar_t>(),
-                                           s.const_data_ptr<scalar_t>() + piece.at * F, w_e, gw_e);
-          }
-        });
         if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, piece.at, n));
         zero_rows_from(gh_p, n);
         if (need_in) {  // x^T dL/dh: the padding rows of dL/dh (and of x) are zero
