@@ -29,14 +29,14 @@ tensors come from fresh pages pays the OS to zero-fill them (~1 ms per 1,000 min
 2-core CPU). The MoE kernel reuses its own buffers; the dense layer's tensors come from glibc's
 malloc, which by default maps fresh pages for every block of 32 MiB and more (the dense layer's
 [T, k·F] activations at both shapes) and unmaps them when they are freed: in a run with glibc's
-defaults the dense layer pays for 64 MB (fine-grained) to 320 MB (coarse) of fresh pages a step,
-and the MoE for none. So that the comparison measures the layers and not the allocator, the
-benchmark first tells glibc to keep freed memory for reuse (``mallopt``: blocks under 1 GiB from
-its heap, the heap never trimmed), as a CPU training job does when it runs on jemalloc or
-tcmalloc. ``--system-malloc`` keeps glibc's defaults. The JSON says which (``malloc``:
-``retain`` or ``system``; ``system`` also where the C library is not glibc), and
-``faults_per_step`` gives each side's median minor page faults, so that a run where either side
-paid for fresh memory shows as such.
+defaults the dense layer pays for 64 MB (fine-grained) and 320–450 MB (coarse) of fresh pages a
+step, and the MoE for none. So that the comparison measures the layers and not the allocator,
+the benchmark first tells glibc to keep freed memory for reuse (``mallopt``: blocks under 1 GiB
+from its heap, the heap never trimmed), much as the allocators often used for CPU training
+(jemalloc, tcmalloc) do by design. ``--system-malloc`` keeps glibc's defaults. The JSON says
+which (``malloc``: ``retain`` or ``system``; ``system`` also where the C library is not glibc),
+and ``faults_per_step`` gives each side's median minor page faults, so that a run where either
+side paid for fresh memory shows as such.
 
 Prints a table to stderr and one JSON line last on stdout.
 """
