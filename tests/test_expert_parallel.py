@@ -330,3 +330,27 @@ def test_workspace_limits_are_checked_and_kept(workspace):
     state = cpu_kernels.workspace_state()
     assert state["slots"] == 1 and state["max_bytes"] == 1 << 20 and state["kept"] <= 1
     assert state["kept_bytes"] <= 1 << 20
+
+
+def test_per_token_sums_in_runs_and_row_by_row_agree():
+    """The per-token sums read each piece's rows in runs when the rows are in token order (as the
+    sort leaves them), else row by row; a token's rows are added in piece order either way, so
+    reversing each expert's rows (which sends the sums down the row-by-row path) changes no bit
+    of the output or of x's gradient. A token no expert took gets zeros."""
+    kernels = cpu_kernels.load()
+    torch.manual_seed(3)
+    T, D, E, F, n = 700, 24, 4, 8, 300  # blocks of 1 MiB / (24 · 4 B) tokens: several per thread
+    x, g = torch.randn(T, D), torch.randn(T, D)
+    w_in, w_out = torch.randn(E, D, 2 * F), torch.randn(E, F, D)
+    toks = [torch.randperm(T - 1)[:n].sort().values for _ in range(E)]  # token T - 1: no rows
+    results = []
+    for order in (lambda t: t, lambda t: t.flip(0)):
+        tok_S = torch.cat([order(t) for t in toks])
+        w_S = torch.cat([order(t.float() / T) for t in toks])
+        out, h, a, s = kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, [n] * E, 0, 2, 0)
+        gx = kernels.mlp_backward(g, x, w_S, w_in, w_out, tok_S, [n] * E, h, a, s, 0, [True, False, False, False], 2, 0)[0]
+        results.append((out, gx))
+    (out, gx), (out_rows, gx_rows) = results
+    assert torch.equal(out, out_rows) and torch.equal(gx, gx_rows)
+    assert torch.equal(out[-1], torch.zeros(D)) and torch.equal(gx[-1], torch.zeros(D))
+    assert out[:-1].abs().sum(dim=1).gt(0).any()
