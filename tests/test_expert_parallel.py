@@ -333,10 +333,10 @@ def test_workspace_limits_are_checked_and_kept(workspace):
 
 
 def test_per_token_sums_in_runs_and_row_by_row_agree():
-    """The per-token sums read each piece's rows in runs when the rows are in token order (as the
-    sort leaves them), else row by row; a token's rows are added in piece order either way, so
-    reversing each expert's rows (which sends the sums down the row-by-row path) changes no bit
-    of the output or of x's gradient. A token no expert took gets zeros."""
+    """The per-token sums read each piece's rows in runs of consecutive tokens: as they are when
+    the rows are in token order (as the sort leaves them), else after sorting them by token. A
+    token's rows are added in piece order either way, so reversing each expert's rows changes no
+    bit of the output or of x's gradient. A token no expert took gets zeros."""
     kernels = cpu_kernels.load()
     torch.manual_seed(3)
     T, D, E, F, n = 700, 24, 4, 8, 300  # blocks of 1 MiB / (24 · 4 B) tokens: several per thread
