@@ -6,11 +6,12 @@ variants interleaved; the median of ``--repeats`` runs after one warm-up. Varian
   moe        sparseroute MoE, learned ``topk`` router, default dispatch ("auto") and GEMM
              backend (``sparseroute.gemm``: oneDNN on an x86 CPU, in fp32)
   moe_<d>    the same layer with dispatch <d> (informational)
-  moe_aten   (CPU, fp32, where the backend is oneDNN) the same layer with torch's own matmul
+  moe_aten   (CPU, where the MoE's products run on oneDNN: fp32, and bf16 where oneDNN's bf16
+             matmul runs) the same layer with torch's own matmul
   dense_fused, dense_split   SwiGLU MLP of hidden k·F (the same active FLOPs as the MoE's
              experts), gate/up as one matmul or two, on torch's matmul
-  dense_fused_onednn, dense_split_onednn   (where the MoE's backend is oneDNN) the same on
-             oneDNN, the MoE's own GEMM library
+  dense_fused_onednn, dense_split_onednn   (fp32, where the MoE's backend is oneDNN) the same on
+             oneDNN, the MoE's own GEMM library (in bf16 torch's own matmul runs on oneDNN)
   hf_eager, hf_grouped_mm   transformers' MixtralSparseMoeBlock with that experts implementation
   loop       (only without transformers) a per-expert loop in the style of HF's eager path
 
@@ -37,6 +38,11 @@ from its heap, the heap never trimmed), much as the allocators often used for CP
 which (``malloc``: ``retain`` or ``system``; ``system`` also where the C library is not glibc),
 and ``faults_per_step`` gives each side's median minor page faults, so that a run where either
 side paid for fresh memory shows as such.
+
+By default every round takes the same input batch, so the routing and the experts' loads are
+the same at every step. ``--fresh-inputs`` draws a new batch per round: the loads then change at
+every step, as in training, and a GEMM library that builds kernels for exact shapes (oneDNN)
+shows what that costs (``inputs`` in the JSON: ``fixed`` or ``fresh``).
 
 Prints a table to stderr and one JSON line last on stdout.
 """
@@ -174,16 +180,22 @@ def _retain_freed_memory() -> bool:
 
 
 def time_variants(
-    variants: dict[str, tuple[Callable, list]], x, g, repeats: int, device, faults: dict[str, list[int]] | None = None
+    variants: dict[str, tuple[Callable, list]],
+    xs: list,
+    g,
+    repeats: int,
+    device,
+    faults: dict[str, list[int]] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds of forward + backward per variant, one per round, the variants interleaved; with
-    ``faults``, also each round's minor page faults per variant."""
+    """Seconds of forward + backward per variant, one per round, the variants interleaved; round r
+    takes the input ``xs[r % len(xs)]``. With ``faults``, also each round's minor page faults per
+    variant."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(repeats + 1):  # first round is warm-up
         for name, (fn, params) in variants.items():
             for p in params:
                 p.grad = None
-            xx = x.detach().requires_grad_()
+            xx = xs[rep % len(xs)].detach().requires_grad_()
             sync(device)
             f0 = _minor_faults()
             t0 = time.perf_counter()
@@ -215,6 +227,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", action="append", metavar="E,k,F", help="shape(s) to run (default: 8,2,1024 and 64,8,128)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--fresh-inputs", action="store_true",
+        help="a new input batch every round, so that the routing, and with it the experts' loads, change "
+        "at every step as in training (default: one batch for all rounds)",
+    )
+    ap.add_argument(
         "--system-malloc", action="store_true",
         help="keep glibc's default malloc, which maps fresh pages for the dense layer's large tensors at "
         "every step (see above)",
@@ -237,8 +254,10 @@ def main(argv=None) -> int:
         ap.error("--dispatch parallel is the CPU kernel; it cannot run on " + device.type)
     dtype = DTYPES[args.dtype]
     malloc = "system" if args.system_malloc or not _retain_freed_memory() else "retain"
-    # whether the MoE's products run on oneDNN here (then the dense layer gets oneDNN variants)
-    onednn = gemm.uses_onednn(torch.empty(0, device=device, dtype=dtype))
+    # whether the MoE's products run on oneDNN here, and whether gemm.matmul does (float32): then
+    # the dense layer gets oneDNN variants too (in bfloat16 torch's own matmul runs on oneDNN)
+    probe = torch.empty(0, device=device, dtype=dtype)
+    moe_onednn, onednn = gemm.kernel_on_onednn(probe), gemm.uses_onednn(probe)
     torch.manual_seed(args.seed)
     try:
         import transformers  # noqa: F401
@@ -258,7 +277,7 @@ def main(argv=None) -> int:
     for shape in shapes:
         E, k, Fh = shape["E"], shape["k"], shape["F"]
         moe = MoE(D, Fh, E, k, router="topk").to(device=device, dtype=dtype)
-        x = torch.randn(T, D, device=device, dtype=dtype)
+        xs = [torch.randn(T, D, device=device, dtype=dtype) for _ in range(args.repeats + 1 if args.fresh_inputs else 1)]
         g = torch.randn(T, D, device=device, dtype=dtype)
         variants: dict[str, tuple[Callable, list]] = {
             "moe": (lambda xx, m=moe: m(xx)[0], list(moe.parameters())),
@@ -268,6 +287,7 @@ def main(argv=None) -> int:
         if onednn:
             variants["dense_fused_onednn"] = make_dense(D, k * Fh, device, dtype, True, gemm.matmul)
             variants["dense_split_onednn"] = make_dense(D, k * Fh, device, dtype, False, gemm.matmul)
+        if moe_onednn:
             variants["moe_aten"] = (lambda xx, m=moe: _on_aten(m, xx), list(moe.parameters()))
         for d in args.dispatch:
             if d != moe.config.dispatch:
@@ -278,7 +298,7 @@ def main(argv=None) -> int:
         else:
             variants["loop"] = make_loop(moe)
         faults: dict[str, list[int]] = {}
-        times = time_variants(variants, x, g, args.repeats, device, faults)
+        times = time_variants(variants, xs, g, args.repeats, device, faults)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         torch_dense = min(("dense_fused", "dense_split"), key=med.__getitem__)
         dense = min((n for n in med if n.startswith("dense_")), key=med.__getitem__)  # the fastest dense
@@ -319,7 +339,8 @@ def main(argv=None) -> int:
         "D": D,
         "repeats": args.repeats,
         "torch": torch.__version__,
-        "gemm": "onednn" if onednn else "aten",
+        "gemm": "onednn" if moe_onednn else "aten",
+        "inputs": "fresh" if args.fresh_inputs else "fixed",
         "threads": torch.get_num_threads(),
         "malloc": malloc,
         "shapes": rows,

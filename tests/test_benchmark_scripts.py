@@ -56,9 +56,10 @@ def test_moe_layer_json(capsys):
              if f"{n}_s" in row]
     assert row["dense_s"] == min(dense) and row[f"{row['dense_variant']}_s"] == row["dense_s"]
     # the MoE on oneDNN is compared with a dense layer on oneDNN too, and on torch's own matmul
-    assert out["gemm"] == gemm.resolved_backend()
-    assert len(dense) == (4 if out["gemm"] == "onednn" else 2)
+    assert out["gemm"] == ("onednn" if gemm.kernel_on_onednn(torch.empty(0)) else "aten")
+    assert len(dense) == (4 if gemm.uses_onednn(torch.empty(0)) else 2)
     assert ("moe_aten_s" in row) == (out["gemm"] == "onednn")
+    assert out["inputs"] == "fixed"
     assert row["moe_over_dense_torch"] > 0
     assert row["moe_over_dense"] > 0  # the times are rounded to 0.1 ms, too coarse here to recompute it
     lo, hi = row["moe_over_dense_ci95"]
@@ -75,8 +76,18 @@ def test_page_faults_are_counted(monkeypatch):
     monkeypatch.setattr(bench, "_minor_faults", lambda: next(counter))
     faults: dict = {}
     fn = (lambda x: (x * 2).sum(), [])
-    bench.time_variants({"a": fn, "b": fn}, torch.ones(3), torch.ones(()), 2, torch.device("cpu"), faults)
+    bench.time_variants({"a": fn, "b": fn}, [torch.ones(3)], torch.ones(()), 2, torch.device("cpu"), faults)
     assert faults == {"a": [10, 10], "b": [10, 10]}  # the warm-up round not counted
+
+
+def test_fresh_inputs_give_each_round_its_own_batch():
+    bench = _load("moe_layer")
+    seen = []
+    fn = (lambda x: seen.append(float(x[0].detach())) or x.sum(), [])
+    xs = [torch.full((2,), float(i)) for i in range(4)]
+    times = bench.time_variants({"a": fn, "b": fn}, xs, torch.ones(()), 3, torch.device("cpu"))
+    assert seen == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]  # both variants of a round see its batch
+    assert len(times["a"]) == len(times["b"]) == 3
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="minor faults are counted on Linux")
@@ -94,13 +105,18 @@ def test_minor_faults_count_fresh_memory():
 
 def test_moe_layer_bf16(capsys):
     bench = _load("moe_layer")
-    args = ["--tokens", "32", "--d-model", "16", "--shape", "4,1,8", "--repeats", "1", "--no-hf", "--dispatch",
-            "--dtype", "bf16"]
+    args = ["--tokens", "32", "--d-model", "16", "--shape", "4,1,8", "--repeats", "2", "--no-hf", "--dispatch",
+            "--dtype", "bf16", "--fresh-inputs"]
     assert bench.main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["dtype"] == "bf16"
+    assert out["dtype"] == "bf16" and out["inputs"] == "fresh"
+    # the kernel runs bf16 on oneDNN where oneDNN's bf16 matmul runs (then also timed on ATen);
+    # the dense layer's products are torch's own (its bf16 matmul is oneDNN's where it can be)
+    assert out["gemm"] == ("onednn" if gemm.kernel_on_onednn(torch.empty(0, dtype=torch.bfloat16)) else "aten")
     (row,) = out["shapes"]
-    assert row["moe_s"] > 0 and not any(k.startswith("moe_") and k.endswith("_s") and k != "moe_s" for k in row)
+    timed = {k for k in row if k.startswith("moe_") and k.endswith("_s")}
+    assert row["moe_s"] > 0 and timed == ({"moe_s", "moe_aten_s"} if out["gemm"] == "onednn" else {"moe_s"})
+    assert not any(f"{n}_s" in row for n in ("dense_fused_onednn", "dense_split_onednn"))
 
 
 @pytest.mark.parametrize(

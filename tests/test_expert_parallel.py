@@ -227,6 +227,27 @@ def test_kernel_swiglu_sigmoid_matches_torch():
         assert _swiglu_activations(kernels, torch.tensor([float("nan")]), needs)[0].isnan().all()
 
 
+def test_kernel_bf16_conversions_round_as_torch_does():
+    """The elementwise loops convert bfloat16 by integer arithmetic (so that they vectorize): the
+    same bits as torch's conversion for every float32 that is not NaN (round to nearest, ties to
+    even: halfway cases, overflow to inf, subnormals, -0.0), NaN to NaN, and back exactly."""
+    kernels = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int64).to(torch.int32)
+    ties = (torch.randint(0, 2**15, (4096,), generator=gen, dtype=torch.int32) << 16) | 0x8000  # halfway up
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.3895314e38, 3.4028235e38, -3.4028235e38, 1e-45, -1e-45,
+                            1.1754942e-38, float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([bits.view(torch.float32), ties.view(torch.float32), -ties.view(torch.float32), special])
+    b, back = kernels._bf16_round_trip(x)
+    nan = x.isnan()
+    assert int(nan.sum()) > 1000  # random bit patterns include many NaNs
+    expected = x.to(torch.bfloat16)
+    assert torch.equal(b[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    assert b[nan].isnan().all()
+    assert torch.equal(back[~nan].view(torch.int32), b[~nan].float().view(torch.int32))
+    assert back[nan].isnan().all()
+
+
 @pytest.fixture
 def workspace():
     """The buffer pool on with room to spare; its limits restored afterwards."""

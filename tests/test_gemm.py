@@ -101,6 +101,28 @@ def test_other_dtypes_and_dispatch_modes_stay_on_aten():
         assert counter.get_total_flops() == 2 * 16 * 32 * 8
 
 
+
+def test_the_kernel_code_covers_bf16_but_not_other_dtypes():
+    """The compiled kernel takes float32 and bfloat16 to oneDNN (it asks whether oneDNN's matmul
+    runs for the dtype); fp16, float64 and the ATen backend give code 0."""
+    f32, bf16 = torch.empty(0), torch.empty(0, dtype=torch.bfloat16)
+    with gemm.use_backend("aten"):
+        assert gemm.kernel_code(f32) == gemm.kernel_code(bf16) == 0
+        assert not gemm.kernel_on_onednn(bf16)
+    if not gemm.onednn_available():
+        return
+    with gemm.use_backend("onednn"):
+        assert gemm.kernel_code(f32) == gemm.kernel_code(bf16) == 1
+        assert gemm.kernel_code(torch.empty(0, dtype=torch.float16)) == 0
+        assert gemm.kernel_code(torch.empty(0, dtype=torch.float64)) == 0
+        from sparseroute.moe import cpu_kernels
+
+        kernels = cpu_kernels.load()
+        if kernels is not None:
+            assert gemm.kernel_on_onednn(bf16) == kernels.onednn_usable_for(bf16)
+            assert gemm.kernel_on_onednn(f32) == kernels.onednn_usable()
+            assert not kernels.onednn_usable_for(torch.empty(0, dtype=torch.float64))
+
 def test_matmul_and_linear_module():
     torch.manual_seed(0)
     x, w = torch.randn(10, 12), torch.randn(12, 6)
@@ -178,26 +200,31 @@ _SHAPES_SCRIPT = """
 import torch
 from sparseroute.moe import cpu_kernels
 kernels = cpu_kernels.load()
-assert kernels.onednn_usable()  # asked before the products below, so its own probe is not among them
+dtype = getattr(torch, "{dtype}")
+# asked before the products below, so that its own probes are not among them
+assert kernels.onednn_usable() and kernels.onednn_usable_for(torch.empty(0, dtype=dtype))
 torch.manual_seed(0)
 T, D, F, E = 150, 40, 24, 3
 counts = [33, 47, 70]  # 150 rows, one token each
-x, w_S = torch.randn(T, D), torch.rand(T)
-w_in, w_out = torch.randn(E, D, 2 * F), torch.randn(E, F, D)
+x, w_S = torch.randn(T, D, dtype=dtype), torch.rand(T, dtype=dtype)
+w_in, w_out = torch.randn(E, D, 2 * F, dtype=dtype), torch.randn(E, F, D, dtype=dtype)
 tok_S = torch.randperm(T)
 print("KERNEL START", flush=True)
 out, h, a, s = kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, counts, 0, 1, 1)
-kernels.mlp_backward(torch.randn(T, D), x, w_S, w_in, w_out, tok_S, counts, h, a, s, 0, [True] * 4, 1, 1)
+kernels.mlp_backward(torch.randn(T, D, dtype=dtype), x, w_S, w_in, w_out, tok_S, counts, h, a, s, 0, [True] * 4, 1, 1)
 print("KERNEL END", flush=True)
 """
 
 
 @needs_onednn
-def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat():
+@pytest.mark.parametrize("dtype, tag", [("float32", "f32"), ("bfloat16", "bf16")])
+def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
     """oneDNN builds a kernel per exact shape; the expert kernel pads each expert's rows to a
     multiple of 32 so that changing loads reuse them: every product it runs has 32k rows, or
     (the weight gradients) sums over 32k rows, whatever the loads (here 33, 47 and 70). The
-    weight gradients take x^T and a^T as transposed views (oneDNN's "ba" source), not copies."""
+    weight gradients take x^T and a^T as transposed views (oneDNN's "ba" source), not copies.
+    The same in bfloat16, which the kernel also runs on oneDNN where oneDNN's bfloat16 matmul
+    runs on the CPU (torch's own bfloat16 matmul would build a kernel per exact shape)."""
     import os
     import re
     import subprocess
@@ -206,16 +233,17 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat():
     from sparseroute.moe import cpu_kernels
 
     kernels = cpu_kernels.load()  # built here, so the child only loads it
-    if not kernels.onednn_usable():
-        pytest.skip("oneDNN's float32 matmul does not run on this CPU")
+    if not kernels.onednn_usable_for(torch.empty(0, dtype=getattr(torch, dtype))):
+        pytest.skip(f"oneDNN's {dtype} matmul does not run on this CPU")
     env = dict(os.environ, ONEDNN_VERBOSE="1", SPARSEROUTE_GEMM="onednn")
-    run = subprocess.run([sys.executable, "-c", _SHAPES_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    script = _SHAPES_SCRIPT.replace("{dtype}", dtype)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.split("KERNEL START")[1].split("KERNEL END")[0].splitlines()
     products = [
-        (tuple(map(int, m.groups())), "src:f32::blocked:ba" in ln)
+        (tuple(map(int, m.groups())), f"src:{tag}::blocked:ba" in ln)
         for ln, m in ((ln, re.search(r",(\d+)x(\d+):(\d+)x(\d+),", ln)) for ln in lines if ",exec," in ln and ",matmul," in ln)
-        if m
+        if m and f"src:{tag}:" in ln
     ]
     assert len(products) == 6 * 3  # six products per expert, every one on oneDNN
     D, F = 40, 24

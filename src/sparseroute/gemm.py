@@ -17,10 +17,11 @@ variable, read once):
            (float32 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT), else torch's oneDNN linear op
            (``mkldnn::_linear_pointwise``), which copies a transposed left operand first
 
-oneDNN takes float32 CPU tensors here; other dtypes and devices, products under a Python dispatch
-mode (FlopCounterMode, torch.compile's fake tensors), and products with fewer than
-:data:`MIN_DIM` rows, columns or summed terms (where oneDNN's per-call set-up costs more than it
-saves), always run on ATen. The two libraries sum in different orders, so their results differ
+:func:`linear` and :func:`matmul` take float32 CPU tensors to oneDNN; other dtypes and devices,
+products under a Python dispatch mode (FlopCounterMode, torch.compile's fake tensors), and
+products with fewer than :data:`MIN_DIM` rows, columns or summed terms (where oneDNN's per-call
+set-up costs more than it saves), always run on ATen. The compiled kernel also runs bfloat16 on
+oneDNN where oneDNN's bfloat16 matmul runs on the CPU (:func:`kernel_code`). The two libraries sum in different orders, so their results differ
 in the last bits; with one backend and one thread count, results are reproducible.
 
 :func:`linear` and :func:`matmul` are the products with autograd; the compiled MoE kernel takes
@@ -104,9 +105,34 @@ def uses_onednn(x: Tensor) -> bool:
     )
 
 
+#: dtypes the compiled MoE kernel runs on oneDNN (each where oneDNN's matmul runs on the CPU)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def kernel_code(x: Tensor) -> int:
-    """The backend code the compiled kernel takes for inputs like ``x``: 0 ATen, 1 oneDNN."""
-    return 1 if uses_onednn(x) else 0
+    """The backend code the compiled kernel takes for inputs like ``x``: 0 ATen, 1 oneDNN. Unlike
+    :func:`linear` and :func:`matmul`, the kernel also runs bfloat16 on oneDNN, where oneDNN's
+    bfloat16 matmul runs on this CPU (the kernel asks; elsewhere it stays on ATen): there it pads
+    each expert's rows as in float32, so that the changing loads of training reuse oneDNN's
+    built kernels (torch's own bfloat16 matmul also runs on oneDNN, at the exact shapes)."""
+    return int(
+        x.device.type == "cpu"
+        and x.dtype in KERNEL_DTYPES
+        and resolved_backend() == "onednn"
+        and not is_in_torch_dispatch_mode()
+    )
+
+
+def kernel_on_onednn(x: Tensor) -> bool:
+    """Whether the compiled MoE kernel's products run on oneDNN for inputs like ``x``: backend
+    code 1 (:func:`kernel_code`), the kernels built, and oneDNN's matmul running on this CPU for
+    ``x``'s dtype."""
+    if not kernel_code(x):
+        return False
+    from sparseroute.moe import cpu_kernels  # here: sparseroute.moe imports this module
+
+    kernels = cpu_kernels.load()
+    return kernels is not None and bool(kernels.onednn_usable_for(x))
 
 
 def _onednn_matmul():

@@ -45,7 +45,9 @@
 namespace {
 
 using at::Tensor;
+using sparseroute::load_as;
 using sparseroute::sigmoid_of;
+using sparseroute::store_as;
 
 struct Piece {
   int64_t expert, start, rows;
@@ -89,8 +91,8 @@ SPARSEROUTE_VECTOR_CLONES void weighted_swiglu(int64_t n, int64_t F, const scala
     const acc_t wr = static_cast<acc_t>(w[r]);
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) {
-      const acc_t x = static_cast<acc_t>(gate[f]);
-      out[f] = static_cast<scalar_t>(x * sigmoid_of<acc_t>(x) * static_cast<acc_t>(up[f]) * wr);
+      const acc_t x = load_as<acc_t>(gate, f);
+      store_as(out, f, x * sigmoid_of<acc_t>(x) * load_as<acc_t>(up, f) * wr);
     }
   }
 }
@@ -110,13 +112,13 @@ SPARSEROUTE_VECTOR_CLONES void weighted_swiglu_backward_rows(int64_t n, int64_t 
     acc_t dw = 0;
 #pragma omp simd reduction(+ : dw)
     for (int64_t f = 0; f < F; ++f) {
-      const acc_t x = static_cast<acc_t>(gate[f]), s = sigmoid_of<acc_t>(x);
-      const acc_t u = static_cast<acc_t>(up[f]), gr = static_cast<acc_t>(g[f]);
+      const acc_t x = load_as<acc_t>(gate, f), s = sigmoid_of<acc_t>(x);
+      const acc_t u = load_as<acc_t>(up, f), gr = load_as<acc_t>(g, f);
       const acc_t g_silu = gr * x * s;  // ga * silu(gate)
       dw += g_silu * u;
-      g_up[f] = static_cast<scalar_t>(g_silu * wr);
-      g_gate[f] = static_cast<scalar_t>(gr * wr * u * s * (acc_t(1) + x * (acc_t(1) - s)));
-      if constexpr (kActivations) out[f] = static_cast<scalar_t>(x * s * u * wr);
+      store_as(g_up, f, g_silu * wr);
+      store_as(g_gate, f, gr * wr * u * s * (acc_t(1) + x * (acc_t(1) - s)));
+      if constexpr (kActivations) store_as(out, f, x * s * u * wr);
     }
     if (gw != nullptr) gw[r] = static_cast<scalar_t>(dw);
   }
@@ -149,13 +151,11 @@ inline void prefetch_row(const scalar_t* row, int64_t D) {
 // dst[r] = src[tok[r]] for n rows of D values: index_select over rows, without its per-call
 // dispatch and checks (the plan checked the tokens once).
 template <typename scalar_t>
-SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* tok, const scalar_t* src, scalar_t* dst) {
+void gather_rows(int64_t n, int64_t D, const int64_t* tok, const scalar_t* src, scalar_t* dst) {
+  const size_t bytes = static_cast<size_t>(D) * sizeof(scalar_t);
   for (int64_t r = 0; r < n; ++r) {
     if (r + kPrefetchAhead < n) prefetch_row(src + tok[r + kPrefetchAhead] * D, D);
-    const scalar_t* from = src + tok[r] * D;
-    scalar_t* to = dst + r * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) to[d] = from[d];
+    std::memcpy(dst + r * D, src + tok[r] * D, bytes);
   }
 }
 
@@ -163,7 +163,14 @@ SPARSEROUTE_VECTOR_CLONES void gather_rows(int64_t n, int64_t D, const int64_t* 
 template <typename acc_t, typename scalar_t>
 SPARSEROUTE_VECTOR_CLONES void add_into(acc_t* acc, const scalar_t* y, int64_t D) {
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(y[d]);
+  for (int64_t d = 0; d < D; ++d) acc[d] += load_as<acc_t>(y, d);
+}
+
+// out[d] = sum[d] rounded to scalar_t, for D values.
+template <typename scalar_t, typename acc_t>
+SPARSEROUTE_VECTOR_CLONES void store_rounded(scalar_t* out, const acc_t* sum, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) store_as(out, d, sum[d]);
 }
 
 }  // namespace
@@ -183,29 +190,35 @@ namespace {
 // backend's code from sparseroute.gemm.kernel_code (0 ATen, 1 oneDNN). See sparseroute/gemm.py
 // for why: on some CPUs MKL runs its AVX2 code where oneDNN runs AVX-512. On oneDNN the products
 // call its matmul directly: it takes transposed operands as they are (the weight gradients'
-// x^T and g^T need no copy) and writes into the kernel's buffers. oneDNN takes float32 only, and
-// a call whose D or F is below kMinDim (sparseroute.gemm.MIN_DIM) stays on ATen.
+// x^T and g^T need no copy) and writes into the kernel's buffers. oneDNN takes float32 and
+// bfloat16 here (each where its matmul runs on this CPU), and a call whose D or F is below
+// kMinDim (sparseroute.gemm.MIN_DIM) stays on ATen.
 constexpr int64_t kMinDim = 4;
 
-// Whether oneDNN's float32 matmul runs on this CPU (asked once, with a small product).
-bool onednn_matmul_usable() {
-  static const bool usable = [] {
+// Whether oneDNN's matmul runs on this CPU for `dtype` (float32 or bfloat16; asked once per
+// dtype, with a small product). float32 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, bfloat16
+// what torch's mkldnn_bf16_device_check asks for; elsewhere mkldnn_matmul raises.
+bool onednn_matmul_usable_for(at::ScalarType dtype) {
+  auto probe = [](at::ScalarType t) {
     try {
-      const Tensor a = at::ones({kMinDim, kMinDim}, at::kFloat), out = at::empty({kMinDim, kMinDim}, at::kFloat);
+      const auto opts = at::TensorOptions().dtype(t);
+      const Tensor a = at::ones({kMinDim, kMinDim}, opts), out = at::empty({kMinDim, kMinDim}, opts);
       at::native::mkldnn_matmul(a, a, out, 0.f, 1.f);
       return out.eq(kMinDim).all().item<bool>();
     } catch (const std::exception&) {
       return false;
     }
-  }();
-  return usable;
+  };
+  static const bool f32 = probe(at::kFloat), bf16 = probe(at::kBFloat16);
+  return dtype == at::kFloat ? f32 : dtype == at::kBFloat16 ? bf16 : false;
 }
 
-// Whether a call's products run on oneDNN: backend code 1, float32, D and F at least kMinDim,
-// and oneDNN's matmul usable here.
+bool onednn_matmul_usable() { return onednn_matmul_usable_for(at::kFloat); }
+
+// Whether a call's products run on oneDNN: backend code 1, float32 or bfloat16, D and F at least
+// kMinDim, and oneDNN's matmul usable here for that dtype.
 bool on_onednn(int64_t gemm, const Tensor& x_TD, int64_t F) {
-  return gemm == 1 && x_TD.scalar_type() == at::kFloat && std::min(x_TD.size(1), F) >= kMinDim &&
-         onednn_matmul_usable();
+  return gemm == 1 && std::min(x_TD.size(1), F) >= kMinDim && onednn_matmul_usable_for(x_TD.scalar_type());
 }
 
 // out = A @ B, on oneDNN or on ATen.
@@ -479,9 +492,9 @@ SPARSEROUTE_VECTOR_CLONES void scaled_rows_backward(int64_t n, int64_t F, scalar
     acc_t dw = 0;
 #pragma omp simd reduction(+ : dw)
     for (int64_t f = 0; f < F; ++f) {
-      const acc_t gf = static_cast<acc_t>(g[f]);
-      dw += gf * static_cast<acc_t>(sr[f]);
-      g[f] = static_cast<scalar_t>(gf * wr);
+      const acc_t gf = load_as<acc_t>(g, f);
+      dw += gf * load_as<acc_t>(sr, f);
+      store_as(g, f, gf * wr);
     }
     if (gw != nullptr) gw[r] = static_cast<scalar_t>(dw);
   }
@@ -614,7 +627,7 @@ void combine_runs(const std::vector<int64_t>& offsets, const std::vector<int64_t
         scalar_t* o = out + t * D;
         const acc_t* sum = acc.data() + (t - t0) * D;
         if (has_rows[t]) {
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(sum[d]);
+          store_rounded(o, sum, D);
         } else {
           std::fill(o, o + D, scalar_t(0));
         }
@@ -858,6 +871,18 @@ void onednn_mm(const Tensor& a, const Tensor& b, Tensor& out) {
   at::native::mkldnn_matmul(a, b, out, 0.f, 1.f);
 }
 
+// Tests: x (float32) rounded to bfloat16 by the kernels' conversion, and that widened back.
+std::tuple<Tensor, Tensor> bf16_round_trip(const Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "_bf16_round_trip: a contiguous float32 tensor");
+  Tensor b = at::empty(x.sizes(), x.options().dtype(at::kBFloat16)), w = at::empty_like(x);
+  const float* src = x.const_data_ptr<float>();
+  auto* mid = b.mutable_data_ptr<c10::BFloat16>();
+  float* back = w.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) store_as(mid, i, src[i]);
+  for (int64_t i = 0; i < x.numel(); ++i) back[i] = load_as<float>(mid, i);
+  return {b, w};
+}
+
 void register_softmax_topk(pybind11::module& m);  // softmax_topk.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -871,7 +896,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_fail_stolen", [](bool on) { Sharing::fail_stolen().store(on); }, "tests: a stolen piece raises");
   m.def("_set_owner_delay_us", [](int64_t us) { Sharing::owner_delay_us().store(us); },
         "tests: part 0's thread waits this long before each of its pieces");
+  m.def("_bf16_round_trip", &bf16_round_trip, "tests: float32 -> bfloat16 -> float32 by the kernels' conversions");
   m.def("onednn_usable", &onednn_matmul_usable, "whether oneDNN's float32 matmul runs on this CPU");
+  m.def("onednn_usable_for", [](const Tensor& like) { return onednn_matmul_usable_for(like.scalar_type()); },
+        "whether oneDNN's matmul runs on this CPU for tensors like this one (float32, bfloat16)");
   m.def("onednn_mm", &onednn_mm, "out = a @ b on oneDNN's matmul (float32 CPU matrices, each dense or transposed)");
   m.def("sort_by_expert", &sort_by_expert, "routed pairs stably sorted by expert (counting sort)");
   m.def("mlp_forward", &mlp_forward, "expert-parallel expert MLP, forward");
