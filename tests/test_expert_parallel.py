@@ -227,6 +227,33 @@ def test_kernel_swiglu_sigmoid_matches_torch():
         assert _swiglu_activations(kernels, torch.tensor([float("nan")]), needs)[0].isnan().all()
 
 
+def test_kernel_row_products_equal_torch_for_every_tail():
+    """The kernel's own float32 row products (the forward's, on AVX-512): rows gathered by index
+    (repeats included) or dense, row counts that leave every remainder of the 6-row blocks,
+    column counts that leave every remainder of the 64-column tiles, B's rows taken from a wider
+    matrix. Each output is a sum in k order, so a row's result does not depend on where it falls:
+    the same rows in reverse order give the same bits."""
+    kernels = cpu_kernels.load()
+    if not kernels._row_gemm_runs(16):
+        pytest.skip("the kernel's own row products need AVX-512")
+    assert not kernels._row_gemm_runs(40) and not kernels._row_gemm_runs(8)
+    gen = torch.Generator().manual_seed(0)
+    for n, K, N, wide in [(1, 1, 16, 16), (5, 3, 32, 48), (6, 24, 48, 48), (7, 128, 64, 80), (13, 40, 80, 80),
+                          (64, 512, 256, 256), (23, 128, 112, 128)]:
+        A = torch.randn(50, K, generator=gen)
+        B = torch.randn(K, wide, generator=gen)
+        idx = torch.randint(0, 50, (n,), generator=gen)
+        idx[: n // 2] = idx[0]  # repeated rows
+        got = kernels._row_gemm(A, idx, B, N)
+        want = (A.double()[idx] @ B.double()[:, :N]).float()
+        assert_close(got, want, rtol=1e-5, atol=1e-5 * K**0.5)
+        rev = kernels._row_gemm(A, idx.flip(0).contiguous(), B, N)
+        assert torch.equal(rev.flip(0).view(torch.int32), got.view(torch.int32))
+        dense = kernels._row_gemm(A[:n].contiguous(), torch.empty(0, dtype=torch.long), B, N)
+        assert_close(dense, (A.double()[:n] @ B.double()[:, :N]).float(), rtol=1e-5, atol=1e-5 * K**0.5)
+    assert kernels._row_gemm(torch.empty(0, 8), torch.empty(0, dtype=torch.long), torch.randn(8, 16), 16).shape == (0, 16)
+
+
 def test_kernel_bf16_conversions_round_as_torch_does():
     """The elementwise loops convert bfloat16 by integer arithmetic (so that they vectorize): the
     same bits as torch's conversion for every float32 that is not NaN (round to nearest, ties to

@@ -27,6 +27,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "row_gemm.h"
 #include "vector_math.h"
 
 #include <algorithm>
@@ -689,25 +690,36 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   const int64_t D = x_TD.size(1), F = w_out.size(1);
   const bool onednn = on_onednn(gemm, x_TD, F);
   const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads, /*pad=*/onednn);
-  Tensor h = workspace().take({plan.rows, w_in.size(2)}, x_TD.options());
+  // on oneDNN's backend in float32, the forward's two products run on the kernel's own row
+  // products where they can (row_gemm.h), x's rows gathered inside the first
+  const int64_t H = w_in.size(2);
+  const bool own = onednn && x_TD.scalar_type() == at::kFloat && w_in.is_contiguous() && w_out.is_contiguous();
+  const bool own_up = own && sparseroute::row_gemm_runs(H), own_down = own && sparseroute::row_gemm_runs(D);
+  Tensor h = workspace().take({plan.rows, H}, x_TD.options());
   Tensor a = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
   Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
   Tensor y = workspace().take({plan.rows, D}, x_TD.options());  // each row's output
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
       plan.parts,
-      [&] {  // per thread: x rows, the weighted activations (SwiGLU)
-        return std::array<Tensor, 2>{workspace().take({plan.most, D}, x_TD.options()),
+      [&] {  // per thread: x rows (unless gathered inside the product), the weighted activations (SwiGLU)
+        return std::array<Tensor, 2>{workspace().take({own_up ? 0 : plan.most, D}, x_TD.options()),
                                      workspace().take({act == kSwiGLU ? plan.most : 0, F}, x_TD.options())};
       },
       [&](std::array<Tensor, 2>& bufs, const Piece& piece) {
         const int64_t e = piece.expert, n = piece.rows, np = plan.padded(piece);
-        Tensor x_p = bufs[0].narrow(0, 0, np), x_e = x_p.narrow(0, 0, n);
         Tensor h_p = h.narrow(0, piece.at, np);
         Tensor a_p = act == kSwiGLU ? bufs[1].narrow(0, 0, np) : a.narrow(0, piece.at, np), a_e = a_p.narrow(0, 0, n);
-        gather_rows_out(x_e, x_TD, tok + piece.start);
-        zero_rows_from(x_p, n);
-        product(onednn, h_p, x_p, w_in.select(0, e));
+        if (own_up) {
+          sparseroute::row_gemm(n, D, H, x_TD.const_data_ptr<float>(), D, tok + piece.start,
+                                w_in.const_data_ptr<float>() + e * D * H, H, h_p.mutable_data_ptr<float>(), H);
+          zero_rows_from(h_p, n);  // as the padded product leaves them
+        } else {
+          Tensor x_p = bufs[0].narrow(0, 0, np);
+          gather_rows_out(x_p.narrow(0, 0, n), x_TD, tok + piece.start);
+          zero_rows_from(x_p, n);
+          product(onednn, h_p, x_p, w_in.select(0, e));
+        }
         if (act == kSwiGLU) {
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "weighted_swiglu", [&] {
             weighted_swiglu<scalar_t>(n, F, h_p.const_data_ptr<scalar_t>(),
@@ -718,8 +730,13 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
           activation_out(act, s_e, h_p.narrow(0, 0, n));
           at::mul_out(a_e, s_e, w_S.narrow(0, piece.start, n).unsqueeze(1));
         }
-        zero_rows_from(a_p, n);
-        product(onednn, y.narrow(0, piece.at, np), a_p, w_out.select(0, e));
+        zero_rows_from(a_p, n);  // (the saved a's padding rows enter the backward's padded products)
+        if (own_down) {  // the padding rows' outputs are never read
+          sparseroute::row_gemm(n, F, D, a_p.const_data_ptr<float>(), F, nullptr, w_out.const_data_ptr<float>() + e * F * D,
+                                D, y.mutable_data_ptr<float>() + piece.at * D, D);
+        } else {
+          product(onednn, y.narrow(0, piece.at, np), a_p, w_out.select(0, e));
+        }
       });
   return {combine(plan, tok_S, y, x_TD.size(0)), h, a, s};
 }
@@ -871,6 +888,23 @@ void onednn_mm(const Tensor& a, const Tensor& b, Tensor& out) {
   at::native::mkldnn_matmul(a, b, out, 0.f, 1.f);
 }
 
+// Tests: C = A[idx] @ B (idx empty: A @ B) by the kernel's own row products; A, B contiguous float32, B's
+// rows taken `ldb` apart from a wider matrix when ldb > its columns.
+Tensor row_gemm_test(const Tensor& A, const Tensor& idx, const Tensor& B, int64_t N) {
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat &&
+                  A.is_contiguous() && B.is_contiguous() && idx.scalar_type() == at::kLong && idx.is_contiguous(),
+              "_row_gemm: contiguous float32 A and B, int64 idx");
+  TORCH_CHECK(A.size(1) == B.size(0) && N <= B.size(1), "_row_gemm: shapes do not fit");
+  TORCH_CHECK(sparseroute::row_gemm_runs(N), "_row_gemm: does not run here for ", N, " columns");
+  const bool gather = idx.numel() > 0;
+  const int64_t n = gather ? idx.numel() : A.size(0);
+  for (int64_t r = 0; r < idx.numel(); ++r) TORCH_CHECK(idx.const_data_ptr<int64_t>()[r] >= 0 && idx.const_data_ptr<int64_t>()[r] < A.size(0), "_row_gemm: index out of range");
+  Tensor C = at::empty({n, N}, A.options());
+  sparseroute::row_gemm(n, A.size(1), N, A.const_data_ptr<float>(), A.size(1), gather ? idx.const_data_ptr<int64_t>() : nullptr,
+                        B.const_data_ptr<float>(), B.size(1), C.mutable_data_ptr<float>(), N);
+  return C;
+}
+
 // Tests: x (float32) rounded to bfloat16 by the kernels' conversion, and that widened back.
 std::tuple<Tensor, Tensor> bf16_round_trip(const Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "_bf16_round_trip: a contiguous float32 tensor");
@@ -896,6 +930,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_fail_stolen", [](bool on) { Sharing::fail_stolen().store(on); }, "tests: a stolen piece raises");
   m.def("_set_owner_delay_us", [](int64_t us) { Sharing::owner_delay_us().store(us); },
         "tests: part 0's thread waits this long before each of its pieces");
+  m.def("_row_gemm", &row_gemm_test, "tests: A[idx] @ B[:, :N] by the kernel's own row products");
+  m.def("_row_gemm_runs", [](int64_t N) { return sparseroute::row_gemm_runs(N); },
+        "whether the kernel's own row products run here for N columns");
   m.def("_bf16_round_trip", &bf16_round_trip, "tests: float32 -> bfloat16 -> float32 by the kernels' conversions");
   m.def("onednn_usable", &onednn_matmul_usable, "whether oneDNN's float32 matmul runs on this CPU");
   m.def("onednn_usable_for", [](const Tensor& like) { return onednn_matmul_usable_for(like.scalar_type()); },
