@@ -254,6 +254,17 @@ def test_kernel_row_products_equal_torch_for_every_tail():
     assert kernels._row_gemm(torch.empty(0, 8), torch.empty(0, dtype=torch.long), torch.randn(8, 16), 16).shape == (0, 16)
 
 
+def test_kernel_transpose_for_every_edge():
+    """The transpose the backward's own products take the expert weights through (16 x 16 blocks
+    in registers, the edges one value at a time) moves every value to its place."""
+    kernels = cpu_kernels.load()
+    if not kernels._row_gemm_runs(16):
+        pytest.skip("the kernel's own row products need AVX-512")
+    for R, C in [(16, 16), (32, 48), (17, 33), (512, 256), (5, 3), (1, 40), (40, 1), (0, 16), (31, 15)]:
+        x = torch.randn(R, C)
+        assert torch.equal(kernels._transpose(x), x.t().contiguous()), (R, C)
+
+
 def test_kernel_bf16_conversions_round_as_torch_does():
     """The elementwise loops convert bfloat16 by integer arithmetic (so that they vectorize): the
     same bits as torch's conversion for every float32 that is not NaN (round to nearest, ties to

@@ -225,8 +225,9 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
     weight gradients take x^T and a^T as transposed views (oneDNN's "ba" source), not copies.
     The same in bfloat16, which the kernel also runs on oneDNN where oneDNN's bfloat16 matmul
     runs on the CPU (torch's own bfloat16 matmul would build a kernel per exact shape). In
-    float32 the forward's products run on the kernel's own row products where those run
-    (AVX-512, a multiple of 16 columns: here x @ w_in, 48 columns, but not a @ w_out, 40)."""
+    float32 the row-wise products run on the kernel's own row products where those run
+    (AVX-512, a multiple of 16 columns: here x @ w_in, 48 columns, but not the others, with 40
+    or 24)."""
     import os
     import re
     import subprocess
@@ -248,7 +249,8 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
         if m and f"src:{tag}:" in ln
     ]
     D, F = 40, 24
-    own = [dtype == "float32" and kernels._row_gemm_runs(cols) for cols in (2 * F, D)]  # x @ w_in, a @ w_out
+    # x @ w_in, a @ w_out, g @ w_out^T, dL/dh @ w_in^T: on the kernel's own products where those run
+    own = [dtype == "float32" and kernels._row_gemm_runs(cols) for cols in (2 * F, D, F, D)]
     assert len(products) == (6 - sum(own)) * 3  # six products per expert, the others on oneDNN
     rows, grads = [], []
     for (m, k, k2, n), transposed in products:

@@ -775,18 +775,28 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   }
   Tensor gx_rows = need_x ? workspace().take({plan.rows, D}, x_TD.options()) : Tensor();  // each row's dL/dx
   const bool need_hidden = need_x || need_w || need_in;
+  // on oneDNN's backend in float32, dL/da = g w_out^T and dL/dx = dL/dh w_in^T run on the
+  // kernel's own row products where they can (row_gemm.h), against the expert's weights
+  // transposed into a per-thread buffer that stays in cache
+  const int64_t H = w_in.size(2);
+  const bool own = onednn && x_TD.scalar_type() == at::kFloat && w_in.is_contiguous() && w_out.is_contiguous();
+  const bool own_da = own && need_hidden && sparseroute::row_gemm_runs(F);
+  const bool own_dx = own && need_x && sparseroute::row_gemm_runs(D);
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
       plan.parts,
-      [&] {  // per thread: g rows, x rows, dL/da, dL/dh, an expert's dL/dw_out transposed
-        return std::array<Tensor, 6>{workspace().take({plan.most, D}, x_TD.options()),
+      [&] {  // per thread: g rows, x rows, dL/da, dL/dh, an expert's dL/dw_out transposed, the
+             // weighted activations (SwiGLU), an expert's w_out and w_in transposed
+        return std::array<Tensor, 8>{workspace().take({plan.most, D}, x_TD.options()),
                                      workspace().take({plan.most, D}, x_TD.options()),
                                      workspace().take({plan.most, F}, h.options()),
-                                     workspace().take({plan.most, h.size(1)}, h.options()),
+                                     workspace().take({plan.most, H}, h.options()),
                                      workspace().take({need_out ? D : 0, F}, w_out.options()),
-                                     workspace().take({act == kSwiGLU && need_out ? plan.most : 0, F}, h.options())};
+                                     workspace().take({act == kSwiGLU && need_out ? plan.most : 0, F}, h.options()),
+                                     workspace().take({own_da ? D : 0, F}, w_out.options()),
+                                     workspace().take({own_dx ? H : 0, D}, w_in.options())};
       },
-      [&](std::array<Tensor, 6>& bufs, const Piece& piece) {
+      [&](std::array<Tensor, 8>& bufs, const Piece& piece) {
         const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = plan.padded(piece);
         const int64_t* t = tok + start;
         Tensor g_p = bufs[0].narrow(0, 0, np), ge = g_p.narrow(0, 0, n);
@@ -799,7 +809,13 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         Tensor ga_p = bufs[2].narrow(0, 0, np), ga = ga_p.narrow(0, 0, n);  // dL/d(weighted activation)
         Tensor gh_p = bufs[3].narrow(0, 0, np), gh = gh_p.narrow(0, 0, n);
         if (need_hidden) {
-          product(onednn, ga_p, g_p, w_out.select(0, e).t());
+          if (own_da) {  // only the piece's rows of dL/da are read
+            float* wt = bufs[6].mutable_data_ptr<float>();
+            sparseroute::transpose_rows(F, D, w_out.const_data_ptr<float>() + e * F * D, D, wt, F);
+            sparseroute::row_gemm(n, D, F, g_p.const_data_ptr<float>(), D, nullptr, wt, F, ga_p.mutable_data_ptr<float>(), F);
+          } else {
+            product(onednn, ga_p, g_p, w_out.select(0, e).t());
+          }
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "expert_activation_backward", [&] {
             scalar_t* gw_e = need_w ? gw.mutable_data_ptr<scalar_t>() + start : nullptr;
             const scalar_t* w_e = w_S.const_data_ptr<scalar_t>() + start;
@@ -835,7 +851,14 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
           zero_rows_from(x_p, n);
           product(onednn, g_in_e, x_p.t(), gh_p);
         }
-        if (need_x) product(onednn, gx_rows.narrow(0, piece.at, np), gh_p, w_in.select(0, e).t());
+        if (own_dx) {  // the padding rows' dL/dx are never read
+          float* wt = bufs[7].mutable_data_ptr<float>();
+          sparseroute::transpose_rows(D, H, w_in.const_data_ptr<float>() + e * D * H, H, wt, D);
+          sparseroute::row_gemm(n, H, D, gh_p.const_data_ptr<float>(), H, nullptr, wt, D,
+                                gx_rows.mutable_data_ptr<float>() + piece.at * D, D);
+        } else if (need_x) {
+          product(onednn, gx_rows.narrow(0, piece.at, np), gh_p, w_in.select(0, e).t());
+        }
       });
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = plan.continued(p);
@@ -905,6 +928,15 @@ Tensor row_gemm_test(const Tensor& A, const Tensor& idx, const Tensor& B, int64_
   return C;
 }
 
+// Tests: x^T by the kernel's own transpose (float32, where its row products run).
+Tensor transpose_test(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "_transpose: a contiguous float32 matrix");
+  TORCH_CHECK(sparseroute::row_gemm_runs(16), "_transpose: does not run here");
+  Tensor out = at::empty({x.size(1), x.size(0)}, x.options());
+  sparseroute::transpose_rows(x.size(0), x.size(1), x.const_data_ptr<float>(), x.size(1), out.mutable_data_ptr<float>(), x.size(0));
+  return out;
+}
+
 // Tests: x (float32) rounded to bfloat16 by the kernels' conversion, and that widened back.
 std::tuple<Tensor, Tensor> bf16_round_trip(const Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "_bf16_round_trip: a contiguous float32 tensor");
@@ -933,6 +965,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_row_gemm", &row_gemm_test, "tests: A[idx] @ B[:, :N] by the kernel's own row products");
   m.def("_row_gemm_runs", [](int64_t N) { return sparseroute::row_gemm_runs(N); },
         "whether the kernel's own row products run here for N columns");
+  m.def("_transpose", &transpose_test, "tests: x^T by the kernel's own transpose");
   m.def("_bf16_round_trip", &bf16_round_trip, "tests: float32 -> bfloat16 -> float32 by the kernels' conversions");
   m.def("onednn_usable", &onednn_matmul_usable, "whether oneDNN's float32 matmul runs on this CPU");
   m.def("onednn_usable_for", [](const Tensor& like) { return onednn_matmul_usable_for(like.scalar_type()); },

@@ -92,6 +92,43 @@ SPARSEROUTE_AVX512 inline void run(int64_t n, int64_t K, int64_t N, const float*
   }
 }
 
+// dst [C, R] (rows ldd apart) = src [R, C]^T (rows lds apart), in 16 x 16 blocks transposed in
+// registers (three rounds of shuffles), the edges one value at a time.
+SPARSEROUTE_AVX512 inline void transpose(int64_t R, int64_t C, const float* src, int64_t lds, float* dst, int64_t ldd) {
+  const int64_t R16 = R / 16 * 16, C16 = C / 16 * 16;
+  for (int64_t r0 = 0; r0 < R16; r0 += 16)
+    for (int64_t c0 = 0; c0 < C16; c0 += 16) {
+      __m512 r[16], t[16], u[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (r0 + i) * lds + c0);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {  // within 128-bit lanes: rows 2i, 2i+1 interleaved
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {  // u[4g + c], lane l: column 4l + c of rows 4g..4g+3
+        const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+        u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {  // the 4 x 4 lanes of u[c], u[4 + c], u[8 + c], u[12 + c]
+        const __m512 s0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), s1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+        const __m512 s2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44), s3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+        _mm512_storeu_ps(dst + (c0 + c) * ldd + r0, _mm512_shuffle_f32x4(s0, s2, 0x88));
+        _mm512_storeu_ps(dst + (c0 + 4 + c) * ldd + r0, _mm512_shuffle_f32x4(s0, s2, 0xDD));
+        _mm512_storeu_ps(dst + (c0 + 8 + c) * ldd + r0, _mm512_shuffle_f32x4(s1, s3, 0x88));
+        _mm512_storeu_ps(dst + (c0 + 12 + c) * ldd + r0, _mm512_shuffle_f32x4(s1, s3, 0xDD));
+      }
+    }
+  for (int64_t r = 0; r < R; ++r)  // the edges
+    for (int64_t c = (r < R16 ? C16 : 0); c < C; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
 }  // namespace row_gemm_detail
 #endif
 
@@ -103,6 +140,15 @@ inline bool row_gemm_runs(int64_t N) {
 #else
   (void)N;
   return false;
+#endif
+}
+
+// dst [C, R] = src [R, C]^T (rows ldd and lds apart); only where row_gemm_runs (any N).
+inline void transpose_rows(int64_t R, int64_t C, const float* src, int64_t lds, float* dst, int64_t ldd) {
+#if SPARSEROUTE_ROW_GEMM
+  row_gemm_detail::transpose(R, C, src, lds, dst, ldd);
+#else
+  (void)R, (void)C, (void)src, (void)lds, (void)dst, (void)ldd;
 #endif
 }
 
