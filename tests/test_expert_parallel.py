@@ -254,6 +254,31 @@ def test_kernel_row_products_equal_torch_for_every_tail():
     assert kernels._row_gemm(torch.empty(0, 8), torch.empty(0, dtype=torch.long), torch.randn(8, 16), 16).shape == (0, 16)
 
 
+def test_kernel_sums_over_rows_equal_torch_for_every_tail():
+    """The kernel's own weight-gradient products, A[ia]^T B[ib]: rows of A or B read by index
+    (repeats included) or in order, row counts around the 128-row chunks, output rows that leave
+    every remainder of the 6-row tiles, columns every remainder of the 64-column tiles; no rows
+    give zeros."""
+    kernels = cpu_kernels.load()
+    if not kernels._row_gemm_runs(16):
+        pytest.skip("the kernel's own row products need AVX-512")
+    gen = torch.Generator().manual_seed(1)
+    none = torch.empty(0, dtype=torch.long)
+    for n, M, N in [(1, 1, 16), (5, 7, 32), (127, 13, 48), (128, 6, 64), (129, 24, 80), (300, 512, 256), (257, 128, 112)]:
+        A, B = torch.randn(n + 9, M, generator=gen), torch.randn(n + 4, N, generator=gen)
+        ia, ib = torch.randint(0, n + 9, (n,), generator=gen), torch.randint(0, n + 4, (n,), generator=gen)
+        ia[: n // 3] = ia[0]
+        for a_idx, b_idx in [(ia, ib), (ia, none), (none, ib)]:
+            a_rows = A[a_idx] if a_idx.numel() else A[:n]
+            b_rows = B[b_idx] if b_idx.numel() else B[:n]
+            got = kernels._row_gemm_tn(A if a_idx.numel() else A[:n].contiguous(), a_idx,
+                                       B if b_idx.numel() else B[:n].contiguous(), b_idx)
+            want = (a_rows.double().t() @ b_rows.double()).float()
+            assert_close(got, want, rtol=1e-5, atol=1e-5 * n**0.5)
+    zeros = kernels._row_gemm_tn(torch.empty(0, 5), none, torch.empty(0, 32), none)
+    assert zeros.shape == (5, 32) and not zeros.any()
+
+
 def test_kernel_transpose_for_every_edge():
     """The transpose the backward's own products take the expert weights through (16 x 16 blocks
     in registers, the edges one value at a time) moves every value to its place."""

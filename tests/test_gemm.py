@@ -225,9 +225,9 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
     weight gradients take x^T and a^T as transposed views (oneDNN's "ba" source), not copies.
     The same in bfloat16, which the kernel also runs on oneDNN where oneDNN's bfloat16 matmul
     runs on the CPU (torch's own bfloat16 matmul would build a kernel per exact shape). In
-    float32 the row-wise products run on the kernel's own row products where those run
-    (AVX-512, a multiple of 16 columns: here x @ w_in, 48 columns, but not the others, with 40
-    or 24)."""
+    float32 the products run on the kernel's own row products where those run (AVX-512, a
+    multiple of 16 columns: here x @ w_in and x^T dL/dh, 48 columns, but not the others, with 40
+    or 24 columns)."""
     import os
     import re
     import subprocess
@@ -249,13 +249,20 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
         if m and f"src:{tag}:" in ln
     ]
     D, F = 40, 24
-    # x @ w_in, a @ w_out, g @ w_out^T, dL/dh @ w_in^T: on the kernel's own products where those run
-    own = [dtype == "float32" and kernels._row_gemm_runs(cols) for cols in (2 * F, D, F, D)]
-    assert len(products) == (6 - sum(own)) * 3  # six products per expert, the others on oneDNN
+
+    def own(cols):  # a product the kernel runs itself: float32, AVX-512 and a multiple of 16 columns
+        return dtype == "float32" and kernels._row_gemm_runs(cols)
+
+    # x @ w_in, a @ w_out, g @ w_out^T, dL/dh @ w_in^T (columns 2F, D, F, D); x^T dL/dh, a^T g (2F, D)
+    row_wise = sum(not own(c) for c in (2 * F, D, F, D))
+    sums = sum(not own(c) for c in (2 * F, D))
+    if dtype == "float32" and kernels._row_gemm_runs(16):
+        assert (row_wise, sums) == (3, 1)  # only x @ w_in and x^T dL/dh (48 columns) run on the kernel's own
+    assert len(products) == (row_wise + sums) * 3  # six products per expert, three experts
     rows, grads = [], []
     for (m, k, k2, n), transposed in products:
         assert k == k2
-        if m in (D, F):  # a weight gradient, x^T dL/dh or a^T g: a sum over the padded rows
+        if m in (D, F):  # a weight gradient, x^T dL/dh or g^T a: a sum over the padded rows
             grads.append(k)
             assert transposed and k % 32 == 0, (m, k, n)
         else:
@@ -263,7 +270,7 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
             assert not transposed
     # the row-wise products have 32k rows (33, 47 -> 64; 70 -> 96), as have the weight gradients' sums
     assert set(rows) == set(grads) == {64, 96}
-    assert len(grads) == 2 * 3
+    assert len(grads) == sums * 3
 
 
 def test_the_kernels_onednn_matmul_checks_its_arguments():

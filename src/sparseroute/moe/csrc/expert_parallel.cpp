@@ -782,16 +782,21 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   const bool own = onednn && x_TD.scalar_type() == at::kFloat && w_in.is_contiguous() && w_out.is_contiguous();
   const bool own_da = own && need_hidden && sparseroute::row_gemm_runs(F);
   const bool own_dx = own && need_x && sparseroute::row_gemm_runs(D);
+  // and the weight gradients x^T dL/dh and a^T g, reading the rows of x and g by token
+  const bool own_din = own && need_in && sparseroute::row_gemm_runs(H);
+  const bool own_dout = own && need_out && sparseroute::row_gemm_runs(D);
+  // the rows of g gathered only for the products that do not read them by token
+  const bool gather_g = (need_hidden && !own_da) || (need_out && !own_dout);
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
   run_parts(
       plan.parts,
       [&] {  // per thread: g rows, x rows, dL/da, dL/dh, an expert's dL/dw_out transposed, the
              // weighted activations (SwiGLU), an expert's w_out and w_in transposed
-        return std::array<Tensor, 8>{workspace().take({plan.most, D}, x_TD.options()),
-                                     workspace().take({plan.most, D}, x_TD.options()),
+        return std::array<Tensor, 8>{workspace().take({gather_g ? plan.most : 0, D}, x_TD.options()),
+                                     workspace().take({need_in && !own_din ? plan.most : 0, D}, x_TD.options()),
                                      workspace().take({plan.most, F}, h.options()),
                                      workspace().take({plan.most, H}, h.options()),
-                                     workspace().take({need_out ? D : 0, F}, w_out.options()),
+                                     workspace().take({need_out && !own_dout ? D : 0, F}, w_out.options()),
                                      workspace().take({act == kSwiGLU && need_out ? plan.most : 0, F}, h.options()),
                                      workspace().take({own_da ? D : 0, F}, w_out.options()),
                                      workspace().take({own_dx ? H : 0, D}, w_in.options())};
@@ -799,9 +804,11 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
       [&](std::array<Tensor, 8>& bufs, const Piece& piece) {
         const int64_t e = piece.expert, n = piece.rows, start = piece.start, np = plan.padded(piece);
         const int64_t* t = tok + start;
-        Tensor g_p = bufs[0].narrow(0, 0, np), ge = g_p.narrow(0, 0, n);
-        gather_rows_out(ge, g_TD, t);
-        zero_rows_from(g_p, n);
+        Tensor g_p = bufs[0].narrow(0, 0, gather_g ? np : 0);
+        if (gather_g) {
+          gather_rows_out(g_p.narrow(0, 0, n), g_TD, t);
+          zero_rows_from(g_p, n);
+        }
         // the piece's weighted activations: saved, or for SwiGLU recomputed from h (with dL/dh
         // when that is needed, in the same pass)
         const bool recompute = act == kSwiGLU && need_out;
@@ -812,7 +819,7 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
           if (own_da) {  // only the piece's rows of dL/da are read
             float* wt = bufs[6].mutable_data_ptr<float>();
             sparseroute::transpose_rows(F, D, w_out.const_data_ptr<float>() + e * F * D, D, wt, F);
-            sparseroute::row_gemm(n, D, F, g_p.const_data_ptr<float>(), D, nullptr, wt, F, ga_p.mutable_data_ptr<float>(), F);
+            sparseroute::row_gemm(n, D, F, g_TD.const_data_ptr<float>(), D, t, wt, F, ga_p.mutable_data_ptr<float>(), F);
           } else {
             product(onednn, ga_p, g_p, w_out.select(0, e).t());
           }
@@ -835,7 +842,11 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
                                       w_S.const_data_ptr<scalar_t>() + start, a_p.mutable_data_ptr<scalar_t>());
           });
         }
-        if (need_out) {  // (g^T a)^T: the padding rows of a and g are zero
+        if (own_dout) {  // a^T g over the piece's rows, g's read by token
+          Tensor g_out_e = piece.continues ? rest_out[piece.part] : g_out.select(0, e);
+          sparseroute::row_gemm_tn(n, F, D, a_p.const_data_ptr<float>(), F, nullptr, g_TD.const_data_ptr<float>(), D, t,
+                                   g_out_e.mutable_data_ptr<float>(), D);
+        } else if (need_out) {  // (g^T a)^T: the padding rows of a and g are zero
           if (recompute) zero_rows_from(a_p, n);
           // as a^T g, with F rows (128) against D (512) columns, this product runs ~20% slower
           product(onednn, bufs[4], g_p.t(), a_p);
@@ -844,7 +855,11 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
         if (!need_hidden) return;
         if (act != kSwiGLU) activation_backward_out(act, gh, ga, h.narrow(0, piece.at, n));
         zero_rows_from(gh_p, n);
-        if (need_in) {  // x^T dL/dh: the padding rows of dL/dh (and of x) are zero
+        if (own_din) {  // x^T dL/dh over the piece's rows, x's read by token
+          Tensor g_in_e = piece.continues ? rest_in[piece.part] : g_in.select(0, e);
+          sparseroute::row_gemm_tn(n, D, H, x_TD.const_data_ptr<float>(), D, t, gh_p.const_data_ptr<float>(), H, nullptr,
+                                   g_in_e.mutable_data_ptr<float>(), H);
+        } else if (need_in) {  // x^T dL/dh: the padding rows of dL/dh (and of x) are zero
           Tensor g_in_e = piece.continues ? rest_in[piece.part] : g_in.select(0, e);
           Tensor x_p = bufs[1].narrow(0, 0, np);
           gather_rows_out(x_p.narrow(0, 0, n), x_TD, t);
@@ -928,6 +943,25 @@ Tensor row_gemm_test(const Tensor& A, const Tensor& idx, const Tensor& B, int64_
   return C;
 }
 
+// Tests: A[ia]^T B[ib] (an empty index: the rows in order) by the kernel's own sums over rows.
+Tensor row_gemm_tn_test(const Tensor& A, const Tensor& ia, const Tensor& B, const Tensor& ib) {
+  for (const Tensor* t : {&A, &B})
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->is_contiguous(), "_row_gemm_tn: contiguous float32 A, B");
+  for (const Tensor* t : {&ia, &ib})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "_row_gemm_tn: int64 indices");
+  const int64_t n = ia.numel() > 0 ? ia.numel() : A.size(0);
+  TORCH_CHECK((ib.numel() > 0 ? ib.numel() : B.size(0)) == n, "_row_gemm_tn: as many rows of B as of A");
+  TORCH_CHECK(sparseroute::row_gemm_runs(B.size(1)), "_row_gemm_tn: does not run here for ", B.size(1), " columns");
+  for (const auto& [idx, rows] : {std::pair<const Tensor*, int64_t>{&ia, A.size(0)}, {&ib, B.size(0)}})
+    for (int64_t r = 0; r < idx->numel(); ++r)
+      TORCH_CHECK(idx->const_data_ptr<int64_t>()[r] >= 0 && idx->const_data_ptr<int64_t>()[r] < rows, "_row_gemm_tn: index out of range");
+  Tensor C = at::empty({A.size(1), B.size(1)}, A.options());
+  sparseroute::row_gemm_tn(n, A.size(1), B.size(1), A.const_data_ptr<float>(), A.size(1),
+                           ia.numel() > 0 ? ia.const_data_ptr<int64_t>() : nullptr, B.const_data_ptr<float>(), B.size(1),
+                           ib.numel() > 0 ? ib.const_data_ptr<int64_t>() : nullptr, C.mutable_data_ptr<float>(), B.size(1));
+  return C;
+}
+
 // Tests: x^T by the kernel's own transpose (float32, where its row products run).
 Tensor transpose_test(const Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "_transpose: a contiguous float32 matrix");
@@ -965,6 +999,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_row_gemm", &row_gemm_test, "tests: A[idx] @ B[:, :N] by the kernel's own row products");
   m.def("_row_gemm_runs", [](int64_t N) { return sparseroute::row_gemm_runs(N); },
         "whether the kernel's own row products run here for N columns");
+  m.def("_row_gemm_tn", &row_gemm_tn_test, "tests: A[ia]^T B[ib] by the kernel's own sums over rows");
   m.def("_transpose", &transpose_test, "tests: x^T by the kernel's own transpose");
   m.def("_bf16_round_trip", &bf16_round_trip, "tests: float32 -> bfloat16 -> float32 by the kernels' conversions");
   m.def("onednn_usable", &onednn_matmul_usable, "whether oneDNN's float32 matmul runs on this CPU");

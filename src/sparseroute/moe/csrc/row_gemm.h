@@ -92,6 +92,82 @@ SPARSEROUTE_AVX512 inline void run(int64_t n, int64_t K, int64_t N, const float*
   }
 }
 
+// Sums over rows: C [M, N] (rows ldc apart) = sum over r < n of A_r[0:M]^T B_r[0:N], the weight
+// gradients' form, with A_r, B_r rows of A and B (or the rows ia[r], ib[r] of them: gathers fused).
+// The rows go in chunks of kChunk; a tile's outputs start from C's values after the first chunk,
+// so each output is still one fused multiply-add chain in r order, whatever the chunking.
+constexpr int64_t kChunk = 128;
+
+template <int MR, int NV>
+SPARSEROUTE_AVX512 inline void tile_tn(int64_t kc, const float* const* a, int64_t m0, const float* const* b, int64_t j0,
+                                       float* C, int64_t ldc, bool first) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(C + i * ldc + 16 * v);
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* ak = a[k] + m0;
+    const float* bk = b[k] + j0;
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 x = _mm512_set1_ps(ak[i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
+}
+
+template <int NV>
+SPARSEROUTE_AVX512 inline void tile_tn_rows(int mr, int64_t kc, const float* const* a, int64_t m0, const float* const* b,
+                                            int64_t j0, float* C, int64_t ldc, bool first) {
+  switch (mr) {
+    case 6: tile_tn<6, NV>(kc, a, m0, b, j0, C, ldc, first); break;
+    case 5: tile_tn<5, NV>(kc, a, m0, b, j0, C, ldc, first); break;
+    case 4: tile_tn<4, NV>(kc, a, m0, b, j0, C, ldc, first); break;
+    case 3: tile_tn<3, NV>(kc, a, m0, b, j0, C, ldc, first); break;
+    case 2: tile_tn<2, NV>(kc, a, m0, b, j0, C, ldc, first); break;
+    default: tile_tn<1, NV>(kc, a, m0, b, j0, C, ldc, first); break;
+  }
+}
+
+SPARSEROUTE_AVX512 inline void run_tn(int64_t n, int64_t M, int64_t N, const float* A, int64_t lda, const int64_t* ia,
+                                      const float* B, int64_t ldb, const int64_t* ib, float* C, int64_t ldc) {
+  if (n == 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    return;
+  }
+  const float* ap[kChunk];
+  const float* bp[kChunk];
+  for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
+    const int64_t kc = std::min(kChunk, n - r0);
+    for (int64_t k = 0; k < kc; ++k) {
+      ap[k] = A + (ia != nullptr ? ia[r0 + k] : r0 + k) * lda;
+      bp[k] = B + (ib != nullptr ? ib[r0 + k] : r0 + k) * ldb;
+    }
+    for (int64_t j0 = 0; j0 < N; j0 += 64) {  // a block of C's columns: its rows stay in L2, B's in L1
+      const int64_t nv = std::min<int64_t>(64, N - j0) / 16;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+        float* Ct = C + m0 * ldc + j0;
+        switch (nv) {
+          case 4: tile_tn_rows<4>(mr, kc, ap, m0, bp, j0, Ct, ldc, r0 == 0); break;
+          case 3: tile_tn_rows<3>(mr, kc, ap, m0, bp, j0, Ct, ldc, r0 == 0); break;
+          case 2: tile_tn_rows<2>(mr, kc, ap, m0, bp, j0, Ct, ldc, r0 == 0); break;
+          default: tile_tn_rows<1>(mr, kc, ap, m0, bp, j0, Ct, ldc, r0 == 0); break;
+        }
+      }
+    }
+  }
+}
+
 // dst [C, R] (rows ldd apart) = src [R, C]^T (rows lds apart), in 16 x 16 blocks transposed in
 // registers (three rounds of shuffles), the edges one value at a time.
 SPARSEROUTE_AVX512 inline void transpose(int64_t R, int64_t C, const float* src, int64_t lds, float* dst, int64_t ldd) {
@@ -140,6 +216,17 @@ inline bool row_gemm_runs(int64_t N) {
 #else
   (void)N;
   return false;
+#endif
+}
+
+// C [M, N] = sum over r < n of A_r[0:M]^T B_r[0:N] (rows of A and B, or rows ia[r] and ib[r] of
+// them where those are not null), as above; only where row_gemm_runs(N). n = 0 gives zeros.
+inline void row_gemm_tn(int64_t n, int64_t M, int64_t N, const float* A, int64_t lda, const int64_t* ia, const float* B,
+                        int64_t ldb, const int64_t* ib, float* C, int64_t ldc) {
+#if SPARSEROUTE_ROW_GEMM
+  row_gemm_detail::run_tn(n, M, N, A, lda, ia, B, ldb, ib, C, ldc);
+#else
+  (void)n, (void)M, (void)N, (void)A, (void)lda, (void)ia, (void)B, (void)ldb, (void)ib, (void)C, (void)ldc;
 #endif
 }
 
