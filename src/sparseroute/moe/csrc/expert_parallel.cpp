@@ -694,7 +694,8 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   // products where they can (row_gemm.h), x's rows gathered inside the first
   const int64_t H = w_in.size(2);
   const bool own = onednn && x_TD.scalar_type() == at::kFloat && w_in.is_contiguous() && w_out.is_contiguous();
-  const bool own_up = own && sparseroute::row_gemm_runs(H), own_down = own && sparseroute::row_gemm_runs(D);
+  const bool own_up = own && sparseroute::row_gemm_runs(H) && sparseroute::row_gemm_fits(D, H);
+  const bool own_down = own && sparseroute::row_gemm_runs(D) && sparseroute::row_gemm_fits(F, D);
   Tensor h = workspace().take({plan.rows, H}, x_TD.options());
   Tensor a = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
   Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
@@ -780,11 +781,11 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   // transposed into a per-thread buffer that stays in cache
   const int64_t H = w_in.size(2);
   const bool own = onednn && x_TD.scalar_type() == at::kFloat && w_in.is_contiguous() && w_out.is_contiguous();
-  const bool own_da = own && need_hidden && sparseroute::row_gemm_runs(F);
-  const bool own_dx = own && need_x && sparseroute::row_gemm_runs(D);
+  const bool own_da = own && need_hidden && sparseroute::row_gemm_runs(F) && sparseroute::row_gemm_fits(D, F);
+  const bool own_dx = own && need_x && sparseroute::row_gemm_runs(D) && sparseroute::row_gemm_fits(H, D);
   // and the weight gradients x^T dL/dh and a^T g, reading the rows of x and g by token
-  const bool own_din = own && need_in && sparseroute::row_gemm_runs(H);
-  const bool own_dout = own && need_out && sparseroute::row_gemm_runs(D);
+  const bool own_din = own && need_in && sparseroute::row_gemm_runs(H) && sparseroute::row_gemm_fits(D, H);
+  const bool own_dout = own && need_out && sparseroute::row_gemm_runs(D) && sparseroute::row_gemm_fits(F, D);
   // the rows of g gathered only for the products that do not read them by token
   const bool gather_g = (need_hidden && !own_da) || (need_out && !own_dout);
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
@@ -999,6 +1000,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_row_gemm", &row_gemm_test, "tests: A[idx] @ B[:, :N] by the kernel's own row products");
   m.def("_row_gemm_runs", [](int64_t N) { return sparseroute::row_gemm_runs(N); },
         "whether the kernel's own row products run here for N columns");
+  m.def("_row_gemm_fits", [](int64_t K, int64_t N) { return sparseroute::row_gemm_fits(K, N); },
+        "whether the kernel takes a product with a K x N per-expert matrix to its own row products");
   m.def("_row_gemm_tn", &row_gemm_tn_test, "tests: A[ia]^T B[ib] by the kernel's own sums over rows");
   m.def("_transpose", &transpose_test, "tests: x^T by the kernel's own transpose");
   m.def("_bf16_round_trip", &bf16_round_trip, "tests: float32 -> bfloat16 -> float32 by the kernels' conversions");
