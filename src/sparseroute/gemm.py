@@ -21,7 +21,10 @@ variable, read once):
 products under a Python dispatch mode (FlopCounterMode, torch.compile's fake tensors), and
 products with fewer than :data:`MIN_DIM` rows, columns or summed terms (where oneDNN's per-call
 set-up costs more than it saves), always run on ATen. The compiled kernel also runs bfloat16 on
-oneDNN where oneDNN's bfloat16 matmul runs on the CPU (:func:`kernel_code`). The two libraries sum in different orders, so their results differ
+oneDNN where oneDNN's bfloat16 matmul runs on the CPU (:func:`kernel_code`); and with the
+backend ``onednn``, in float32 on CPUs with AVX-512, it runs the products of small experts
+(per-expert matrices that fit in half a core's L2) on its own loops, which read the routed rows
+in place (``csrc/row_gemm.h``, docs/moe.md). The two libraries sum in different orders, so their results differ
 in the last bits; with one backend and one thread count, results are reproducible.
 
 :func:`linear` and :func:`matmul` are the products with autograd; the compiled MoE kernel takes
