@@ -32,26 +32,32 @@ namespace row_gemm_detail {
 
 constexpr int kRows = 6;
 
-template <int MR, int NV>
-SPARSEROUTE_AVX512 inline void tile(int64_t K, const float* const* a, const float* B, int64_t ldb, float* C,
-                                    int64_t ldc) {
+// A tile: C[0:MR, 0:16 NV] (rows ldc apart) = a sum over k < K, starting from zero (first) or
+// from C's values. Two forms:
+//   rows times B (kSums false): C[i, :] = sum over k of a[i][k] * B[k, 0:16 NV] (B's rows ldb apart);
+//   sums over rows (kSums true): C[i, :] = sum over k of a[k][m0 + i] * b[k][j0:j0 + 16 NV].
+template <int MR, int NV, bool kSums>
+SPARSEROUTE_AVX512 inline void tile(int64_t K, const float* const* a, int64_t m0, const float* const* b, int64_t j0,
+                                    const float* B, int64_t ldb, float* C, int64_t ldc, bool first) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-  const float* r[MR];
+    for (int v = 0; v < NV; ++v) acc[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(C + i * ldc + 16 * v);
+  const float* r[MR];  // rows times B: the tile's rows, in registers over the loop
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) r[i] = a[i];
+  for (int i = 0; i < MR; ++i) r[i] = kSums ? nullptr : a[i];
   for (int64_t k = 0; k < K; ++k) {
-    __m512 b[NV];
+    const float* ak = kSums ? a[k] + m0 : nullptr;
+    const float* bk = kSums ? b[k] + j0 : B + k * ldb;
+    __m512 bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m512 x = _mm512_set1_ps(r[i][k]);
+      const __m512 x = _mm512_set1_ps(kSums ? ak[i] : r[i][k]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, b[v], acc[i][v]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
     }
   }
 #pragma GCC unroll 8
@@ -60,16 +66,29 @@ SPARSEROUTE_AVX512 inline void tile(int64_t K, const float* const* a, const floa
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
 }
 
-template <int NV>
-SPARSEROUTE_AVX512 inline void tile_rows(int mr, int64_t K, const float* const* a, const float* B, int64_t ldb,
-                                         float* C, int64_t ldc) {
+// The tile of mr rows (1..kRows) and nv vectors of columns (1..4).
+template <int NV, bool kSums>
+SPARSEROUTE_AVX512 inline void tile_rows(int mr, int64_t K, const float* const* a, int64_t m0, const float* const* b,
+                                         int64_t j0, const float* B, int64_t ldb, float* C, int64_t ldc, bool first) {
   switch (mr) {
-    case 6: tile<6, NV>(K, a, B, ldb, C, ldc); break;
-    case 5: tile<5, NV>(K, a, B, ldb, C, ldc); break;
-    case 4: tile<4, NV>(K, a, B, ldb, C, ldc); break;
-    case 3: tile<3, NV>(K, a, B, ldb, C, ldc); break;
-    case 2: tile<2, NV>(K, a, B, ldb, C, ldc); break;
-    default: tile<1, NV>(K, a, B, ldb, C, ldc); break;
+    case 6: tile<6, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    case 5: tile<5, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    case 4: tile<4, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    case 3: tile<3, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    case 2: tile<2, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    default: tile<1, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+  }
+}
+
+template <bool kSums>
+SPARSEROUTE_AVX512 inline void tile_any(int mr, int nv, int64_t K, const float* const* a, int64_t m0,
+                                        const float* const* b, int64_t j0, const float* B, int64_t ldb, float* C,
+                                        int64_t ldc, bool first) {
+  switch (nv) {
+    case 4: tile_rows<4, kSums>(mr, K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    case 3: tile_rows<3, kSums>(mr, K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    case 2: tile_rows<2, kSums>(mr, K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    default: tile_rows<1, kSums>(mr, K, a, m0, b, j0, B, ldb, C, ldc, first); break;
   }
 }
 
@@ -82,15 +101,9 @@ SPARSEROUTE_AVX512 inline void run(int64_t n, int64_t K, int64_t N, const float*
     if (idx != nullptr)  // the next block's rows, scattered over A: ask for them now
       for (int64_t r = r0 + kRows; r < std::min(n, r0 + 2 * kRows); ++r)
         for (int64_t q = 0; q < K; q += 16) _mm_prefetch(reinterpret_cast<const char*>(A + idx[r] * lda + q), _MM_HINT_T1);
-    float* Cr = C + r0 * ldc;
-    int64_t j0 = 0;
-    for (; j0 + 64 <= N; j0 += 64) tile_rows<4>(mr, K, rows, B + j0, ldb, Cr + j0, ldc);
-    switch ((N - j0) / 16) {
-      case 3: tile_rows<3>(mr, K, rows, B + j0, ldb, Cr + j0, ldc); break;
-      case 2: tile_rows<2>(mr, K, rows, B + j0, ldb, Cr + j0, ldc); break;
-      case 1: tile_rows<1>(mr, K, rows, B + j0, ldb, Cr + j0, ldc); break;
-      default: break;
-    }
+    for (int64_t j0 = 0; j0 < N; j0 += 64)
+      tile_any<false>(mr, static_cast<int>(std::min<int64_t>(64, N - j0) / 16), K, rows, 0, nullptr, 0, B + j0, ldb,
+                      C + r0 * ldc + j0, ldc, true);
   }
 }
 
@@ -99,46 +112,6 @@ SPARSEROUTE_AVX512 inline void run(int64_t n, int64_t K, int64_t N, const float*
 // The rows go in chunks of kChunk; a tile's outputs start from C's values after the first chunk,
 // so each output is still one fused multiply-add chain in r order, whatever the chunking.
 constexpr int64_t kChunk = 128;
-
-template <int MR, int NV>
-SPARSEROUTE_AVX512 inline void tile_tn(int64_t kc, const float* const* a, int64_t m0, const float* const* b, int64_t j0,
-                                       float* C, int64_t ldc, bool first) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(C + i * ldc + 16 * v);
-  for (int64_t k = 0; k < kc; ++k) {
-    const float* ak = a[k] + m0;
-    const float* bk = b[k] + j0;
-    __m512 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512 x = _mm512_set1_ps(ak[i]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
-}
-
-template <int NV>
-SPARSEROUTE_AVX512 inline void tile_tn_rows(int mr, int64_t kc, const float* const* a, int64_t m0, const float* const* b,
-                                            int64_t j0, float* C, int64_t ldc, bool first) {
-  switch (mr) {
-    case 6: tile_tn<6, NV>(kc, a, m0, b, j0, C, ldc, first); break;
-    case 5: tile_tn<5, NV>(kc, a, m0, b, j0, C, ldc, first); break;
-    case 4: tile_tn<4, NV>(kc, a, m0, b, j0, C, ldc, first); break;
-    case 3: tile_tn<3, NV>(kc, a, m0, b, j0, C, ldc, first); break;
-    case 2: tile_tn<2, NV>(kc, a, m0, b, j0, C, ldc, first); break;
-    default: tile_tn<1, NV>(kc, a, m0, b, j0, C, ldc, first); break;
-  }
-}
 
 SPARSEROUTE_AVX512 inline void run_tn(int64_t n, int64_t M, int64_t N, const float* A, int64_t lda, const int64_t* ia,
                                       const float* B, int64_t ldb, const int64_t* ib, float* C, int64_t ldc) {
@@ -155,16 +128,10 @@ SPARSEROUTE_AVX512 inline void run_tn(int64_t n, int64_t M, int64_t N, const flo
       bp[k] = B + (ib != nullptr ? ib[r0 + k] : r0 + k) * ldb;
     }
     for (int64_t j0 = 0; j0 < N; j0 += 64) {  // a block of C's columns: its rows stay in L2, B's in L1
-      const int64_t nv = std::min<int64_t>(64, N - j0) / 16;
+      const int nv = static_cast<int>(std::min<int64_t>(64, N - j0) / 16);
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-        float* Ct = C + m0 * ldc + j0;
-        switch (nv) {
-          case 4: tile_tn_rows<4>(mr, kc, ap, m0, bp, j0, Ct, ldc, r0 == 0); break;
-          case 3: tile_tn_rows<3>(mr, kc, ap, m0, bp, j0, Ct, ldc, r0 == 0); break;
-          case 2: tile_tn_rows<2>(mr, kc, ap, m0, bp, j0, Ct, ldc, r0 == 0); break;
-          default: tile_tn_rows<1>(mr, kc, ap, m0, bp, j0, Ct, ldc, r0 == 0); break;
-        }
+        tile_any<true>(mr, nv, kc, ap, m0, bp, j0, nullptr, 0, C + m0 * ldc + j0, ldc, r0 == 0);
       }
     }
   }
