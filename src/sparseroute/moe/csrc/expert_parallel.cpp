@@ -1,7 +1,9 @@
 // Expert-parallel expert MLP for CPUs (SwiGLU, GELU, SiLU or ReLU experts): the routed rows,
 // sorted by expert, are split into as many equal parts as there are intra-op threads, and each
 // thread runs its part expert by expert with single-threaded matmuls (and its own row gather
-// loops) inside one at::parallel_for region (ATen and oneDNN do not nest parallelism). Small
+// loops; in float32 on AVX-512, small experts' products on its own loops, which read the routed
+// rows in place: row_gemm.h) inside one at::parallel_for region (ATen and oneDNN do not nest
+// parallelism). Small
 // per-expert matmuls then run without a fork/join per op, and the threads get equal numbers of
 // rows however skewed the expert loads are; a thread that finishes early takes unstarted pieces
 // of another's part (see Sharing). Each row's output goes to its own row of a [rows, D] buffer;
