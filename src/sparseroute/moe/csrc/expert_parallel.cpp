@@ -3,12 +3,11 @@
 // thread runs its part expert by expert with single-threaded matmuls (and its own row gather
 // loops; in float32 on AVX-512, small experts' products on its own loops, which read the routed
 // rows in place: row_gemm.h) inside one at::parallel_for region (ATen and oneDNN do not nest
-// parallelism). Small
-// per-expert matmuls then run without a fork/join per op, and the threads get equal numbers of
-// rows however skewed the expert loads are; a thread that finishes early takes unstarted pieces
-// of another's part (see Sharing). Each row's output goes to its own row of a [rows, D] buffer;
-// after the region, each token's output is the sum of its rows (combine), in parallel over
-// the tokens. Python: sparseroute.moe.cpu_kernels.
+// parallelism). Small per-expert matmuls then run without a fork/join per op, and the threads
+// get equal numbers of rows however skewed the expert loads are; a thread that finishes early
+// takes unstarted pieces of another's part (see Sharing). Each row's output goes to its own row
+// of a [rows, D] buffer; after the region, each token's output is the sum of its rows (combine),
+// in parallel over the tokens. Python: sparseroute.moe.cpu_kernels.
 //
 // Legend: T tokens, D model dim, E experts, F expert hidden, S routed rows sorted by expert,
 // P parts. The rows of expert e are [offset[e], offset[e] + counts[e]) of the S rows; tok_S[s]
