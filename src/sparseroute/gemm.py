@@ -96,16 +96,22 @@ def resolved_backend() -> str:
     return name
 
 
-def uses_onednn(x: Tensor) -> bool:
-    """Whether products with inputs like ``x`` run on oneDNN: float32 on the CPU with the
-    backend resolved to ``onednn``, outside Python dispatch modes (under FlopCounterMode or
-    torch.compile's fake tensors the products stay aten.mm, which such modes know)."""
+def _on_onednn(x: Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """A CPU tensor of one of ``dtypes``, the backend resolved to ``onednn``, outside Python
+    dispatch modes (under FlopCounterMode or torch.compile's fake tensors the products stay
+    aten.mm, which such modes know)."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in dtypes
         and resolved_backend() == "onednn"
         and not is_in_torch_dispatch_mode()
     )
+
+
+def uses_onednn(x: Tensor) -> bool:
+    """Whether products with inputs like ``x`` run on oneDNN: float32 on the CPU with the
+    backend resolved to ``onednn``, outside Python dispatch modes."""
+    return _on_onednn(x, (torch.float32,))
 
 
 #: dtypes the compiled MoE kernel runs on oneDNN (each where oneDNN's matmul runs on the CPU)
@@ -118,12 +124,7 @@ def kernel_code(x: Tensor) -> int:
     bfloat16 matmul runs on this CPU (the kernel asks; elsewhere it stays on ATen): there it pads
     each expert's rows as in float32, so that the changing loads of training reuse oneDNN's
     built kernels (torch's own bfloat16 matmul also runs on oneDNN, at the exact shapes)."""
-    return int(
-        x.device.type == "cpu"
-        and x.dtype in KERNEL_DTYPES
-        and resolved_backend() == "onednn"
-        and not is_in_torch_dispatch_mode()
-    )
+    return int(_on_onednn(x, KERNEL_DTYPES))
 
 
 def kernel_on_onednn(x: Tensor) -> bool:

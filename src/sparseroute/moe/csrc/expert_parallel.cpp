@@ -423,12 +423,16 @@ enum Activation : int64_t { kSwiGLU = 0, kGELU = 1, kSiLU = 2, kReLU = 3 };
 struct Plan {
   std::vector<std::vector<Piece>> parts;
   bool pad;
+  // on oneDNN's backend in float32 (with dense weights), products may run on the kernel's own
+  // loops instead (row_gemm.h): see own_product
+  bool own;
   int64_t most = 0;  // rows of the largest piece, padded: the size of the per-thread buffers
   int64_t rows = 0;  // rows of the saved activations: S, plus the padding rows
 
   Plan(const std::vector<int64_t>& counts, const Tensor& x_TD, const Tensor& w_in, const Tensor& w_out,
-       const Tensor& tok_S, int64_t act, int64_t threads, bool pad_rows)
-      : pad(pad_rows) {
+       const Tensor& tok_S, int64_t act, int64_t threads, bool onednn)
+      : pad(onednn),
+        own(onednn && x_TD.scalar_type() == at::kFloat && w_in.is_contiguous() && w_out.is_contiguous()) {
     TORCH_CHECK(act >= kSwiGLU && act <= kReLU, "expert_parallel: unknown activation code ", act);
     TORCH_CHECK(x_TD.dim() == 2 && x_TD.is_contiguous(), "expert_parallel: x must be a contiguous [T, D] tensor");
     TORCH_CHECK(tok_S.dim() == 1 && tok_S.scalar_type() == at::kLong && tok_S.is_contiguous(),
@@ -456,6 +460,11 @@ struct Plan {
   int64_t size() const { return static_cast<int64_t>(parts.size()); }
 
   int64_t padded(const Piece& piece) const { return padded_rows(pad, piece.rows); }
+
+  // Whether a product whose per-expert matrix is K x N runs on the kernel's own loops.
+  bool own_product(int64_t K, int64_t N) const {
+    return own && sparseroute::row_gemm_runs(N) && sparseroute::row_gemm_fits(K, N);
+  }
 
   // The expert whose rows part p continues from an earlier part (its weight gradient is a partial
   // sum, added after the parallel region), or -1.
@@ -690,13 +699,10 @@ std::vector<Tensor> mlp_forward(const Tensor& x_TD, const Tensor& w_S, const Ten
   TORCH_CHECK(gemm == 0 || gemm == 1, "expert_parallel: unknown GEMM backend code ", gemm);
   const int64_t D = x_TD.size(1), F = w_out.size(1);
   const bool onednn = on_onednn(gemm, x_TD, F);
-  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads, /*pad=*/onednn);
-  // on oneDNN's backend in float32, the forward's two products run on the kernel's own row
-  // products where they can (row_gemm.h), x's rows gathered inside the first
+  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads, onednn);
+  // the forward's two products on the kernel's own loops where they can, x's rows read by token
   const int64_t H = w_in.size(2);
-  const bool own = onednn && x_TD.scalar_type() == at::kFloat && w_in.is_contiguous() && w_out.is_contiguous();
-  const bool own_up = own && sparseroute::row_gemm_runs(H) && sparseroute::row_gemm_fits(D, H);
-  const bool own_down = own && sparseroute::row_gemm_runs(D) && sparseroute::row_gemm_fits(F, D);
+  const bool own_up = plan.own_product(D, H), own_down = plan.own_product(F, D);
   Tensor h = workspace().take({plan.rows, H}, x_TD.options());
   Tensor a = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
   Tensor s = act == kSwiGLU ? x_TD.new_empty({0, F}) : workspace().take({plan.rows, F}, x_TD.options());
@@ -751,7 +757,7 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   TORCH_CHECK(gemm == 0 || gemm == 1, "expert_parallel: unknown GEMM backend code ", gemm);
   const int64_t D = x_TD.size(1), F = w_out.size(1), E = w_in.size(0);
   const bool onednn = on_onednn(gemm, x_TD, F);
-  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads, /*pad=*/onednn);
+  const Plan plan(counts, x_TD, w_in, w_out, tok_S, act, threads, onednn);
   TORCH_CHECK(g_TD.sizes() == x_TD.sizes() && g_TD.scalar_type() == x_TD.scalar_type() && g_TD.is_contiguous(),
               "expert_parallel: the output gradient must be a contiguous tensor of x's shape and dtype");
   TORCH_CHECK(h.size(0) == plan.rows && (act == kSwiGLU || (a.size(0) == plan.rows && s.size(0) == plan.rows)),
@@ -781,12 +787,9 @@ std::vector<Tensor> mlp_backward(const Tensor& g_TD, const Tensor& x_TD, const T
   // kernel's own row products where they can (row_gemm.h), against the expert's weights
   // transposed into a per-thread buffer that stays in cache
   const int64_t H = w_in.size(2);
-  const bool own = onednn && x_TD.scalar_type() == at::kFloat && w_in.is_contiguous() && w_out.is_contiguous();
-  const bool own_da = own && need_hidden && sparseroute::row_gemm_runs(F) && sparseroute::row_gemm_fits(D, F);
-  const bool own_dx = own && need_x && sparseroute::row_gemm_runs(D) && sparseroute::row_gemm_fits(H, D);
+  const bool own_da = need_hidden && plan.own_product(D, F), own_dx = need_x && plan.own_product(H, D);
   // and the weight gradients x^T dL/dh and a^T g, reading the rows of x and g by token
-  const bool own_din = own && need_in && sparseroute::row_gemm_runs(H) && sparseroute::row_gemm_fits(D, H);
-  const bool own_dout = own && need_out && sparseroute::row_gemm_runs(D) && sparseroute::row_gemm_fits(F, D);
+  const bool own_din = need_in && plan.own_product(D, H), own_dout = need_out && plan.own_product(F, D);
   // the rows of g gathered only for the products that do not read them by token
   const bool gather_g = (need_hidden && !own_da) || (need_out && !own_dout);
   const int64_t* tok = tok_S.const_data_ptr<int64_t>();
@@ -928,6 +931,12 @@ void onednn_mm(const Tensor& a, const Tensor& b, Tensor& out) {
   at::native::mkldnn_matmul(a, b, out, 0.f, 1.f);
 }
 
+// Tests: every index in [0, rows).
+void check_rows(const Tensor& idx, int64_t rows, const char* what) {
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < idx.numel(); ++r) TORCH_CHECK(p[r] >= 0 && p[r] < rows, what, ": index out of range");
+}
+
 // Tests: C = A[idx] @ B (idx empty: A @ B) by the kernel's own row products; A, B contiguous float32, B's
 // rows taken `ldb` apart from a wider matrix when ldb > its columns.
 Tensor row_gemm_test(const Tensor& A, const Tensor& idx, const Tensor& B, int64_t N) {
@@ -938,7 +947,7 @@ Tensor row_gemm_test(const Tensor& A, const Tensor& idx, const Tensor& B, int64_
   TORCH_CHECK(sparseroute::row_gemm_runs(N), "_row_gemm: does not run here for ", N, " columns");
   const bool gather = idx.numel() > 0;
   const int64_t n = gather ? idx.numel() : A.size(0);
-  for (int64_t r = 0; r < idx.numel(); ++r) TORCH_CHECK(idx.const_data_ptr<int64_t>()[r] >= 0 && idx.const_data_ptr<int64_t>()[r] < A.size(0), "_row_gemm: index out of range");
+  check_rows(idx, A.size(0), "_row_gemm");
   Tensor C = at::empty({n, N}, A.options());
   sparseroute::row_gemm(n, A.size(1), N, A.const_data_ptr<float>(), A.size(1), gather ? idx.const_data_ptr<int64_t>() : nullptr,
                         B.const_data_ptr<float>(), B.size(1), C.mutable_data_ptr<float>(), N);
@@ -954,9 +963,8 @@ Tensor row_gemm_tn_test(const Tensor& A, const Tensor& ia, const Tensor& B, cons
   const int64_t n = ia.numel() > 0 ? ia.numel() : A.size(0);
   TORCH_CHECK((ib.numel() > 0 ? ib.numel() : B.size(0)) == n, "_row_gemm_tn: as many rows of B as of A");
   TORCH_CHECK(sparseroute::row_gemm_runs(B.size(1)), "_row_gemm_tn: does not run here for ", B.size(1), " columns");
-  for (const auto& [idx, rows] : {std::pair<const Tensor*, int64_t>{&ia, A.size(0)}, {&ib, B.size(0)}})
-    for (int64_t r = 0; r < idx->numel(); ++r)
-      TORCH_CHECK(idx->const_data_ptr<int64_t>()[r] >= 0 && idx->const_data_ptr<int64_t>()[r] < rows, "_row_gemm_tn: index out of range");
+  check_rows(ia, A.size(0), "_row_gemm_tn");
+  check_rows(ib, B.size(0), "_row_gemm_tn");
   Tensor C = at::empty({A.size(1), B.size(1)}, A.options());
   sparseroute::row_gemm_tn(n, A.size(1), B.size(1), A.const_data_ptr<float>(), A.size(1),
                            ia.numel() > 0 ? ia.const_data_ptr<int64_t>() : nullptr, B.const_data_ptr<float>(), B.size(1),
