@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sparseroute.data import DataConfig, prepare
-from sparseroute.lab.diagnostics import halting_curve, halting_taus, routing_profile
+from sparseroute.evaluation.diagnostics import halting_curve, halting_taus, routing_profile
 from sparseroute.models import MoESettings, TransformerLM, preset
 from sparseroute.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparseroute.train.config import RunConfig, TrainConfig, parse_count

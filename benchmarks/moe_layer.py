@@ -4,7 +4,7 @@ fp32 (``--dtype bf16`` for the other), forward + backward, timed in one process 
 variants interleaved; the median of ``--repeats`` runs after one warm-up. Variants per shape:
 
   moe        sparseroute MoE, learned ``topk`` router, default dispatch ("auto") and GEMM
-             backend (``sparseroute.gemm``: oneDNN on an x86 CPU, in fp32)
+             backend (``sparseroute.kernels.gemm``: oneDNN on an x86 CPU, in fp32)
   moe_<d>    the same layer with dispatch <d> (informational)
   moe_aten   (CPU, where the MoE's products run on oneDNN: fp32, and bf16 where oneDNN's bf16
              matmul runs) the same layer with torch's own matmul
@@ -61,7 +61,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 from sparseroute.lab.stats import median_ratio_ci
 from sparseroute.moe import EXECUTORS, MoE
 
@@ -79,7 +79,7 @@ def sync(device: torch.device) -> None:
 
 def make_dense(D: int, H: int, device, dtype, fused_gate_up: bool, mm: Callable = torch.matmul):
     """SwiGLU MLP of hidden H: gate and up as one [D, 2H] matmul, or as two (LLaMA style); the
-    products through ``mm`` (torch's matmul, or ``sparseroute.gemm.matmul``)."""
+    products through ``mm`` (torch's matmul, or ``sparseroute.kernels.gemm.matmul``)."""
 
     def param(*shape, fan_in):
         return torch.nn.Parameter(torch.randn(*shape, device=device, dtype=dtype) * fan_in**-0.5)

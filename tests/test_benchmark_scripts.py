@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 from sparseroute.moe import MoE, build_router
 from sparseroute.moe.losses import activation_locality_loss, chunk_sparsity_loss
 from sparseroute.moe.routers.relu import ReLUConfig, chunk_level_sparsity, token_level_sparsity

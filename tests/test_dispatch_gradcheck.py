@@ -4,7 +4,8 @@ for every activation, the compiled expert-parallel one (every activation), the s
 import pytest
 import torch
 
-from sparseroute.moe import MoE, cpu_kernels
+from sparseroute.kernels import extension as cpu_kernels
+from sparseroute.moe import MoE
 from sparseroute.moe.dispatch import KERNEL_ACTIVATIONS, ExpertParallelMLP, FusedExpertMLP, segment_mm, sort_by_expert
 from sparseroute.moe.experts import ACTIVATIONS
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sparseroute.moe import MoE, cpu_kernels
+from sparseroute.kernels import extension as cpu_kernels
+from sparseroute.moe import MoE
 
 
 def test_kernel_builds():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 from sparseroute.moe import MoE
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN")
@@ -115,7 +115,7 @@ def test_the_kernel_code_covers_bf16_but_not_other_dtypes():
         assert gemm.kernel_code(f32) == gemm.kernel_code(bf16) == 1
         assert gemm.kernel_code(torch.empty(0, dtype=torch.float16)) == 0
         assert gemm.kernel_code(torch.empty(0, dtype=torch.float64)) == 0
-        from sparseroute.moe import cpu_kernels
+        from sparseroute.kernels import extension as cpu_kernels
 
         kernels = cpu_kernels.load()
         if kernels is not None:
@@ -198,7 +198,7 @@ def test_the_kernel_takes_the_backend_of_its_forward(T, D, E, differ):
 
 _SHAPES_SCRIPT = """
 import torch
-from sparseroute.moe import cpu_kernels
+from sparseroute.kernels import extension as cpu_kernels
 kernels = cpu_kernels.load()
 dtype = getattr(torch, "{dtype}")
 # asked before the products below, so that its own probes are not among them
@@ -233,7 +233,7 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
     import subprocess
     import sys
 
-    from sparseroute.moe import cpu_kernels
+    from sparseroute.kernels import extension as cpu_kernels
 
     kernels = cpu_kernels.load()  # built here, so the child only loads it
     if not kernels.onednn_usable_for(torch.empty(0, dtype=getattr(torch, dtype))):
@@ -274,7 +274,7 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
 
 
 def test_the_kernels_onednn_matmul_checks_its_arguments():
-    from sparseroute.moe import cpu_kernels
+    from sparseroute.kernels import extension as cpu_kernels
 
     kernels = cpu_kernels.load()
     if kernels is None or not kernels.onednn_usable():

@@ -15,7 +15,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
 
 from sparseroute.moe import MoE  # noqa: E402
-from sparseroute.moe.hf import from_hf, to_hf  # noqa: E402
+from sparseroute.integrations.hf import from_hf, to_hf  # noqa: E402
 
 D, FF, E, K = 32, 16, 6, 2
 IMPLS = ["eager", "batched_mm", "grouped_mm"]

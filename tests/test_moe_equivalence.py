@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 from sparseroute.moe import MoE
 from sparseroute.moe.routers import ROUTERS
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparseroute.moe import cpu_kernels
+from sparseroute.kernels import extension as cpu_kernels
 from sparseroute.moe.routers.base import _softmax_topk_kernels, expert_softmax, softmax_topk, topk_of
 from sparseroute.routing import expert_load
 

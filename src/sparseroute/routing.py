@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "Routing",
-    "Registry",
     "expert_keys",
     "expert_load",
     "routing_stats",
@@ -174,40 +172,6 @@ def apply_capacity(routing: Routing, capacity: int) -> Routing:
         stats["entropy"] = routing.stats["entropy"]
     stats["dropped_fraction"] = torch.tensor(n_dropped / n_valid if n_valid else 0.0)
     return routing.replace(indices=new_idx, weights=new_w, stats=stats)
-
-
-T_co = TypeVar("T_co")
-
-
-class Registry(Generic[T_co]):
-    """Components by name. ``get`` of an unknown name raises ValueError listing the known names."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._items: dict[str, T_co] = {}
-
-    def register(self, name: str) -> Callable[[T_co], T_co]:
-        def deco(obj: T_co) -> T_co:
-            if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._items[name] = obj
-            return obj
-
-        return deco
-
-    def get(self, name: str) -> T_co:
-        try:
-            return self._items[name]
-        except KeyError:
-            raise ValueError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}"
-            ) from None
-
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
 
 
 def routing_fluctuation(idx_a_TK: Tensor, idx_b_TK: Tensor) -> float:

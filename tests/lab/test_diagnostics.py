@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparseroute.lab.diagnostics import (
+from sparseroute.evaluation.diagnostics import (
     expert_specialisation,
     halting_curve,
     router_expert_coupling,
@@ -96,7 +96,7 @@ def test_expert_specialisation_counts_top1_tokens():
 
 
 def test_halting_taus_at_quantiles_halt_that_share_of_tokens(text):
-    from sparseroute.lab.diagnostics import halting_taus
+    from sparseroute.evaluation.diagnostics import halting_taus
 
     m = model(hops=2)
     taus = halting_taus(m, text, [0.25, 0.5], batch_size=4, seq_len=32, max_tokens=1024)

@@ -17,11 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from sparseroute.fileio import sha256_file
+from sparseroute.fileio import atomic_path, file_lock, sha256_file
 
 from sparseroute.data.config import DataConfig, default_cache_root
 from sparseroute.data.corpus import SEPARATOR, SPLITS, utf8_len
@@ -70,40 +68,16 @@ def _say(progress: bool, msg: str) -> None:
         print(f"[sparseroute.data] {msg}", file=sys.stderr, flush=True)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
-    tmp = _tmp_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 @contextlib.contextmanager
 def _locked(lock_path: Path) -> Iterator[None]:
+    """Serialise the processes preparing one entry; a read-only cache is loaded unlocked."""
     try:
-        import fcntl  # noqa: PLC0415  (POSIX only; elsewhere preparation is unlocked)
-    except ImportError:
+        held = file_lock(lock_path)
+    except OSError:
         yield
         return
-    try:
-        f = open(lock_path, "a+b")  # noqa: SIM115
-    except OSError:  # a read-only cache can still be loaded, unlocked
+    with held:
         yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _key_fields(cfg: DataConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +163,7 @@ def _load(directory: Path, m: dict) -> TokenizedCorpus:
 def _write_split(path: Path, chunks: Iterator[np.ndarray], dtype: np.dtype) -> tuple[int, str]:
     h = hashlib.sha256()
     n = 0
-    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for arr in chunks:
             raw = np.ascontiguousarray(arr, dtype=dtype).tobytes()
             f.write(raw)
@@ -216,7 +190,7 @@ def _build(cfg: DataConfig, source, fields: dict[str, Any], key: str, directory:
         if not plan.splits["train"]:
             raise ValueError(f"corpus {cfg.corpus!r}: the train split is empty, so there is nothing to train BPE on")
         _say(progress, f"training byte-level BPE (vocab {cfg.bpe_vocab_size}) on the train split")
-        with _atomic_path(directory / TOKENIZER_FILE) as tmp:
+        with atomic_path(directory / TOKENIZER_FILE) as tmp:
             train_bpe(plan.iter_texts("train"), cfg.bpe_vocab_size, tmp, progress=progress)
         tok: ByteTokenizer | BPETokenizer = BPETokenizer(directory / TOKENIZER_FILE)
         manifest["tokenizer_sha256"] = sha256_file(directory / TOKENIZER_FILE)
@@ -243,7 +217,7 @@ def _build(cfg: DataConfig, source, fields: dict[str, Any], key: str, directory:
     if plan.list_files:
         manifest["files"] = {s: [p.name for p in plan.splits[s]] for s in SPLITS}
     _say(progress, "writing cache: " + ", ".join(f"{s} {splits[s]['tokens']:,} tokens" for s in SPLITS))
-    with _atomic_path(directory / MANIFEST) as tmp:
+    with atomic_path(directory / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
     return manifest
 

@@ -19,12 +19,11 @@ same results give the same file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from sparseroute.fileio import atomic_write_text
 from sparseroute.lab.results import SweepResults
 from sparseroute.lab.stats import Comparison
 
@@ -288,27 +287,6 @@ def _render_html(
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace: the
-    old file stays as it was, and no temporary file is left, if anything fails."""
-    try:
-        mode = path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(
     results: SweepResults, path: str | os.PathLike[str], *, margin: float = 1.0, relative: bool = False,
     alpha: float = 0.05,
@@ -319,5 +297,5 @@ def write_report(
     comparison = comparison_of(results, margin=margin, relative=relative, alpha=alpha)
     document = _render_html(results, comparison, margin=margin, relative=relative, alpha=alpha)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, document.encode("utf-8"))
+    atomic_write_text(path, document)
     return path

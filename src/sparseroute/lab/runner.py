@@ -9,7 +9,6 @@ stops the sweep; the interrupted run stays ``running`` and resumes on the next s
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
@@ -28,7 +27,8 @@ import torch
 
 from sparseroute.lab.spec import SweepSpec
 from sparseroute.lab.store import Store
-from sparseroute.train.checkpoint import fault
+from sparseroute._testing import fault
+from sparseroute.fileio import LockBusy, file_lock
 from sparseroute.train.config import RunConfig
 
 __all__ = ["register_sweep", "run_sweep", "execute_run", "git_revision", "SweepBusy", "SweepInterrupted"]
@@ -119,15 +119,12 @@ def _same_runs_sweep(store: Store, name: str, runs) -> int | None:
 @contextmanager
 def _sweep_lock(store: Store, sweep_id: int) -> Iterator[None]:
     lock_path = store.path.parent / f".{store.path.name}.sweep-{sweep_id}.lock"
-    with open(lock_path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SweepBusy(f"sweep {sweep_id} is being run by another process; wait for it or stop it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        held = file_lock(lock_path, timeout=0)
+    except LockBusy:
+        raise SweepBusy(f"sweep {sweep_id} is being run by another process; wait for it or stop it") from None
+    with held:
+        yield
 
 
 def execute_run(store: Store, run_id: int, *, progress: bool = True, corpora: dict | None = None) -> str:

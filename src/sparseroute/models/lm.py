@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 from sparseroute.models.config import LMConfig
 from sparseroute.moe import MoE
 from sparseroute.moe.layer import after_optimizer_step

@@ -28,9 +28,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # lazy: transformers is an optional extra
+def __getattr__(name):  # lazy: the adapter sits in a higher layer (and transformers is optional)
     if name in ("from_hf", "to_hf"):
-        from sparseroute.moe import hf
+        from sparseroute.integrations import hf
 
         return getattr(hf, name)
     raise AttributeError(name)

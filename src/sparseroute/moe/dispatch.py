@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from sparseroute import gemm
-from sparseroute.moe import cpu_kernels
+from sparseroute.kernels import gemm
+from sparseroute.kernels import extension as cpu_kernels
 from sparseroute.moe.experts import Experts
-from sparseroute.routing import Registry, Routing, expert_keys
+from sparseroute.registry import Registry
+from sparseroute.routing import Routing, expert_keys
 
 Executor = Callable[[Tensor, Routing, Experts], Tensor]
 EXECUTORS: Registry[Executor] = Registry("dispatch")
@@ -241,7 +242,7 @@ class ExpertParallelMLP(torch.autograd.Function):
     """:class:`FusedExpertMLP` (for the activations of :data:`KERNEL_ACTIVATIONS`; ``act`` is the
     code) split over the intra-op threads: the rows sorted by expert are cut into one equal part
     per thread, and each thread runs its part expert by expert with single-threaded ops, inside
-    one parallel region of the compiled kernel (:mod:`sparseroute.moe.cpu_kernels`). The split
+    one parallel region of the compiled kernel (:mod:`sparseroute.kernels.extension`). The split
     is a fixed function of the expert loads and the thread count, so results are deterministic
     for a given thread count (they differ from :class:`FusedExpertMLP` by summation order
     only)."""

@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparseroute.fileio import sha256_file
+from sparseroute._testing import fault
+from sparseroute.fileio import sha256_file, write_json_atomic
 
 FORMAT = 1
 KEEP = 2
@@ -31,22 +31,6 @@ KEEP = 2
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not belong to this run."""
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fault(point: str, step: int) -> None:
-    """Fault injection for tests: SPARSEROUTE_FAULT="<point>:<step>" SIGKILLs the process there."""
-    spec = os.environ.get("SPARSEROUTE_FAULT", "")
-    if spec and spec == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

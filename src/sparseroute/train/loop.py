@@ -14,18 +14,25 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from sparseroute.data import TokenizedCorpus, eval_batches, get_batch, prepare
+from sparseroute.data import TokenizedCorpus, get_batch, prepare
+from sparseroute.evaluation import evaluate
 from sparseroute.models import TransformerLM, flops_per_token
 from sparseroute.models.flops import parameter_counts
-from sparseroute.moe import after_optimizer_step
+from sparseroute.evaluation.diagnostics import (
+    expert_specialisation,
+    halting_curve,
+    halting_taus,
+    router_expert_coupling,
+    routing_fluctuation,
+)
+from sparseroute._testing import fault
+from sparseroute.fileio import write_json_atomic
 from sparseroute.train.checkpoint import (
     CheckpointError,
-    fault,
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
-    write_json_atomic,
 )
 from sparseroute.train.config import RunConfig
 
@@ -58,37 +65,6 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     if not bool(max_norm / (total + 1e-6) >= 1.0):  # NaN multiplies too, as in torch
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
-
-
-@torch.no_grad()
-def evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_tokens: int, device) -> dict[str, Any]:
-    """Mean cross-entropy (nats/token) and perplexity over up to ``max_tokens`` of ``tokens``; for MoE
-    models also ``routing``: per MoE layer, token-weighted means of the scalar routing statistics
-    in eval mode (entropy, imbalance, active experts, hop collinearity, hops taken, ...)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    layers: list[dict[str, float]] = []
-    for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens=max_tokens):
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        logits = out.logits
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
-        count += y.numel()
-        if not layers:
-            layers = [{} for _ in out.routings]
-        for lay, r in zip(layers, out.routings):  # token-weighted means of the scalar routing stats
-            for key, value in r.stats.items():
-                if value.numel() == 1:
-                    lay[key] = lay.get(key, 0.0) + float(value) * y.numel()
-    model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluation split is shorter than one sequence; use a larger corpus or a shorter seq_len")
-    loss = total / count
-    res: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
-    if layers:
-        res["routing"] = [{k: v / count for k, v in sorted(lay.items())} for lay in layers]
-    return res
 
 
 @dataclass
@@ -267,7 +243,7 @@ def train(
         gnorm = clip_grad_norm(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         _check_finite(step, "the gradient norm", gnorm)
         optimizer.step()
-        after_optimizer_step(model)
+        model.after_optimizer_step()
         acc.loss += float(ce.detach())
         acc.aux += float(aux.detach())
         acc.n += 1
@@ -303,7 +279,6 @@ def train(
 def _diagnostics(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, out: Path | None) -> dict[str, Any]:
     """Router diagnostics at the end of a MoE run: router-expert coupling, expert specialisation on
     validation text, and routing fluctuation against the newest earlier checkpoint."""
-    from sparseroute.lab.diagnostics import expert_specialisation, router_expert_coupling, routing_fluctuation
 
     tc = cfg.train
     n = min(tc.eval_tokens, 16_384)
@@ -340,8 +315,6 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
         extra["diagnostics"] = _diagnostics(model, cfg, corpus, out)
     moe = cfg.model.moe
     if (tc.halting_taus or tc.halting_quantiles) and moe is not None and moe.hops > 1:
-        from sparseroute.lab.diagnostics import halting_curve, halting_taus
-
         kw = {"batch_size": tc.batch_size, "seq_len": tc.seq_len, "max_tokens": tc.eval_tokens}
         taus = list(tc.halting_taus)
         if tc.halting_quantiles:

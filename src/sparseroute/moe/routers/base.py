@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from sparseroute.moe import cpu_kernels
+from sparseroute.kernels import extension as cpu_kernels
 from sparseroute.moe.losses import load_balance_loss, z_loss
-from sparseroute.routing import Registry, Routing, routing_stats
+from sparseroute.registry import Registry
+from sparseroute.routing import Routing, routing_stats
 
 ROUTERS: Registry[type["Router"]] = Registry("router")
 
@@ -142,6 +143,13 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
 
     def after_optimizer_step(self) -> None:
         """Hook the training loop calls after each optimizer step (loss-free balancing)."""
+
+    def expert_directions(self) -> Tensor | None:
+        """[E, D] float32, detached: per expert, the direction in model space along which its
+        routing score grows (a linear router's rows; for centroid routers the centroid in model
+        space), or None for a router without one (hash, the oracles). Diagnostics compare these
+        with the experts' own weights."""
+        return None
 
     def routing_parameters(self) -> int:
         """Number of parameters that decide the routing (trainable or not)."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 from sparseroute.moe.routers.base import Router, RouterConfig, register_router, softmax_topk
 from sparseroute.routing import Routing
 
@@ -64,6 +64,10 @@ class CosineRouter(Router):
         renorm = self.top_k > 1 if self.config.renormalize is None else self.config.renormalize
         probs_TE, idx_TK, w_TK = softmax_topk(logits_TE, self.top_k, renorm)
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=probs_TE)
+
+    def expert_directions(self) -> Tensor:
+        """Pᵀ ĉ_e: each normalised centroid mapped back to model space."""
+        return F.normalize(self.centroids.detach().float(), dim=-1) @ self.proj.detach().float()
 
     @classmethod
     def flops_per_token(cls, config, d_model, num_experts, seq_len):

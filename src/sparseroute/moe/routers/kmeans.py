@@ -97,6 +97,10 @@ class KMeansRouter(Router):
         self.register_buffer("selection_bias", torch.zeros(E))
         self.register_buffer("last_drift", torch.zeros(()))
 
+    def expert_directions(self) -> Tensor:
+        """The centroids, which live in model space."""
+        return self.centroids.detach().float()
+
     def scores(self, x_TD: Tensor) -> Tensor:
         """[T, E] cos(x_t, c_e) in float32; differentiable in x, not in the centroids."""
         x_TD = F.normalize(x_TD.float(), dim=-1)

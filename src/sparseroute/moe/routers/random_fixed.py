@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 from sparseroute.moe.routers.base import Router, RouterConfig, register_router, softmax_topk
 from sparseroute.routing import Routing
 
@@ -39,6 +39,9 @@ class RandomFixedRouter(Router):
         renorm = self.top_k > 1 if self.config.renormalize is None else self.config.renormalize
         probs_TE, idx_TK, w_TK = softmax_topk(logits_TE, self.top_k, renorm)
         return self.finish(idx_TK, w_TK, logits_TE=logits_TE, probs_TE=probs_TE)
+
+    def expert_directions(self) -> Tensor:
+        return self.weight.detach().float()
 
     def routing_parameters(self) -> int:
         return self.weight.numel()

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 from sparseroute.moe.routers.base import RouterConfig, expert_softmax, register_router, softmax_topk, topk_of
 from sparseroute.moe.routers.topk import LinearRouter
 from sparseroute.routing import Routing, mean_entropy

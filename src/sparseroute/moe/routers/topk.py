@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sparseroute import gemm
+from sparseroute.kernels import gemm
 from sparseroute.moe.routers.base import Router, RouterConfig, register_router, softmax_topk
 from sparseroute.routing import Routing
 
@@ -45,6 +45,9 @@ class LinearRouter(Router):
         if self.training and jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - jitter, 1.0 + jitter)
         return gemm.linear(x_TD, self.weight).float()
+
+    def expert_directions(self) -> Tensor:
+        return self.weight.detach().float()
 
     def renormalize(self) -> bool:
         r = getattr(self.config, "renormalize", None)

@@ -1,5 +1,5 @@
 """The compiled CPU kernels, built on first use: the expert-parallel expert MLP and the entry to
-oneDNN's matmul that :mod:`sparseroute.gemm` uses (``csrc/expert_parallel.cpp``), and the
+oneDNN's matmul that :mod:`sparseroute.kernels.gemm` uses (``csrc/expert_parallel.cpp``), and the
 softmax top-k routing decision (``csrc/softmax_topk.cpp``).
 
 torch's JIT extension builder compiles it once (about a minute) into torch's extension folder

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparseroute.data import eval_batches
+from sparseroute.evaluation.evaluate import evaluate
 from sparseroute.models import TransformerLM
 
 __all__ = ["routing_profile", "halting_taus", "halting_curve", "routing_fluctuation", "router_expert_coupling",
@@ -48,10 +49,8 @@ def set_halting(model: TransformerLM, threshold: float) -> None:
 
 
 def _evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_tokens: int) -> dict[str, Any]:
-    """The training loop's evaluation (loss, ppl, tokens, per-layer routing statistics), on the
-    model's own device."""
-    from sparseroute.train.loop import evaluate
-
+    """:func:`~sparseroute.evaluation.evaluate` (loss, ppl, tokens, per-layer routing
+    statistics), on the model's own device."""
     return evaluate(model, tokens, batch_size, seq_len, max_tokens, next(model.parameters()).device)
 
 
@@ -154,17 +153,6 @@ def routing_fluctuation(model_a: TransformerLM, model_b: TransformerLM, tokens, 
     return [float((x != y).float().mean()) for x, y in zip(a, b)]
 
 
-def _router_directions(router) -> Tensor | None:
-    """[E, D] directions in model space that each expert's routing score grows along."""
-    if hasattr(router, "proj") and hasattr(router, "centroids"):  # cosine: P^T c_e
-        return (F.normalize(router.centroids.detach().float(), dim=-1) @ router.proj.detach().float())
-    if hasattr(router, "centroids"):  # k-means centroids live in model space
-        return router.centroids.detach().float()
-    if hasattr(router, "weight") and router.weight.dim() == 2:
-        return router.weight.detach().float()
-    return None
-
-
 @torch.no_grad()
 def router_expert_coupling(model: TransformerLM) -> list[list[float] | None]:
     """Per MoE layer, per expert |cos(router direction, principal input direction of w_in[e])|
@@ -172,7 +160,7 @@ def router_expert_coupling(model: TransformerLM) -> list[list[float] | None]:
     sqrt(2 / (π D)); values well above that mean router and expert are aligned."""
     out: list[list[float] | None] = []
     for moe in model.moe_layers():
-        dirs_ED = _router_directions(moe.router)
+        dirs_ED = moe.router.expert_directions()
         if dirs_ED is None:
             out.append(None)
             continue

@@ -7,7 +7,7 @@
 // get equal numbers of rows however skewed the expert loads are; a thread that finishes early
 // takes unstarted pieces of another's part (see Sharing). Each row's output goes to its own row
 // of a [rows, D] buffer; after the region, each token's output is the sum of its rows (combine),
-// in parallel over the tokens. Python: sparseroute.moe.cpu_kernels.
+// in parallel over the tokens. Python: sparseroute.kernels.extension.
 //
 // Legend: T tokens, D model dim, E experts, F expert hidden, S routed rows sorted by expert,
 // P parts. The rows of expert e are [offset[e], offset[e] + counts[e]) of the S rows; tok_S[s]
@@ -189,12 +189,12 @@ TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tenso
 namespace {
 
 // The per-expert products run on ATen (torch's matmul: MKL) or on oneDNN; `gemm` is the
-// backend's code from sparseroute.gemm.kernel_code (0 ATen, 1 oneDNN). See sparseroute/gemm.py
+// backend's code from sparseroute.kernels.gemm.kernel_code (0 ATen, 1 oneDNN). See sparseroute/gemm.py
 // for why: on some CPUs MKL runs its AVX2 code where oneDNN runs AVX-512. On oneDNN the products
 // call its matmul directly: it takes transposed operands as they are (the weight gradients'
 // x^T and g^T need no copy) and writes into the kernel's buffers. oneDNN takes float32 and
 // bfloat16 here (each where its matmul runs on this CPU), and a call whose D or F is below
-// kMinDim (sparseroute.gemm.MIN_DIM) stays on ATen.
+// kMinDim (sparseroute.kernels.gemm.MIN_DIM) stays on ATen.
 constexpr int64_t kMinDim = 4;
 
 // Whether oneDNN's matmul runs on this CPU for `dtype` (float32 or bfloat16; asked once per
@@ -919,7 +919,7 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> sort_by_expert(const Tensor& in
   return {order, tok, counts};
 }
 
-// out = a @ b on oneDNN's matmul, for sparseroute.gemm: float32 CPU matrices, `out` dense.
+// out = a @ b on oneDNN's matmul, for sparseroute.kernels.gemm: float32 CPU matrices, `out` dense.
 void onednn_mm(const Tensor& a, const Tensor& b, Tensor& out) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.size(1) == b.size(0) &&
                   out.size(0) == a.size(0) && out.size(1) == b.size(1),

@@ -1,5 +1,5 @@
 // Small math for the CPU kernels' elementwise loops, written so that the loops vectorize.
-// Included by expert_parallel.cpp and softmax_topk.cpp; sparseroute.moe.cpu_kernels rebuilds them
+// Included by expert_parallel.cpp and softmax_topk.cpp; sparseroute.kernels.extension rebuilds them
 // when this file changes.
 
 #pragma once

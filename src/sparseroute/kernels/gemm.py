@@ -13,7 +13,7 @@ variable, read once):
   auto     oneDNN on x86-64 where torch has it, else ATen (the default)
   aten     torch's own matmul (MKL or whatever BLAS torch was built with)
   onednn   oneDNN, an error where torch lacks it: its matmul primitive through the compiled
-           kernels (sparseroute.moe.cpu_kernels) where they are built and it runs on the CPU
+           kernels (sparseroute.kernels.extension) where they are built and it runs on the CPU
            (float32 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT), else torch's oneDNN linear op
            (``mkldnn::_linear_pointwise``), which copies a transposed left operand first
 
@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from sparseroute.kernels import extension
 
 BACKENDS = ("auto", "aten", "onednn")
 #: products with a dimension below this run on ATen (oneDNN's set-up costs ~15 µs a call)
@@ -133,9 +135,7 @@ def kernel_on_onednn(x: Tensor) -> bool:
     ``x``'s dtype."""
     if not kernel_code(x):
         return False
-    from sparseroute.moe import cpu_kernels  # here: sparseroute.moe imports this module
-
-    kernels = cpu_kernels.load()
+    kernels = extension.load()
     return kernels is not None and bool(kernels.onednn_usable_for(x))
 
 
@@ -144,9 +144,7 @@ def _onednn_matmul():
     and it runs on this CPU (float32 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT); else None, and the
     products use torch's oneDNN linear op. Decided once per process."""
     if "fn" not in _matmul:
-        from sparseroute.moe import cpu_kernels  # here: sparseroute.moe imports this module
-
-        kernels = cpu_kernels.load()
+        kernels = extension.load()
         _matmul["fn"] = kernels.onednn_mm if kernels is not None and kernels.onednn_usable() else None
     return _matmul["fn"]
 

@@ -1,0 +1,49 @@
+"""Evaluation of a trained LM: cross-entropy and perplexity on held-out text, with the routing
+statistics of its MoE layers in eval mode.
+
+Legend: B batch, S sequence, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sparseroute.data import eval_batches
+from sparseroute.models import TransformerLM
+
+__all__ = ["evaluate"]
+
+
+@torch.no_grad()
+def evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_tokens: int, device) -> dict[str, Any]:
+    """Mean cross-entropy (nats/token) and perplexity over up to ``max_tokens`` of ``tokens``; for MoE
+    models also ``routing``: per MoE layer, token-weighted means of the scalar routing statistics
+    in eval mode (entropy, imbalance, active experts, hop collinearity, hops taken, ...)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    layers: list[dict[str, float]] = []
+    for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens=max_tokens):
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        logits = out.logits
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
+        count += y.numel()
+        if not layers:
+            layers = [{} for _ in out.routings]
+        for lay, r in zip(layers, out.routings):  # token-weighted means of the scalar routing stats
+            for key, value in r.stats.items():
+                if value.numel() == 1:
+                    lay[key] = lay.get(key, 0.0) + float(value) * y.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation split is shorter than one sequence; use a larger corpus or a shorter seq_len")
+    loss = total / count
+    res: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+    if layers:
+        res["routing"] = [{k: v / count for k, v in sorted(lay.items())} for lay in layers]
+    return res
