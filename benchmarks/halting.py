@@ -20,7 +20,8 @@ import torch
 
 from sparseroute.data import DataConfig, prepare
 from sparseroute.evaluation.diagnostics import halting_curve, halting_taus, routing_profile
-from sparseroute.models import MoESettings, TransformerLM, preset
+from sparseroute.models import TransformerLM, preset
+from sparseroute.moe import MoEConfig
 from sparseroute.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparseroute.train.config import RunConfig, TrainConfig, parse_count
 from sparseroute.train.loop import resolve_vocab, train
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     if args.run is None:
         tmp = tempfile.TemporaryDirectory() if args.out is None else None
         out = Path(args.out or tmp.name) / "halting-run"
-        moe = MoESettings(num_experts=8, top_k=2, router="cosine", hops=args.hops)
+        moe = MoEConfig(num_experts=8, top_k=2, router="cosine", hops=args.hops)
         cfg = RunConfig(model=preset("tiny", moe=moe),
                         data=DataConfig(),
                         train=TrainConfig(tokens=parse_count(args.tokens), batch_size=8, seq_len=256,

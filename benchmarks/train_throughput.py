@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from sparseroute.data import DataConfig, get_batch, prepare
 from sparseroute.lab.stats import median_ratio_ci
-from sparseroute.models import MoESettings, TransformerLM, preset
+from sparseroute.models import TransformerLM, preset
+from sparseroute.moe import MoEConfig
 from sparseroute.moe import after_optimizer_step
 from sparseroute.train.config import TrainConfig
 from sparseroute.train.loop import clip_grad_norm, make_optimizer
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     corpus = prepare(DataConfig(max_bytes=4_000_000))
     tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, tokens=10**9)
     dense_cfg = replace(preset("tiny"), max_seq_len=max(args.seq_len, preset("tiny").max_seq_len))
-    moe_cfg = replace(dense_cfg, moe=MoESettings(num_experts=8, top_k=2, router=args.router))
+    moe_cfg = replace(dense_cfg, moe=MoEConfig(num_experts=8, top_k=2, router=args.router))
     runs = {}
     for name, cfg in (("dense", dense_cfg), ("moe", moe_cfg)):
         torch.manual_seed(0)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sparseroute.models import LMConfig, MoESettings, TransformerLM, apply_rope, rope_cos_sin
+from sparseroute.models import LMConfig, TransformerLM, apply_rope, rope_cos_sin
+from sparseroute.moe import MoEConfig
 from sparseroute.moe import MoE, build_router
 from sparseroute.moe.dispatch import EXECUTORS
 from sparseroute.moe.routers import ROUTERS
@@ -27,7 +28,7 @@ ATTN = {"features": "attention"}
 
 def lm_config(router: str = "similarity", **options) -> LMConfig:
     opts = dict(ATTN, **options) if router == "similarity" else dict(options)
-    moe = MoESettings(num_experts=4, top_k=2, router=router, router_options=opts)
+    moe = MoEConfig(num_experts=4, top_k=2, router=router, router_options=opts)
     return LMConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=H, d_ff=FF, max_seq_len=S, moe=moe)
 
 

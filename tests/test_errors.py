@@ -25,7 +25,7 @@ def test_bad_top_k(k):
     with pytest.raises(ValueError, match="top_k"):
         MoE(D, F, E, k)
     with pytest.raises(ValueError, match="top_k"):
-        MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k)
+        MoEConfig(d_ff=F, num_experts=E, top_k=k)
 
 
 @pytest.mark.parametrize("name", ["topk", "cosine", "hash", "expert_choice", "relu", "all_to_one"])

@@ -44,9 +44,10 @@ def check_device_agrees_with_cpu(device: str) -> None:
 def check_lm_agrees_with_cpu(device: str, router: str | None) -> None:
     """A small language model (dense, or MoE with ``router``) on ``device`` gives the CPU's
     logits, auxiliary losses and parameter gradients in fp32 (eval mode: no routing noise)."""
-    from sparseroute.models import LMConfig, MoESettings, TransformerLM
+    from sparseroute.models import LMConfig, TransformerLM
+    from sparseroute.moe import MoEConfig
 
-    moe = None if router is None else MoESettings(num_experts=4, top_k=2, router=router)
+    moe = None if router is None else MoEConfig(num_experts=4, top_k=2, router=router)
     cfg = LMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, moe=moe)
     torch.manual_seed(0)
     model = TransformerLM(cfg).eval()

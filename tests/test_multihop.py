@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sparseroute.models import MoESettings, TransformerLM, flops_per_token, preset
+from sparseroute.models import TransformerLM, flops_per_token, preset
+from sparseroute.moe import MoEConfig
 from sparseroute.models.flops import parameter_counts
 from sparseroute.moe import MoE
 from sparseroute.moe.dispatch import EXECUTORS
@@ -164,13 +165,13 @@ def test_config_errors():
     with pytest.raises(ValueError, match="halt_threshold"):
         MoE(D, F, E, K).set_halting(float("nan"))
     with pytest.raises(ValueError, match="hops"):
-        MoESettings(hops=0)
+        MoEConfig(hops=0)
 
 
 def test_lm_with_hops_flops_and_parameters():
-    moe = MoESettings(num_experts=4, top_k=2, hops=2, hop_routers=True)
+    moe = MoEConfig(num_experts=4, top_k=2, hops=2, hop_routers=True)
     cfg = preset("tiny", n_layers=2, moe=moe)
-    one = preset("tiny", n_layers=2, moe=MoESettings(num_experts=4, top_k=2))
+    one = preset("tiny", n_layers=2, moe=MoEConfig(num_experts=4, top_k=2))
     f2, f1 = flops_per_token(cfg, 64), flops_per_token(one, 64)
     assert f2["experts"] == pytest.approx(2 * f1["experts"]) and f2["router"] == pytest.approx(2 * f1["router"])
     assert parameter_counts(cfg)["routing"] == 2 * parameter_counts(one)["routing"]

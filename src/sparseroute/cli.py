@@ -6,147 +6,157 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from typing import Any
 
 PROG = "sparseroute"
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _router_options(items: list[str] | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--router-option takes KEY=VALUE (e.g. d_space=32); got {item!r}")
-        opts[key.strip()] = _parse_value(value.strip())
-    return opts
 
 
 def _moe_layers(text: str):
     if text in ("all", "every_other"):
         return text
     try:
-        return tuple(int(t) for t in text.split(","))
+        return [int(t) for t in text.split(",")]
     except ValueError:
         raise ValueError(f"--moe-layers takes all, every_other or a list like 0,2,3; got {text!r}") from None
 
 
-CONFIG_FLAGS = (
-    "preset depth router experts top_k expert_d_ff moe_layers router_option capacity_factor dense "
-    "tokens batch_size seq_len lr warmup weight_decay grad_clip seed eval_tokens eval_every log_every "
-    "checkpoint_every device corpus tokenizer bpe_vocab max_bytes cache_dir"
-).split()
+def _count(text: str) -> str:
+    return text  # a count (300k, 2M): parsed in train_settings, so that an error names the flag
+
+
+# Each flag is a shorthand for one setting of the run: (flag, setting, type, metavar, help). The
+# defaults shown are the dataclasses' (the model's: the tiny preset's and MoEConfig's).
+_MODEL_FLAGS = (
+    ("--preset", "model.preset", str, "NAME", "model size preset: tiny, small or paper (docs/training.md)"),
+    ("--depth", "model.depth", int, "N", "the single size dial: layers = depth, width 64·depth (replaces --preset)"),
+    ("--router", "model.moe.router", str, "NAME", "make the FFNs MoE layers with this router (topk, sigmoid, "
+     "expert_choice, cosine, hash, random_fixed, sinkhorn, relu, kmeans, similarity, ...)"),
+    ("--experts", "model.moe.num_experts", int, "E", "experts per MoE layer"),
+    ("--top-k", "model.moe.top_k", int, "K", "experts per token"),
+    ("--expert-d-ff", "model.moe.d_ff", int, "F", "expert hidden size (default: dense d_ff / top_k, the same active "
+     "parameters)"),
+    ("--moe-layers", "model.moe.layers", _moe_layers, "WHICH", "which FFNs are MoE: all, every_other, or e.g. 0,2,3"),
+    ("--capacity-factor", "model.moe.capacity_factor", float, "C", "drop tokens beyond this capacity factor "
+     "(default: dropless)"),
+)
+_DATA_FLAGS = (
+    ("--corpus", "data.corpus", str, "SOURCE", "stdlib (this Python's standard library source), text:PATH, or "
+     "hf:NAME[:CONFIG]"),
+    ("--tokenizer", "data.tokenizer", str, "NAME", "bytes or bpe"),
+    ("--bpe-vocab", "data.bpe_vocab_size", int, "V", "BPE vocabulary size"),
+    ("--max-bytes", "data.max_bytes", _count, "N", "use at most this much corpus text, e.g. 5M (default: all)"),
+    ("--cache-dir", "data.cache_dir", str, "DIR", "tokenised-corpus cache (default: $SPARSEROUTE_CACHE or "
+     "~/.cache/sparseroute)"),
+)
+_TRAIN_FLAGS = (
+    ("--tokens", "train.tokens", _count, "N", "token budget, e.g. 300k or 2M"),
+    ("--batch-size", "train.batch_size", int, "B", "sequences per step"),
+    ("--seq-len", "train.seq_len", int, "S", "tokens per sequence"),
+    ("--lr", "train.lr", float, "LR", "peak AdamW learning rate"),
+    ("--warmup", "train.warmup_fraction", float, "FRACTION", "warmup as a fraction of the steps"),
+    ("--weight-decay", "train.weight_decay", float, "WD", "AdamW weight decay"),
+    ("--grad-clip", "train.grad_clip", float, "NORM", "global gradient-norm clip, 0 = off"),
+    ("--seed", "train.seed", int, "N", "seed for init, data order and routing noise"),
+    ("--eval-tokens", "train.eval_tokens", _count, "N", "tokens per validation/test evaluation"),
+    ("--eval-every", "train.eval_every", int, "STEPS", "validate every N steps, 0 = only at the end"),
+    ("--log-every", "train.log_every", int, "STEPS", "log metrics every N steps"),
+    ("--checkpoint-every", "train.checkpoint_every", int, "STEPS", "checkpoint every N steps"),
+    ("--device", "train.device", str, "DEVICE", "cpu or cuda"),
+)
+_FLAGS = _MODEL_FLAGS + _DATA_FLAGS + _TRAIN_FLAGS
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _default_of(setting: str) -> Any:
+    """What a setting is when nothing sets it (the tiny preset for the model)."""
+    from sparseroute.data import DataConfig
+    from sparseroute.models import preset
+    from sparseroute.moe import MoEConfig
+    from sparseroute.train.config import TrainConfig
+
+    section, *rest = setting.split(".")
+    if setting == "model.preset":
+        return "tiny"
+    if section == "model" and rest[0] == "moe":
+        return getattr(MoEConfig(), rest[1])
+    obj = {"model": preset("tiny"), "data": DataConfig(), "train": TrainConfig()}[section]
+    return getattr(obj, rest[0], None)
+
+
+def train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings from ``sparseroute train``'s arguments: the ``--config`` file, then each
+    flag given (a shorthand for one setting), then each ``--set`` in order."""
+    from sparseroute.train.config import apply_setting, load_settings, parse_count, parse_value, set_path
+
+    settings = load_settings(args.config) if args.config else {}
+    moe_flags = [f for f, key, *_ in _FLAGS if key.startswith("model.moe.") and getattr(args, _dest(f)) is not None]
+    if args.router_option:
+        moe_flags.append("--router-option")
+    if args.dense and moe_flags:
+        raise ValueError(f"--dense cannot be combined with MoE flags ({', '.join(moe_flags)})")
+    for flag, key, kind, *_ in _FLAGS:
+        value = getattr(args, _dest(flag))
+        if value is not None:
+            set_path(settings, key.split("."), parse_count(value, flag) if kind is _count else value, what=flag)
+    for item in args.router_option or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--router-option takes KEY=VALUE (e.g. d_space=32); got {item!r}")
+        set_path(settings, ["model", "moe", "router_options", name.strip()], parse_value(value), what="--router-option")
+    if args.dense:
+        set_path(settings, ["model", "moe"], False, what="--dense")
+    for item in args.settings or []:
+        apply_setting(settings, item)
+    return settings
 
 
 def build_run_config(args: argparse.Namespace):
-    """Map the train flags onto RunConfig (preset first, then each flag given)."""
-    from sparseroute.data import DataConfig
-    from sparseroute.models import MoESettings, preset, sized
-    from sparseroute.train.config import RunConfig, TrainConfig, parse_count
+    """The validated RunConfig of ``sparseroute train``'s arguments (see :func:`train_settings`)."""
+    from sparseroute.train.config import resolve_run
 
-    model = sized(args.depth) if args.depth is not None else preset(args.preset or "tiny")
-    moe_flags = [args.router, args.experts, args.top_k, args.expert_d_ff, args.moe_layers, args.router_option,
-                 args.capacity_factor]
-    if args.dense and any(v is not None for v in moe_flags):
-        raise ValueError("--dense cannot be combined with MoE flags (--router, --experts, --top-k, ...)")
-    if args.dense:
-        model = replace(model, moe=None)
-    elif any(v is not None for v in moe_flags):
-        moe = model.moe or MoESettings()
-        changes: dict[str, Any] = {}
-        if args.router is not None:
-            changes["router"] = args.router
-        if args.experts is not None:
-            changes["num_experts"] = args.experts
-        if args.top_k is not None:
-            changes["top_k"] = args.top_k
-        if args.expert_d_ff is not None:
-            changes["d_ff"] = args.expert_d_ff
-        if args.moe_layers is not None:
-            changes["layers"] = _moe_layers(args.moe_layers)
-        if args.router_option is not None:
-            changes["router_options"] = _router_options(args.router_option)
-        if args.capacity_factor is not None:
-            changes["capacity_factor"] = args.capacity_factor
-        model = replace(model, moe=replace(moe, **changes))
-    data_kw: dict[str, Any] = {}
-    for flag, field in (("corpus", "corpus"), ("tokenizer", "tokenizer"), ("bpe_vocab", "bpe_vocab_size"),
-                        ("cache_dir", "cache_dir")):
-        if getattr(args, flag) is not None:
-            data_kw[field] = getattr(args, flag)
-    if args.max_bytes is not None:
-        data_kw["max_bytes"] = parse_count(args.max_bytes, "--max-bytes")
-    data = DataConfig(**data_kw)
-    train_kw: dict[str, Any] = {}
-    if args.tokens is not None:
-        train_kw["tokens"] = parse_count(args.tokens, "--tokens")
-    if args.eval_tokens is not None:
-        train_kw["eval_tokens"] = parse_count(args.eval_tokens, "--eval-tokens")
-    for flag, field in (("batch_size", "batch_size"), ("seq_len", "seq_len"), ("lr", "lr"),
-                        ("warmup", "warmup_fraction"), ("weight_decay", "weight_decay"), ("grad_clip", "grad_clip"),
-                        ("seed", "seed"), ("eval_every", "eval_every"), ("log_every", "log_every"),
-                        ("checkpoint_every", "checkpoint_every"), ("device", "device")):
-        if getattr(args, flag) is not None:
-            train_kw[field] = getattr(args, flag)
-    train = TrainConfig(**train_kw)
-    if train.seq_len > model.max_seq_len:
-        model = replace(model, max_seq_len=train.seq_len)
-    return RunConfig(model=model, data=data, train=train)
+    return resolve_run(train_settings(args))
+
+
+def _config_given(args: argparse.Namespace) -> bool:
+    return (args.config is not None or bool(args.settings) or bool(args.router_option) or bool(args.dense)
+            or any(getattr(args, _dest(f)) is not None for f, *_ in _FLAGS))
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a small LM (dense or MoE) on a fixed token budget",
-        description="Train a small decoder LM. Every run is reproducible from its seed and can be killed and "
-        "resumed bit-identically with --resume.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a small decoder LM. A run is a config (model, data, train); --config reads one from a "
+        "TOML file, each flag below is a shorthand for one of its settings, and --set changes any setting "
+        "(applied in that order). Every run is reproducible from its seed and can be killed and resumed "
+        "bit-identically with --resume.",
+        epilog="Examples:\n"
+        "  sparseroute train --router cosine --tokens 2M --out runs/x\n"
+        "  sparseroute train --config run.toml --set model.moe.router=cosine --set train.lr=1e-3 --out runs/y\n"
+        "  sparseroute train --out runs/x --resume\n"
+        "A run.toml holds [model] (preset or depth, then any LMConfig field; [model.moe] for the MoE layers), "
+        "[data] and [train] tables; see docs/training.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m = p.add_argument_group("model")
-    m.add_argument("--preset", choices=["tiny", "small", "paper"], default=None,
-                   help="model size preset (default tiny; see docs/training.md)")
-    m.add_argument("--depth", type=int, default=None, help="the single size dial: layers = depth, width grows with it "
-                   "(overrides --preset)")
-    m.add_argument("--router", default=None, help="make the FFNs MoE layers with this router "
-                   "(topk, sigmoid, expert_choice, cosine, hash, random_fixed, sinkhorn, relu, ...)")
-    m.add_argument("--experts", type=int, default=None, help="number of experts per MoE layer (default 8)")
-    m.add_argument("--top-k", type=int, default=None, help="experts per token (default 2)")
-    m.add_argument("--expert-d-ff", type=int, default=None,
-                   help="expert hidden size (default: dense d_ff / top_k, the same active parameters)")
-    m.add_argument("--moe-layers", default=None, help="which FFNs are MoE: all, every_other, or e.g. 0,2,3")
-    m.add_argument("--router-option", action="append", default=None, metavar="KEY=VALUE",
-                   help="a router option, e.g. d_space=32 (repeatable; values parsed as JSON)")
-    m.add_argument("--capacity-factor", type=float, default=None, help="drop tokens beyond this capacity factor "
-                   "(default: dropless)")
-    m.add_argument("--dense", action="store_true", default=None, help="force a dense model")
-    d = p.add_argument_group("data")
-    d.add_argument("--corpus", default=None, help="stdlib (default: this Python's standard library source), "
-                   "text:PATH, or hf:NAME[:CONFIG]")
-    d.add_argument("--tokenizer", choices=["bytes", "bpe"], default=None, help="tokenizer (default bytes)")
-    d.add_argument("--bpe-vocab", type=int, default=None, help="BPE vocabulary size (default 4096)")
-    d.add_argument("--max-bytes", default=None, help="use at most this much corpus text, e.g. 5M")
-    d.add_argument("--cache-dir", default=None, help="tokenised-corpus cache (default ~/.cache/sparseroute)")
-    t = p.add_argument_group("training")
-    t.add_argument("--tokens", default=None, help="token budget, e.g. 300k or 2M (default 2M)")
-    t.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16)")
-    t.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256)")
-    t.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 3e-3)")
-    t.add_argument("--warmup", type=float, default=None, help="warmup as a fraction of the steps (default 0.05)")
-    t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.1)")
-    t.add_argument("--grad-clip", type=float, default=None, help="global gradient-norm clip, 0 = off (default 1.0)")
-    t.add_argument("--seed", type=int, default=None, help="seed for init, data order and routing noise (default 0)")
-    t.add_argument("--eval-tokens", default=None, help="tokens per validation/test evaluation (default 64k)")
-    t.add_argument("--eval-every", type=int, default=None, help="validate every N steps, 0 = only at the end")
-    t.add_argument("--log-every", type=int, default=None, help="log metrics every N steps (default 10)")
-    t.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default 50)")
-    t.add_argument("--device", default=None, help="cpu (default) or cuda")
+    c = p.add_argument_group("config")
+    c.add_argument("--config", default=None, metavar="FILE.toml", help="the run's settings from a TOML file")
+    c.add_argument("--set", action="append", default=None, metavar="SECTION.FIELD=VALUE", dest="settings",
+                   help="change one setting, e.g. model.moe.router=cosine or train.tokens=300k (repeatable; VALUE "
+                   "is read as JSON when it parses)")
+    groups = {"model": p.add_argument_group("model"), "data": p.add_argument_group("data"),
+              "train": p.add_argument_group("training")}
+    for flag, key, kind, metavar, text in _FLAGS:
+        default = _default_of(key)
+        shown = "" if default is None or "default:" in text else f"; default {default}"
+        groups[key.split(".")[0]].add_argument(flag, dest=_dest(flag), type=kind, default=None, metavar=metavar,
+                                                help=f"{text} [{key}{shown}]")
+    groups["model"].add_argument("--router-option", action="append", default=None, metavar="KEY=VALUE",
+                                 help="a router option, e.g. d_space=32 (repeatable; values read as JSON) "
+                                 "[model.moe.router_options.KEY]")
+    groups["model"].add_argument("--dense", action="store_true", default=None, help="force a dense model [model.moe=false]")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics.jsonl, final.json)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -179,20 +189,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from sparseroute.data import prepare
-    from sparseroute.train.loop import resolve_vocab, train
+    from sparseroute.train import prepare_run, train
 
-    given = any(getattr(args, f) is not None for f in CONFIG_FLAGS)
-    cfg = None
-    if not args.resume or given:
-        cfg = build_run_config(args)
-        if not args.resume:
-            corpus = prepare(cfg.data, progress=not args.quiet)
-            cfg = resolve_vocab(cfg, corpus)
-            final = train(cfg, args.out, progress=not args.quiet, corpus=corpus)
-            _print_final(final, args.quiet)
-            return 0
-    final = train(cfg, args.out, resume=True, progress=not args.quiet)
+    if args.resume and not _config_given(args):
+        final = train(None, args.out, resume=True, progress=not args.quiet)
+    else:
+        cfg, corpus = prepare_run(build_run_config(args), progress=not args.quiet)
+        final = train(cfg, args.out, resume=args.resume, progress=not args.quiet, corpus=corpus)
     _print_final(final, args.quiet)
     return 0
 

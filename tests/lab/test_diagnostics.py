@@ -15,13 +15,14 @@ from sparseroute.evaluation.diagnostics import (
     routing_fluctuation,
     routing_profile,
 )
-from sparseroute.models import MoESettings, TransformerLM, preset
+from sparseroute.models import TransformerLM, preset
+from sparseroute.moe import MoEConfig
 
 
 def model(seed=0, **moe):
     torch.manual_seed(seed)
     cfg = preset("tiny", d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
-                 moe=MoESettings(num_experts=4, top_k=2, **moe))
+                 moe=MoEConfig(num_experts=4, top_k=2, **moe))
     m = TransformerLM(cfg)
     with torch.no_grad():  # make the expert updates large enough that halting has something to cut
         for moe_layer in m.moe_layers():

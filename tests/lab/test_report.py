@@ -13,7 +13,8 @@ from rich.console import Console
 
 from sparseroute.lab import plots, report, summary
 from sparseroute.lab.results import RunResult, SweepResults
-from sparseroute.models import MoESettings, flops_per_token, preset
+from sparseroute.models import flops_per_token, preset
+from sparseroute.moe import MoEConfig
 from sparseroute.models.flops import parameter_counts
 from sparseroute.train.config import RunConfig, TrainConfig
 
@@ -29,10 +30,10 @@ PLOT_IDS = (
 SEQ_LEN, BATCH, STEPS, LOG_EVERY = 64, 4, 40, 10
 
 MOE = {
-    "topk": MoESettings(router="topk", layers="every_other"),  # tiny: 4 layers -> MoE in 1 and 3, 8 experts
-    "cosine": MoESettings(router="cosine", layers="every_other"),
+    "topk": MoEConfig(router="topk", layers="every_other"),  # tiny: 4 layers -> MoE in 1 and 3, 8 experts
+    "cosine": MoEConfig(router="cosine", layers="every_other"),
     "dense": None,
-    "hops-2": MoESettings(router="topk", layers="every_other", hops=2),
+    "hops-2": MoEConfig(router="topk", layers="every_other", hops=2),
 }
 # topk and cosine: same mean, tiny spread -> equivalent within ±1 PPL; dense: 2 PPL worse -> different
 TEST_PPL = {"topk": [5.00, 5.02, 4.98], "cosine": [5.01, 4.99, 5.00], "dense": [7.00, 7.05, 6.95],
@@ -489,6 +490,45 @@ def test_report_without_diagnostics_keys(full, full_report, diag, tmp_path):
     assert "routing fluctuation" not in doc and "router–expert" not in doc
     text = _render(bare, report.comparison_of(bare))
     assert "hops-2: cos(Δh0, Δh1) = 0.76" in text and "halting" not in text
+
+
+def _section_numbers(doc: str) -> list[int]:
+    return [int(n) for n in re.findall(r"<h2>(\d+)\. ", doc)]
+
+
+def test_section_numbers_have_no_gaps(full_report, diag, tmp_path):
+    # every diagnostics section present: the 6 plots, routing profile, halting, specialisation
+    doc = report.write_report(diag, tmp_path / "diag.html").read_text(encoding="utf-8")
+    assert _section_numbers(doc) == list(range(1, 10))
+    assert "<h2>7. Routing profile</h2>" in doc and "<h2>9. Expert specialisation</h2>" in doc
+    # none of them
+    assert _section_numbers(full_report.read_text(encoding="utf-8")) == list(range(1, 7))
+    # halting without the sections before it: numbered 7 (no gap), in its title and its plot's alt text
+    halting_only = dataclasses.replace(diag, runs=[
+        dataclasses.replace(r, final={k: x for k, x in r.final.items() if k not in ("diagnostics", "routing_profile")})
+        for r in diag.runs])
+    doc = report.write_report(halting_only, tmp_path / "halting.html").read_text(encoding="utf-8")
+    assert 'id="routing-profile"' not in doc and 'id="specialisation"' not in doc
+    assert _section_numbers(doc) == list(range(1, 8))
+    assert '<section id="halting"><h2>7. Halting: PPL vs MoE FLOPs saved</h2>' in doc
+    assert 'alt="7. Halting: PPL vs MoE FLOPs saved"' in doc
+
+
+def test_html_in_names_and_errors_is_escaped(diag, tmp_path):
+    evil = "<script>alert('x')</script>"
+    escaped = "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;"
+    runs = [dataclasses.replace(r, variant=evil) if r.variant == "hops-2" else r for r in diag.runs]
+    runs[0] = dataclasses.replace(runs[0], status="failed", final=None, error=f"NaN loss {evil}")
+    results = _sweep(f"sweep {evil}", runs, ["topk", "cosine", "dense", evil])
+    doc = report.write_report(results, tmp_path / "evil.html").read_text(encoding="utf-8")
+    assert not re.search(r"<script", doc, re.IGNORECASE)
+    assert f"<title>sparseroute sweep report: sweep {escaped} (sweep 7)</title>" in doc
+    assert f"<h1>Sweep report: sweep {escaped} (sweep 7)</h1>" in doc
+    assert f'<div class="error">NaN loss {escaped}</div>' in doc  # the error box is HTML, its text is not
+    assert f"<td>{escaped}</td>" in doc  # the summary, routing profile and runs tables
+    assert f"<h3>{escaped} (3 runs)</h3>" in doc and f"<h3>{escaped} (seed 0)</h3>" in doc
+    assert f"{escaped}: halting τ=0.2 saves 27.0% of MoE FLOPs" in doc
+    assert 'different</span>' in doc  # the verdict spans are still HTML
 
 
 # ---------------------------------------------------------------- from a fixture database

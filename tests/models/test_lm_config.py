@@ -1,4 +1,4 @@
-"""LMConfig / MoESettings: validation, JSON round trip, presets and their parameter counts."""
+"""LMConfig / MoEConfig: validation, JSON round trip, presets and their parameter counts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sparseroute.models import config as lm_config
-from sparseroute.models import PRESETS, LMConfig, MoESettings, TransformerLM, parameter_counts, preset, sized
+from sparseroute.models import PRESETS, LMConfig, TransformerLM, parameter_counts, preset, sized
+from sparseroute.moe import MoEConfig
 
 # -- round trip ----------------------------------------------------------------------------------
 
@@ -21,7 +22,7 @@ from sparseroute.models import PRESETS, LMConfig, MoESettings, TransformerLM, pa
         LMConfig(vocab_size=100, d_model=64, n_layers=6, n_heads=2, tie_embeddings=False, rope_base=500.0),
         LMConfig(
             n_layers=6,
-            moe=MoESettings(
+            moe=MoEConfig(
                 num_experts=6,
                 top_k=3,
                 d_ff=48,
@@ -42,7 +43,7 @@ def test_json_round_trip(cfg):
     assert back == cfg
     assert back.moe_layer_indices() == cfg.moe_layer_indices()
     if cfg.moe is not None:
-        assert isinstance(back.moe, MoESettings)
+        assert isinstance(back.moe, MoEConfig)
         assert type(back.moe.layers) is type(cfg.moe.layers)
 
 
@@ -51,7 +52,7 @@ def test_from_dict_rejects_unknown_keys():
     d["n_layer"] = 3
     with pytest.raises(ValueError, match="n_layer"):
         LMConfig.from_dict(d)
-    d = LMConfig(moe=MoESettings()).to_dict()
+    d = LMConfig(moe=MoEConfig()).to_dict()
     d["moe"]["experts"] = 3
     with pytest.raises(ValueError, match="experts"):
         LMConfig.from_dict(d)
@@ -59,7 +60,7 @@ def test_from_dict_rejects_unknown_keys():
 
 def test_frozen_and_router_options_copied():
     opts = {"d_space": 8}
-    m = MoESettings(router="cosine", router_options=opts)
+    m = MoEConfig(router="cosine", router_options=opts)
     opts["d_space"] = 999
     assert m.router_options == {"d_space": 8}
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -68,10 +69,10 @@ def test_frozen_and_router_options_copied():
 
 def test_moe_layer_indices():
     assert LMConfig(n_layers=5).moe_layer_indices() == ()
-    assert LMConfig(n_layers=5, moe=MoESettings()).moe_layer_indices() == (0, 1, 2, 3, 4)
-    assert LMConfig(n_layers=5, moe=MoESettings(layers="every_other")).moe_layer_indices() == (1, 3)
-    assert LMConfig(n_layers=5, moe=MoESettings(layers=(3, 0))).moe_layer_indices() == (0, 3)
-    assert LMConfig(n_layers=5, moe=MoESettings(layers=[2])).moe.layers == (2,)
+    assert LMConfig(n_layers=5, moe=MoEConfig()).moe_layer_indices() == (0, 1, 2, 3, 4)
+    assert LMConfig(n_layers=5, moe=MoEConfig(layers="every_other")).moe_layer_indices() == (1, 3)
+    assert LMConfig(n_layers=5, moe=MoEConfig(layers=(3, 0))).moe_layer_indices() == (0, 3)
+    assert LMConfig(n_layers=5, moe=MoEConfig(layers=[2])).moe.layers == (2,)
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -125,26 +126,26 @@ def test_odd_head_dim_message():
 )
 def test_bad_moe_settings(field, value, match):
     with pytest.raises(ValueError, match=match):
-        MoESettings(**{field: value})
+        MoEConfig(**{field: value})
 
 
 def test_unknown_router_lists_known():
     with pytest.raises(ValueError, match="cosine"):
-        MoESettings(router="nope")
+        MoEConfig(router="nope")
 
 
 def test_moe_layers_checked_against_n_layers():
     with pytest.raises(ValueError, match="moe.layers"):
-        LMConfig(n_layers=4, moe=MoESettings(layers=(1, 4)))
+        LMConfig(n_layers=4, moe=MoEConfig(layers=(1, 4)))
     with pytest.raises(ValueError, match="moe.layers"):
-        LMConfig(n_layers=1, moe=MoESettings(layers="every_other"))
+        LMConfig(n_layers=1, moe=MoEConfig(layers="every_other"))
     with pytest.raises(ValueError, match="moe.d_ff"):
-        LMConfig(d_ff=1, moe=MoESettings(top_k=2))
+        LMConfig(d_ff=1, moe=MoEConfig(top_k=2))
 
 
 # -- presets -------------------------------------------------------------------------------------
 
-# exact counts quoted in the preset docstrings: (dense, MoE variant with MoESettings())
+# exact counts quoted in the preset docstrings: (dense, MoE variant with MoEConfig())
 EXPECTED = {
     "tiny": (4_262_144, 13_707_520),
     "small": (18_979_200, 61_471_104),
@@ -155,7 +156,7 @@ EXPECTED = {
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_parameter_counts(name):
     dense = parameter_counts(preset(name, moe=None))["total"]
-    moe = parameter_counts(preset(name, moe=MoESettings()))["total"]
+    moe = parameter_counts(preset(name, moe=MoEConfig()))["total"]
     assert (dense, moe) == EXPECTED[name]
     lo, hi = {"tiny": (3e6, 6e6), "small": (15e6, 25e6), "paper": (76e6, 84e6)}[name]
     checked = moe if name == "paper" else dense
@@ -166,12 +167,12 @@ def test_preset_parameter_counts(name):
 
 def test_paper_preset_is_the_moe_model():
     cfg = preset("paper")
-    assert cfg.moe == MoESettings() and cfg.vocab_size == 50257 and cfg.max_seq_len >= 512
+    assert cfg.moe == MoEConfig() and cfg.vocab_size == 50257 and cfg.max_seq_len >= 512
     assert preset("tiny").moe is None
 
 
 def test_parameter_counts_match_a_real_build_and_the_formula():
-    cfg = preset("tiny", moe=MoESettings(num_experts=4, top_k=2))
+    cfg = preset("tiny", moe=MoEConfig(num_experts=4, top_k=2))
     torch.manual_seed(0)
     real = TransformerLM(cfg)
     counts = parameter_counts(cfg)
@@ -197,7 +198,7 @@ def test_parameter_counts_match_a_real_build_and_the_formula():
     ],
 )
 def test_routing_parameter_counts(router, options, per_layer):
-    counts = parameter_counts(preset("tiny", moe=MoESettings(router=router, router_options=options)))
+    counts = parameter_counts(preset("tiny", moe=MoEConfig(router=router, router_options=options)))
     assert counts["routing"] == 4 * per_layer
     assert counts["linear_router"] == 4 * 256 * 8
 
@@ -211,7 +212,7 @@ def test_preset_errors_and_overrides():
     with pytest.raises(ValueError, match="n_heads"):
         preset("tiny", n_heads=3)
     cfg = preset("tiny", max_seq_len=64, moe={"router": "hash", "top_k": 1})
-    assert cfg.max_seq_len == 64 and cfg.moe == MoESettings(router="hash", top_k=1)
+    assert cfg.max_seq_len == 64 and cfg.moe == MoEConfig(router="hash", top_k=1)
     assert set(PRESETS) == {"tiny", "small", "paper"} and all(PRESETS.values())
 
 

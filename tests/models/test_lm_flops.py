@@ -6,14 +6,15 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparseroute.models import LMConfig, MoESettings, TransformerLM, flops_per_token, forward_backward_flops
+from sparseroute.models import LMConfig, TransformerLM, flops_per_token, forward_backward_flops
+from sparseroute.moe import MoEConfig
 
 # V vocab, D model, L layers, H heads, F dense hidden, S sequence; MoE: E experts, k, Fe expert hidden
 V, D, L, H, F, S = 256, 64, 2, 4, 128, 32
 E, K, FE = 4, 2, 64
 
 DENSE = LMConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=H, d_ff=F, max_seq_len=S)
-MOE = DENSE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE))  # MoE in all layers
+MOE = DENSE.replace(moe=MoEConfig(num_experts=E, top_k=K, d_ff=FE))  # MoE in all layers
 
 
 def test_dense_by_hand():
@@ -72,21 +73,21 @@ def test_active_experts_scale_the_experts_term_linearly():
 
 
 def test_router_costs():
-    cos = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, router="cosine", router_options={"d_space": 16}))
+    cos = MOE.replace(moe=MoEConfig(num_experts=E, top_k=K, d_ff=FE, router="cosine", router_options={"d_space": 16}))
     assert flops_per_token(cos, S)["router"] == 2 * 2 * (64 * 16 + 16 * 4)
-    cos_default = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, router="cosine"))
+    cos_default = MOE.replace(moe=MoEConfig(num_experts=E, top_k=K, router="cosine"))
     assert flops_per_token(cos_default, S)["router"] == 2 * 2 * (64 * 64 + 64 * 4)  # d_space 64
     for name in ("hash", "round_robin", "all_to_one"):
-        cfg = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, router=name))
+        cfg = MOE.replace(moe=MoEConfig(num_experts=E, top_k=K, router=name))
         assert flops_per_token(cfg, S)["router"] == 0.0
     for name in ("sigmoid", "relu", "expert_choice", "sinkhorn", "random_fixed"):
-        cfg = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, router=name))
+        cfg = MOE.replace(moe=MoEConfig(num_experts=E, top_k=K, router=name))
         assert flops_per_token(cfg, S)["router"] == 2 * 2 * 64 * 4
 
 
 def test_similarity_router_costs():
     def router(**opts):
-        cfg = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, router="similarity", router_options=opts))
+        cfg = MOE.replace(moe=MoEConfig(num_experts=E, top_k=K, d_ff=FE, router="similarity", router_options=opts))
         return flops_per_token(cfg, S)["router"]
 
     # per layer: logits 2·D·E, mixing 2·E·S; features: projection 2·D·R and scores 2·R·S
@@ -94,19 +95,19 @@ def test_similarity_router_costs():
     assert router(features="logits") == L * (2 * D * E + 2 * E * S + 2 * E * S)
     # attention-aware: no features, but the attention layer's explicit q kᵀ (2·D·S)
     assert router(features="attention") == L * (2 * D * E + 2 * E * S + 2 * D * S)
-    hops2 = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, hops=2, router="similarity",
+    hops2 = MOE.replace(moe=MoEConfig(num_experts=E, top_k=K, d_ff=FE, hops=2, router="similarity",
                                         router_options={"features": "attention"}))
     # the routing decision is paid per hop, the attention probabilities once per layer
     assert flops_per_token(hops2, S)["router"] == L * (2 * (2 * D * E + 2 * E * S) + 2 * D * S)
 
 
 def test_partial_moe_shared_experts_and_activation():
-    cfg = DENSE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, layers=(1,), num_shared_experts=1))
+    cfg = DENSE.replace(moe=MoEConfig(num_experts=E, top_k=K, d_ff=FE, layers=(1,), num_shared_experts=1))
     d = flops_per_token(cfg, S)
     assert d["dense_ffn"] == 3 * 2 * 64 * 128  # layer 0 only
     assert d["experts"] == 2 * 24576 + 24576  # two routed + one shared (hidden Fe)
     assert d["router"] == 2 * 64 * 4
-    gelu = DENSE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, activation="gelu"))
+    gelu = DENSE.replace(moe=MoEConfig(num_experts=E, top_k=K, d_ff=FE, activation="gelu"))
     assert flops_per_token(gelu, S)["experts"] == 2 * 2 * (2 * 2 * 64 * 64)  # 2 matrices, not 3
 
 
@@ -148,7 +149,7 @@ def test_matches_torch_flop_counter(router, opts):
     products and the attention-aware form's explicit q kᵀ are counted by torch too."""
     cfg = DENSE
     if router is not None:
-        cfg = MOE.replace(moe=MoESettings(num_experts=E, top_k=K, d_ff=FE, router=router, router_options=opts))
+        cfg = MOE.replace(moe=MoEConfig(num_experts=E, top_k=K, d_ff=FE, router=router, router_options=opts))
     torch.manual_seed(0)
     model = TransformerLM(cfg)
     B = 3

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from sparseroute.models import LMConfig, MoESettings, TransformerLM, apply_rope, rope_cos_sin
+from sparseroute.models import LMConfig, TransformerLM, apply_rope, rope_cos_sin
+from sparseroute.moe import MoEConfig
 from sparseroute.moe import MoE
 
 V, D, L, H, F, S = 64, 32, 2, 4, 64, 16
@@ -17,7 +18,7 @@ def cfg_for(router: str | None = None, **kw) -> LMConfig:
     moe = None
     if router is not None:
         opts = {"d_space": 8} if router == "cosine" else {}
-        moe = MoESettings(num_experts=4, top_k=2, router=router, router_options=opts, **kw)
+        moe = MoEConfig(num_experts=4, top_k=2, router=router, router_options=opts, **kw)
     return LMConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=H, d_ff=F, max_seq_len=S, moe=moe)
 
 
@@ -52,7 +53,7 @@ def test_every_other_and_explicit_layers():
     base = dict(vocab_size=V, d_model=D, n_layers=4, n_heads=H, d_ff=F, max_seq_len=S)
     ids = torch.randint(0, V, (2, 8))
     for layers, expect in (("every_other", (1, 3)), ((2, 0), (0, 2)), ("all", (0, 1, 2, 3))):
-        cfg = LMConfig(**base, moe=MoESettings(num_experts=4, top_k=1, layers=layers))
+        cfg = LMConfig(**base, moe=MoEConfig(num_experts=4, top_k=1, layers=layers))
         assert cfg.moe_layer_indices() == expect
         model = build(cfg)
         assert [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)] == list(expect)
@@ -209,7 +210,7 @@ def test_init_scales():
 
 def test_moe_experts_start_like_the_dense_ffn():
     cfg = LMConfig(vocab_size=64, d_model=128, n_layers=2, n_heads=2, d_ff=256, init_std=0.02,
-                   moe=MoESettings(num_shared_experts=1))
+                   moe=MoEConfig(num_shared_experts=1))
     model = build(cfg)
     moe = model.moe_layers()[0]
     out_std = 0.02 / math.sqrt(4)

@@ -9,10 +9,12 @@
   loaded from elsewhere), written atomically: loss curves, test PPL with CIs, the TOST p-value
   matrix, expert-load heatmaps, PPL vs expert FLOPs, routing parameters, the tables, the notes,
   the per-run table and the sweep spec; when finished runs carry them, also the routing profile,
-  the halting trade-off of multi-hop variants and the experts' favourite tokens.
+  the halting trade-off of multi-hop variants and the experts' favourite tokens. The sections
+  present are numbered 1..n in order.
 
-The figures come from :mod:`sparseroute.lab.plots`, the table and notes from
-:mod:`sparseroute.lab.summary`, the diagnostics sections from
+The HTML comes from the Jinja2 templates in ``sparseroute/lab/templates/`` (autoescaped; see
+:mod:`sparseroute.lab.report_sections`), the figures from :mod:`sparseroute.lab.plots`, the table
+and notes from :mod:`sparseroute.lab.summary`, the diagnostics sections from
 :mod:`sparseroute.lab.report_sections`. The output depends only on the results (no timestamps), so the
 same results give the same file.
 """
@@ -38,10 +40,15 @@ from sparseroute.lab.plots import (
     _plot_tost_matrix,
 )
 from sparseroute.lab.report_sections import (
-    _e,
-    _html_table,
+    Cell,
+    Section,
+    Table,
+    _html,
     _plot_section,
+    _table,
     halting_section,
+    number_sections,
+    render,
     routing_profile_section,
     specialisation_section,
 )
@@ -66,141 +73,46 @@ from sparseroute.lab.summary import (
 __all__ = ["comparison_of", "summary_table", "print_summary", "write_report"]
 
 # ---------------------------------------------------------------- HTML
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1200px;
-  padding:0 1rem;color:#1f2328;line-height:1.45}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.25rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem;
-  margin-top:2rem}
-.meta{color:#57606a}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
-th,td{border:1px solid #d0d7de;padding:.25rem .55rem;vertical-align:top}
-th{background:#f6f8fa;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.verdict{font-weight:600}
-img{max-width:100%;height:auto;border:1px solid #eaeef2;margin:.4rem 0}
-pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.85rem}
-.error{white-space:pre-wrap;font-family:monospace;font-size:.8rem;color:#cf222e;max-width:40rem}
-.caption{color:#57606a;font-size:.9rem}
-.note{color:#9a6700}
-"""
-
-
-def _verdict_html(verdict: str) -> str:
+def _verdict_html(verdict: str) -> Cell:
     if not verdict:
         return _DASH
-    return f'<span class="verdict" style="color:{_HTML_COLOR.get(verdict, "#1f2328")}">{_e(verdict)}</span>'
+    return _html('<span class="verdict" style="color:{}">{}</span>', _HTML_COLOR.get(verdict, "#1f2328"), verdict)
 
 
-def _render_html(
-    results: SweepResults, comparison: Comparison | None, *, margin: float, relative: bool, alpha: float
-) -> str:
-    margin_text = _margin_text(comparison, margin, relative)
-    name = f"{results.name} (sweep {results.sweep_id})"
-    n_done = len(results.done())
-    body: list[str] = [f"<h1>Sweep report: {_e(name)}</h1>"]
-    meta = [
-        f"created {_e(results.created_at)}" if results.created_at else "",
-        f"reference variant: <b>{_e(comparison.reference)}</b>" if comparison is not None else "",
-        f"equivalence margin: <b>{_e(margin_text)}</b>",
-        f"α = {_e(f'{comparison.alpha if comparison is not None else alpha:g}')}",
-        f"{n_done} of {len(results.runs)} runs finished",
-    ]
-    body.append(f'<p class="meta">{" · ".join(m for m in meta if m)}</p>')
+def _summary_table(results: SweepResults, comparison: Comparison | None) -> Table:
+    rows = [[r.variant, r.router, r.runs, r.test, r.val, r.delta, r.flops, r.routing, r.p, _verdict_html(r.verdict)]
+            for r in _summary_rows(results, comparison)]
+    return _table(_headers(comparison), rows, numeric={2, 3, 4, 5, 6, 7, 8}, table_id="summary-table")
 
-    # summary table
-    rows = _summary_rows(results, comparison)
-    body.append('<section id="summary"><h2>Summary</h2>')
-    body.append(f'<p class="caption">{_e(_title(results, comparison, margin_text))}</p>')
-    body.append(
-        _html_table(
-            _headers(comparison),
-            [
-                [r.variant, r.router, r.runs, r.test, r.val, r.delta, r.flops, r.routing, r.p, _verdict_html(r.verdict)]
-                for r in rows
-            ],
-            numeric={2, 3, 4, 5, 6, 7, 8},
-            raw={9},
-            table_id="summary-table",
-        )
-    )
-    body.append(
-        '<p class="caption">Expert FLOPs: forward FLOPs per token of the routed and shared experts over all MoE '
-        "layers (0 for dense models). Routing params: learned routing parameters over all MoE layers.</p></section>"
-    )
 
-    # notes
-    notes = _report_notes(results, comparison)
-    body.append('<section id="notes"><h2>Notes</h2>')
-    body.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>" if notes else "<p>None.</p>")
-    body.append("</section>")
-
-    # TOST pairs
-    body.append('<section id="tost-pairs"><h2>Equivalence tests (TOST) of every pair</h2>')
+def _pairs_table(comparison: Comparison | None) -> Table | None:
+    """Every tested pair with both one-sided p-values and the CI of diff; ``None`` with no pair."""
     if comparison is None or not comparison.pairs:
-        body.append("<p>No pair to test.</p>")
-    else:
-        body.append(
-            f'<p class="caption">diff = mean(a) − mean(b) in test PPL; equivalent when the '
-            f"{_e(_ci_label(comparison))} of diff lies within {_e(margin_text)}, i.e. both one-sided p &lt; "
-            f"{_e(f'{comparison.alpha:g}')}; different when not equivalent and Welch p &lt; "
-            f"{_e(f'{comparison.alpha:g}')}.</p>"
+        return None
+    rows = []
+    for pr in comparison.pairs:
+        t, w = pr.tost, pr.welch
+        rows.append(
+            [
+                pr.a,
+                pr.b,
+                f"{t.diff:+.3f}" if t is not None else _DASH,
+                f"[{t.ci_low:+.3f}, {t.ci_high:+.3f}]" if t is not None else _DASH,
+                _fmt_p(t.p_lower) if t is not None else _DASH,
+                _fmt_p(t.p_upper) if t is not None else _DASH,
+                _fmt_p(t.p) if t is not None else _DASH,
+                _fmt_p(w.p) if w is not None else _DASH,
+                _verdict_html(pr.verdict),
+                pr.note,
+            ]
         )
-        pair_rows = []
-        for pr in comparison.pairs:
-            t, w = pr.tost, pr.welch
-            pair_rows.append(
-                [
-                    pr.a,
-                    pr.b,
-                    f"{t.diff:+.3f}" if t is not None else _DASH,
-                    f"[{t.ci_low:+.3f}, {t.ci_high:+.3f}]" if t is not None else _DASH,
-                    _fmt_p(t.p_lower) if t is not None else _DASH,
-                    _fmt_p(t.p_upper) if t is not None else _DASH,
-                    _fmt_p(t.p) if t is not None else _DASH,
-                    _fmt_p(w.p) if w is not None else _DASH,
-                    _verdict_html(pr.verdict),
-                    pr.note,
-                ]
-            )
-        body.append(
-            _html_table(
-                ["a", "b", "diff", _ci_label(comparison), "p_lower", "p_upper", "TOST p", "Welch p", "verdict", "note"],
-                pair_rows,
-                numeric={2, 3, 4, 5, 6, 7},
-                raw={8},
-                table_id="tost-table",
-            )
-        )
-    body.append("</section>")
+    return _table(["a", "b", "diff", _ci_label(comparison), "p_lower", "p_upper", "TOST p", "Welch p", "verdict", "note"],
+                  rows, numeric={2, 3, 4, 5, 6, 7}, table_id="tost-table")
 
-    # plots
-    body.append(
-        _plot_section(
-            "loss-curves",
-            "1. Training loss",
-            "Training cross-entropy vs tokens, finished runs only; line = mean over seeds (records aligned "
-            "by step), band = min–max over seeds.",
-            _plot_loss_curves(results, comparison),
-        )
-    )
-    body.append(
-        _plot_section(
-            "test-ppl",
-            "2. Test perplexity",
-            "Mean test PPL per variant with its t-based confidence interval (error bars); a variant with a "
-            "single finished seed is drawn as a diamond labelled “1 seed” (no CI). The grey band is the "
-            "reference mean ± the equivalence margin.",
-            _plot_test_ppl(results, comparison),
-        )
-    )
-    body.append(
-        _plot_section(
-            "tost-matrix",
-            "3. TOST matrix",
-            "TOST p-value of each pair of variants (symmetric), with the verdict; grey cells: no test "
-            "(a single seed, or no spread).",
-            _plot_tost_matrix(results, comparison),
-        )
-    )
+
+def _sections(results: SweepResults, comparison: Comparison | None) -> list[Section]:
+    """The numbered sections of the report: the plots, then the routing diagnostics that have data,
+    numbered 1..n among those present. The figures are drawn in this order."""
     moe, dense = _moe_variants(results)
     load_fig = _plot_expert_load(results, comparison)
     load_notes = []
@@ -211,46 +123,64 @@ def _render_html(
         load_notes.append(f"No expert loads logged by a finished run of: {', '.join(no_load)}.")
     if load_fig is None:
         load_notes.append("No expert-load heatmap: no MoE variant has finished runs with logged loads.")
-    body.append(
+    return number_sections([
+        _plot_section(
+            "loss-curves",
+            "Training loss",
+            "Training cross-entropy vs tokens, finished runs only; line = mean over seeds (records aligned "
+            "by step), band = min–max over seeds.",
+            _plot_loss_curves(results, comparison),
+        ),
+        _plot_section(
+            "test-ppl",
+            "Test perplexity",
+            "Mean test PPL per variant with its t-based confidence interval (error bars); a variant with a "
+            "single finished seed is drawn as a diamond labelled “1 seed” (no CI). The grey band is the "
+            "reference mean ± the equivalence margin.",
+            _plot_test_ppl(results, comparison),
+        ),
+        _plot_section(
+            "tost-matrix",
+            "TOST matrix",
+            "TOST p-value of each pair of variants (symmetric), with the verdict; grey cells: no test "
+            "(a single seed, or no spread).",
+            _plot_tost_matrix(results, comparison),
+        ),
         _plot_section(
             "expert-load",
-            "4. Expert load per layer",
+            "Expert load per layer",
             "Share of routed (token, expert) assignments each expert received, summed over all logged "
             "intervals of all finished runs of a variant and normalised per layer.",
             load_fig,
-            extra="".join(f'<p class="note">{_e(n)}</p>' for n in load_notes),
-        )
-    )
-    body.append(
+            notes=load_notes,
+        ),
         _plot_section(
             "ppl-vs-flops",
-            "5. Test PPL vs expert FLOPs",
+            "Test PPL vs expert FLOPs",
             "One point per finished run: its test PPL against the forward FLOPs per token of its experts "
             "(measured active experts for variable-k routers).",
             _plot_ppl_vs_flops(results, comparison),
-        )
-    )
-    body.append(
+        ),
         _plot_section(
             "routing-params",
-            "6. Routing parameters",
+            "Routing parameters",
             "Learned routing parameters over all MoE layers per variant, next to what a linear router "
             "(D·E per layer) would have.",
             _plot_routing_params(results, comparison),
-        )
-    )
-    # routing diagnostics: each "" (left out) when no finished run has the data
-    for section in (routing_profile_section(results), halting_section(results, comparison),
-                    specialisation_section(results, comparison)):
-        if section:
-            body.append(section)
+        ),
+        # routing diagnostics: each None (left out) when no finished run has the data
+        routing_profile_section(results),
+        halting_section(results, comparison),
+        specialisation_section(results, comparison),
+    ])
 
-    # runs
-    run_rows = []
+
+def _runs_table(results: SweepResults) -> Table:
+    rows = []
     order = {v: i for i, v in enumerate(results.variants)}
     for r in sorted(results.runs, key=lambda r: (order.get(r.variant, len(order)), r.variant, r.seed, r.run_id)):
         secs = r.train_seconds if r.train_seconds is not None else _num(_get(r.final, "train_seconds"))
-        run_rows.append(
+        rows.append(
             [
                 r.variant,
                 str(r.seed),
@@ -258,32 +188,36 @@ def _render_html(
                 _fmt(_num(_get(r.final, "test_ppl"))),
                 _fmt(_num(secs), 1),
                 r.git_revision or _DASH,
-                f'<div class="error">{_e(r.error)}</div>' if r.error else "",
+                _html('<div class="error">{}</div>', r.error) if r.error else "",
             ]
         )
-    body.append('<section id="runs"><h2>Runs</h2>')
-    body.append(
-        _html_table(
-            ["variant", "seed", "status", "test PPL", "train seconds", "git revision", "error"],
-            run_rows,
-            numeric={1, 3, 4},
-            raw={6},
-            table_id="runs-table",
-        )
-    )
-    body.append("</section>")
+    return _table(["variant", "seed", "status", "test PPL", "train seconds", "git revision", "error"], rows,
+                  numeric={1, 3, 4}, table_id="runs-table")
 
-    # spec
-    spec = json.dumps(results.spec, indent=2, sort_keys=False, ensure_ascii=False, default=str)
-    body.append(f'<section id="spec"><h2>Sweep spec</h2><pre>{_e(spec)}</pre></section>')
 
-    title = f"sparseroute sweep report: {name}"
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
+def _render_html(
+    results: SweepResults, comparison: Comparison | None, *, margin: float, relative: bool, alpha: float
+) -> str:
+    margin_text = _margin_text(comparison, margin, relative)
+    name = f"{results.name} (sweep {results.sweep_id})"
+    return render(
+        "report.html.j2",
+        title=f"sparseroute sweep report: {name}",
+        name=name,
+        created_at=results.created_at,
+        reference=comparison.reference if comparison is not None else None,
+        margin_text=margin_text,
+        alpha=f"{comparison.alpha if comparison is not None else alpha:g}",
+        n_done=len(results.done()),
+        n_runs=len(results.runs),
+        summary_caption=_title(results, comparison, margin_text),
+        summary=_summary_table(results, comparison),
+        notes=_report_notes(results, comparison),
+        ci_label=_ci_label(comparison) if comparison is not None else "",
+        pairs=_pairs_table(comparison),
+        sections=_sections(results, comparison),
+        runs=_runs_table(results),
+        spec=json.dumps(results.spec, indent=2, sort_keys=False, ensure_ascii=False, default=str),
     )
 
 

@@ -1,5 +1,13 @@
-"""HTML building blocks of the sweep report (escaping, tables, plot sections) and its routing
-diagnostics sections, each present only when some finished run carries the data:
+"""Building blocks of the HTML sweep report and its routing diagnostics sections.
+
+The report is rendered by Jinja2 from the templates in ``sparseroute/lab/templates/`` (the page,
+its layout with the inline CSS, and macros for tables and sections). Python builds plain data for
+them: a :class:`Table` (headers, rows of cells, numeric columns), a :class:`Section` (title,
+caption, notes, the plot as a PNG data URI, tables), numbered 1..n by :func:`number_sections` among
+the sections actually present. Every value the templates print is escaped by the engine, except
+:class:`markupsafe.Markup`, which marks HTML deliberately (verdict spans, error boxes, data URIs).
+
+The routing diagnostics sections are each present only when some finished run carries the data:
 
 * ``routing-profile``: per variant, the eval-mode routing statistics of ``final["routing_profile"]``
   (mean over layers, then per layer; each averaged over seeds), the routing fluctuation between
@@ -12,11 +20,15 @@ diagnostics sections, each present only when some finished run carries the data:
 
 from __future__ import annotations
 
+import functools
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 from matplotlib.figure import Figure
 
 from sparseroute.lab.plots import HALTING_TARGET_SAVED_PCT, _plot_halting, _png_data_uri
@@ -40,39 +52,86 @@ from sparseroute.lab.summary import (
 _SPECIALISATION_VARIANTS = 3  # the reference variant and at most two others
 
 
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
+Cell = str | Markup  # a table cell: text (escaped when rendered) or Markup (HTML as it is)
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int], *, table_id: str,
-                raw: frozenset[int] | set[int] = frozenset()) -> str:
-    """A table; cells are escaped unless their column is in ``raw`` (already HTML)."""
-    out = [f'<table id="{_e(table_id)}"><thead><tr>']
-    out += [f"<th>{_e(h)}</th>" for h in headers]
-    out.append("</tr></thead><tbody>")
-    for row in rows:
-        out.append("<tr>")
-        for i, cell in enumerate(row):
-            cls = ' class="num"' if i in numeric else ""
-            out.append(f"<td{cls}>{cell if i in raw else _e(cell)}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
+@dataclass(frozen=True)
+class Table:
+    """A table of the report; ``numeric`` holds the indices of the right-aligned columns."""
+
+    headers: tuple[str, ...]
+    rows: tuple[tuple[Cell, ...], ...]
+    numeric: frozenset[int]
+    table_id: str
 
 
-def _plot_section(section_id: str, title: str, caption: str, fig: Figure | None, extra: str = "",
-                  after: str = "") -> str:
-    """A section with a caption, ``extra`` HTML, the figure as a PNG data URI and ``after`` HTML."""
-    parts = [f'<section id="{section_id}"><h2>{_e(title)}</h2>']
-    if caption:
-        parts.append(f'<p class="caption">{_e(caption)}</p>')
-    if extra:
-        parts.append(extra)
-    if fig is not None:
-        parts.append(f'<img id="plot-{section_id}" alt="{_e(title)}" src="{_png_data_uri(fig)}">')
-    parts.append(after)
-    parts.append("</section>")
-    return "".join(parts)
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], numeric: Iterable[int], *,
+           table_id: str) -> Table:
+    return Table(tuple(headers), tuple(tuple(r) for r in rows), frozenset(numeric), table_id)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A table of a section, with an optional ``<h3>`` heading before it and a caption after it."""
+
+    table: Table
+    heading: str = ""
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Section:
+    """A numbered section: ``<h2>{number}. {title}</h2>``, the caption, the notes, the plot (a PNG
+    data URI) and the tables. ``number`` is 0 until :func:`number_sections` sets it."""
+
+    id: str
+    title: str
+    caption: str = ""
+    notes: tuple[str, ...] = ()
+    image: Markup | None = None
+    blocks: tuple[Block, ...] = ()
+    number: int = 0
+
+
+def number_sections(sections: Iterable[Section | None]) -> list[Section]:
+    """The sections present (``None``: left out), in order, numbered 1..n without gaps."""
+    return [replace(sec, number=i) for i, sec in enumerate((x for x in sections if x is not None), 1)]
+
+
+def _plot_section(section_id: str, title: str, caption: str, fig: Figure | None, *, notes: Sequence[str] = (),
+                  blocks: Sequence[Block] = ()) -> Section | None:
+    """A section with the figure as a PNG data URI (drawn now); ``None`` with nothing to show."""
+    if fig is None and not notes and not blocks:
+        return None
+    image = Markup(_png_data_uri(fig)) if fig is not None else None  # base64 only: safe in an attribute
+    return Section(section_id, title, caption, tuple(notes), image, tuple(blocks))
+
+
+def _escape(value: Any) -> Markup:
+    """``value`` as HTML: Markup as it is, anything else escaped with the entities of
+    :func:`html.escape` (``&quot;``, ``&#x27;``), which the report has always used: the engine's
+    ``finalize`` hook, so every ``{{ … }}`` of the templates goes through it."""
+    if hasattr(value, "__html__"):
+        return Markup(value.__html__())
+    return Markup(html.escape(str(value), quote=True))
+
+
+def _html(fragment: str, *args: Any) -> Markup:
+    """A small HTML fragment: ``fragment`` is a literal with ``{}`` fields, ``args`` are escaped."""
+    return Markup(fragment.format(*map(_escape, args)))
+
+
+@functools.cache
+def _environment() -> Environment:
+    # PackageLoader finds the templates next to this module, in a source tree or an installed package
+    return Environment(loader=PackageLoader("sparseroute.lab", "templates"), autoescape=True,
+                       finalize=_escape, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                       keep_trailing_newline=True)
+
+
+def render(template: str, **context: Any) -> str:
+    """Render one of the report's templates (``sparseroute/lab/templates/``) with ``context``."""
+    return _environment().get_template(template).render(**context)
 
 
 # ---------------------------------------------------------------- routing profile
@@ -113,19 +172,19 @@ def _coupling(runs: Sequence[RunResult]) -> float | str | None:
     return "n/a (no router direction)" if seen else None
 
 
-def _profile_cell(layers: list[dict[str, float]], key: str, digits: int) -> str:
+def _profile_cell(layers: list[dict[str, float]], key: str, digits: int) -> Cell:
     vals = [lay.get(key) for lay in layers]
     present = [v for v in vals if v is not None]
     if not present:
         return _DASH
-    text = _e(_fmt(sum(present) / len(present), digits))
+    text = _fmt(sum(present) / len(present), digits)
     if len(vals) > 1:
-        text += f' <span class="caption">({_e(" / ".join(_fmt(v, digits) for v in vals))})</span>'
+        return _html('{} <span class="caption">({})</span>', text, " / ".join(_fmt(v, digits) for v in vals))
     return text
 
 
-def routing_profile_section(results: SweepResults) -> str:
-    """The ``routing-profile`` section, or "" when no finished run has routing diagnostics."""
+def routing_profile_section(results: SweepResults) -> Section | None:
+    """The ``routing-profile`` section, or ``None`` when no finished run has routing diagnostics."""
     data = {}
     for v in results.variants:
         done = results.done(v)
@@ -133,7 +192,7 @@ def routing_profile_section(results: SweepResults) -> str:
         if prof is not None or fl is not None or cp is not None:
             data[v] = (prof or [], fl, cp)
     if not data:
-        return ""
+        return None
     keys = {k for prof, _, _ in data.values() for lay in prof for k in lay}
     multi_hop = "hop_cos" in keys or any((_moe_of(_variant_config(results, v)) or {}).get("hops", 1) > 1 for v in data)
     cls_keys = sorted((k for k in keys if k.startswith("cls") and k[3:].isdigit()), key=lambda k: int(k[3:]))
@@ -147,13 +206,13 @@ def routing_profile_section(results: SweepResults) -> str:
     rows = []
     for v, (prof, fl, cp) in data.items():
         cfg = _variant_config(results, v)
-        row = [_e(v), _e(_router_name(cfg)), _e(", ".join(_moe_layer_labels(cfg, len(prof))) or _DASH)]
+        row: list[Cell] = [v, _router_name(cfg), ", ".join(_moe_layer_labels(cfg, len(prof))) or _DASH]
         row += [_profile_cell(prof, k, d) for k, _, d in cols]
         if show_fl:
             steps = ", ".join(f"{a}→{b}" for a, b in fl[1]) if fl is not None else ""
-            row.append(_DASH if fl is None else _e(f"{fl[0] * 100:.1f}%" + (f" (steps {steps})" if steps else "")))
+            row.append(_DASH if fl is None else f"{fl[0] * 100:.1f}%" + (f" (steps {steps})" if steps else ""))
         if show_cp:
-            row.append(_DASH if cp is None else _e(cp if isinstance(cp, str) else _fmt(cp, 3)))
+            row.append(_DASH if cp is None else cp if isinstance(cp, str) else _fmt(cp, 3))
         rows.append(row)
     caption = ("Eval-mode routing statistics on validation text, token-weighted per layer and averaged over "
                "the finished seeds; a cell is the mean over MoE layers, the values per layer follow in "
@@ -170,11 +229,8 @@ def routing_profile_section(results: SweepResults) -> str:
         caption += (" Router–expert |cos|: per expert, |cos| between its router direction and the top "
                     "left-singular vector of its input weights, mean over experts, layers and seeds; random "
                     f"directions in D dims give about sqrt(2/(πD)){f' ({chance})' if chance else ''}.")
-    return ('<section id="routing-profile"><h2>7. Routing profile</h2>'
-            f'<p class="caption">{_e(caption)}</p>'
-            + _html_table(headers, rows, numeric=set(range(3, len(headers))), raw=set(range(len(headers))),
-                          table_id="routing-profile-table")
-            + "</section>")
+    table = _table(headers, rows, numeric=range(3, len(headers)), table_id="routing-profile-table")
+    return Section("routing-profile", "Routing profile", caption, blocks=(Block(table),))
 
 
 # ---------------------------------------------------------------- halting
@@ -183,29 +239,28 @@ def _pct(x: Any, scale: float = 100.0, sign: bool = False) -> str:
     return _DASH if v is None else f"{v * scale:{'+' if sign else ''}.2f}"
 
 
-def halting_section(results: SweepResults, comparison: Comparison | None) -> str:
-    """The ``halting`` section (plot and one table per variant), or "" without halting data."""
+def halting_section(results: SweepResults, comparison: Comparison | None) -> Section | None:
+    """The ``halting`` section (plot and one table per variant), or ``None`` without halting data."""
     summaries = halting_summary(results)
     fig = _plot_halting(results, comparison)
     if not summaries or fig is None:
-        return ""
+        return None
     tables = []
     for i, (v, h) in enumerate(summaries.items()):
         best = h["best"]
         rows = [[f"{row['tau']:g}" + (" ★" if row is best else ""), _fmt(_num(row.get("ppl")), 3),
                  _pct(row.get("ppl_change_pct"), 1.0, sign=True), _pct(row.get("moe_flops_saved")),
                  _pct(row.get("time_saved")), str(row["seeds"])] for row in h["curve"]]
-        tables.append(f"<h3>{_e(v)} ({h['runs']} run{'s' if h['runs'] != 1 else ''})</h3>")
-        tables.append(_html_table(["τ", "PPL", "Δ PPL %", "MoE FLOPs saved %", "time saved %", "seeds"], rows,
-                                  numeric={0, 1, 2, 3, 4, 5}, table_id=f"halting-table-{i}"))
-        tables.append(f'<p class="caption">{_e(_halting_line(v, h))}</p>')
+        table = _table(["τ", "PPL", "Δ PPL %", "MoE FLOPs saved %", "time saved %", "seeds"], rows,
+                       numeric=range(6), table_id=f"halting-table-{i}")
+        tables.append(Block(table, f"{v} ({h['runs']} run{'s' if h['runs'] != 1 else ''})", _halting_line(v, h)))
     caption = (f"Relative-norm halting of multi-hop MoE layers, evaluated zero-shot on validation text per "
                f"threshold τ (τ = 0: no halting, the baseline). One point per τ, mean over the seeds that "
                f"evaluated it; MoE FLOPs saved = share of routed (token, expert) work not dispatched. Shaded: "
                f"the target, ≥{HALTING_TARGET_SAVED_PCT:g}% saved at ≤ +{HALTING_PPL_LIMIT_PCT:g}% PPL; ★ in "
                f"the tables: the τ saving the most within +{HALTING_PPL_LIMIT_PCT:g}% PPL. Time saved is "
                f"wall-clock and noisy.")
-    return _plot_section("halting", "8. Halting: PPL vs MoE FLOPs saved", caption, fig, after="".join(tables))
+    return _plot_section("halting", "Halting: PPL vs MoE FLOPs saved", caption, fig, blocks=tables)
 
 
 # ---------------------------------------------------------------- expert specialisation
@@ -216,8 +271,8 @@ def _token_text(token: Any, byte_tokens: bool) -> str:
     return str(token)
 
 
-def specialisation_section(results: SweepResults, comparison: Comparison | None) -> str:
-    """The ``specialisation`` section, or "" when no finished run has expert specialisation data."""
+def specialisation_section(results: SweepResults, comparison: Comparison | None) -> Section | None:
+    """The ``specialisation`` section, or ``None`` when no finished run has expert specialisation data."""
     ref = comparison.reference if comparison is not None else results.reference
     order = sorted(results.variants, key=lambda v: v != ref)
     picked: list[tuple[str, RunResult]] = []
@@ -227,11 +282,8 @@ def specialisation_section(results: SweepResults, comparison: Comparison | None)
         if run is not None and len(picked) < _SPECIALISATION_VARIANTS:
             picked.append((v, run))
     if not picked:
-        return ""
-    parts = ['<section id="specialisation"><h2>9. Expert specialisation</h2>',
-             '<p class="caption">Per layer and expert, the input tokens routed to it most often as top-1 on '
-             "validation text (one finished seed), with their lift: the token's share of the expert's tokens "
-             "over its share of the text (1 = no preference). Byte tokens are shown as characters.</p>"]
+        return None
+    blocks = []
     for i, (v, run) in enumerate(picked):
         spec = run.final["diagnostics"]["expert_specialisation"]
         byte_tokens = _get(run.config, "data", "tokenizer") == "bytes"
@@ -242,8 +294,10 @@ def specialisation_section(results: SweepResults, comparison: Comparison | None)
                 toks = [f"{_token_text(t[0], byte_tokens)} {lift:.1f}×" for t in top
                         if isinstance(t, (list, tuple)) and len(t) >= 3 and (lift := _num(t[2])) is not None]
                 rows.append([label, str(e), ", ".join(toks) or _DASH])
-        parts.append(f"<h3>{_e(v)} (seed {_e(run.seed)})</h3>")
-        parts.append(_html_table(["layer", "expert", "top tokens (lift)"], rows, numeric={1},
-                                 table_id=f"specialisation-table-{i}"))
-    parts.append("</section>")
-    return "".join(parts)
+        table = _table(["layer", "expert", "top tokens (lift)"], rows, numeric={1},
+                       table_id=f"specialisation-table-{i}")
+        blocks.append(Block(table, f"{v} (seed {run.seed})"))
+    caption = ("Per layer and expert, the input tokens routed to it most often as top-1 on validation text "
+               "(one finished seed), with their lift: the token's share of the expert's tokens over its share "
+               "of the text (1 = no preference). Byte tokens are shown as characters.")
+    return Section("specialisation", "Expert specialisation", caption, blocks=tuple(blocks))

@@ -17,7 +17,6 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import asdict
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
@@ -30,6 +29,7 @@ from sparseroute.lab.store import Store
 from sparseroute._testing import fault
 from sparseroute.fileio import LockBusy, file_lock
 from sparseroute.train.config import RunConfig
+from sparseroute.train.corpus import corpus_for, prepare_run
 
 __all__ = ["register_sweep", "run_sweep", "execute_run", "git_revision", "SweepBusy", "SweepInterrupted"]
 
@@ -66,26 +66,17 @@ def _environment() -> dict[str, Any]:
             "machine": platform.machine()}
 
 
-def _corpus_key(cfg: RunConfig) -> str:
-    return json.dumps(asdict(cfg.data), sort_keys=True)
-
-
 def register_sweep(store: Store, spec: SweepSpec, *, new: bool = False, progress: bool = True,
                    corpora: dict | None = None) -> tuple[int, bool]:
     """Validate every run, prepare the corpora, and find or create the sweep; returns
     ``(sweep_id, created)``. The unfinished sweep with the same name and resolved runs is reused
     unless ``new``."""
-    from sparseroute.data import prepare
-    from sparseroute.train.loop import resolve_vocab
-
     plan = spec.plan()  # every (variant, seed) validated before anything trains
     corpora = {} if corpora is None else corpora
     runs = []
     for p in plan:
-        key = _corpus_key(p.config)
-        if key not in corpora:
-            corpora[key] = prepare(p.config.data, progress=progress)
-        runs.append((p.variant, p.seed, resolve_vocab(p.config, corpora[key]).to_dict()))
+        cfg, _ = prepare_run(p.config, corpora=corpora, progress=progress)
+        runs.append((p.variant, p.seed, cfg.to_dict()))
     fingerprint = spec.fingerprint()
     if not new:
         found = store.find_sweep(spec.name, fingerprint)
@@ -129,20 +120,16 @@ def _sweep_lock(store: Store, sweep_id: int) -> Iterator[None]:
 
 def execute_run(store: Store, run_id: int, *, progress: bool = True, corpora: dict | None = None) -> str:
     """Train (or resume) one run of the store and record it; returns its final status."""
-    from sparseroute.data import prepare
     from sparseroute.train.loop import TrainingDiverged, train
 
     row = store.run(run_id)
     cfg = RunConfig.from_dict(json.loads(row["config_json"]))
     run_dir = store.path.parent / row["dir"]
-    corpora = {} if corpora is None else corpora
-    key = _corpus_key(cfg)
-    if key not in corpora:
-        corpora[key] = prepare(cfg.data, progress=progress)
+    corpus = corpus_for(cfg.data, corpora=corpora, progress=progress)
     resume = (run_dir / "config.json").exists()
     store.start_run(run_id, git_revision(), _environment())
     try:
-        final = train(cfg, run_dir, resume=resume, progress=progress, corpus=corpora[key],
+        final = train(cfg, run_dir, resume=resume, progress=progress, corpus=corpus,
                       on_log=lambda rec: store.log_metric(run_id, rec))
     except TrainingDiverged as e:
         store.fail_run(run_id, str(e))

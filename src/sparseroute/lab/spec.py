@@ -46,13 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparseroute.models import preset, sized
-from sparseroute.train.config import RunConfig, TrainConfig, parse_count
+from sparseroute.train.config import RunConfig, apply_setting, merge_settings, resolve_run
 
-__all__ = ["Variant", "SweepSpec", "PlannedRun", "load_spec", "apply_setting"]
+__all__ = ["Variant", "SweepSpec", "PlannedRun", "load_spec"]
 
 _SPEC_KEYS = {"name", "description", "seeds", "base", "variants", "reference", "margin", "relative_margin"}
-_COUNT_FIELDS = {("train", "tokens"), ("train", "eval_tokens"), ("data", "max_bytes")}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -206,90 +204,16 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def apply_setting(base: dict[str, Any], setting: str) -> None:
-    """Apply ``section.field[.sub]=VALUE`` (VALUE parsed as JSON, else kept as a string) in place."""
-    key, sep, raw = setting.partition("=")
-    parts = key.strip().split(".")
-    if not sep or len(parts) < 2 or not all(parts):
-        raise ValueError(f"--set takes SECTION.FIELD=VALUE, e.g. train.tokens=300k or model.moe.top_k=1; got {setting!r}")
-    if parts[0] not in ("model", "data", "train"):
-        raise ValueError(f"--set {key}: the section must be model, data or train; got {parts[0]!r}")
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw.strip()
-    node = base
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[p] = nxt
-        node = nxt
-    node[parts[-1]] = value
-
-
 # -- internals --------------------------------------------------------------------------------
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _base_model(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    model = dict(model)
-    name = model.pop("preset", None)
-    depth = model.pop("depth", None)
-    if name is not None and depth is not None:
-        raise ValueError("model: give a preset or a depth, not both")
-    if depth is not None:
-        start = sized(depth)
-    else:
-        start = preset(name or "tiny")
-    return start.to_dict(), model
-
-
 def _resolve(base: dict[str, Any], overrides: dict[str, Any], seed: int) -> RunConfig:
-    base_model, base_model_over = _base_model(base.get("model", {}))
-    var_model = dict(overrides.get("model", {}))
-    if "preset" in var_model or "depth" in var_model:
+    var_model = overrides.get("model", {})
+    if isinstance(var_model, dict) and ("preset" in var_model or "depth" in var_model):
         raise ValueError("model.preset / model.depth belong in the base: every variant has the same model size")
-    model = _merge(base_model, base_model_over)
-    model = _merge_moe(model, var_model)
-    data = _merge(base.get("data", {}), overrides.get("data", {}))
-    train = _merge(base.get("train", {}), overrides.get("train", {}))
+    settings = merge_settings(base, overrides)
+    train = settings.setdefault("train", {})
     if "seed" in train:
         raise ValueError("train.seed is set by the sweep's seeds; remove it from the spec")
     train["seed"] = seed
-    for section, name in _COUNT_FIELDS:
-        d = train if section == "train" else data
-        if name in d and d[name] is not None:
-            d[name] = parse_count(d[name], f"{section}.{name}")
-    if model.get("moe") is False:
-        model["moe"] = None
-    seq_len = train.get("seq_len", TrainConfig.seq_len)
-    if isinstance(seq_len, int) and seq_len > model.get("max_seq_len", 0):
-        model["max_seq_len"] = seq_len
-    return RunConfig.from_dict({"model": model, "data": data, "train": train})
-
-
-def _merge_moe(model: dict[str, Any], var_model: dict[str, Any]) -> dict[str, Any]:
-    moe_over = var_model.pop("moe", None) if "moe" in var_model else ...
-    out = _merge(model, var_model)
-    if moe_over is ...:
-        if out.get("moe") is False:
-            out["moe"] = None
-        return out
-    if moe_over is False or moe_over is None:
-        out["moe"] = None
-    elif isinstance(moe_over, dict):
-        start = out.get("moe") if isinstance(out.get("moe"), dict) else {}
-        out["moe"] = _merge(start, moe_over)
-    else:
-        raise ValueError(f"model.moe must be a table of MoE settings or false (dense); got {moe_over!r}")
-    return out
+    return resolve_run(settings)

@@ -19,8 +19,13 @@ Each variant is trained over several seeds; its finished seeds give one test PPL
 A pair's verdict is "equivalent" (TOST), "different" (not equivalent and Welch p < alpha),
 "inconclusive" (neither) or "no test" (a variant has a single seed, or both have zero spread).
 
-Only the standard library is used: the Student-t CDF comes from the regularized incomplete beta
-function (modified Lentz continued fraction) and its quantile from a safeguarded Newton search.
+The Student-t distribution is SciPy's (:data:`scipy.stats.t`): tail probabilities are taken
+on the side they are small (``sf`` / ``cdf`` of the negated argument, never ``1 - cdf``), so tiny
+p-values keep their relative accuracy. The Welch statistic is computed here rather than with
+``scipy.stats.ttest_ind(equal_var=False)``: TOST needs its ``se`` and ``df`` as well, the test
+must say plainly why it cannot be done (one seed, no spread), and one computation keeps Welch and
+TOST of a pair consistent. :func:`t_cdf` and :func:`t_ppf` are thin wrappers that check their
+arguments.
 """
 
 from __future__ import annotations
@@ -31,57 +36,13 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-_EPS = 1e-15
-_TINY = 1e-300
-_MAX_ITER = 20000
+from scipy import stats
+
+_t = stats.t
 
 
 class NotTestable(ValueError):
     """A test cannot be done on these data (too few seeds, or no spread at all)."""
-
-
-def _beta_cf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > _TINY else _TINY)
-    f = d
-    for m in range(1, _MAX_ITER):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > _TINY else _TINY)
-            c = 1.0 + num / c
-            c = c if abs(c) > _TINY else _TINY
-            delta = c * d
-            f *= delta
-        if abs(delta - 1.0) < _EPS:
-            return f
-    raise ArithmeticError(f"incomplete beta did not converge (a={a}, b={b}, x={x})")
-
-
-def _stirling_corr(x: float) -> float:
-    """log Γ(x) minus its Stirling approximation, for x >= 10 (error < 1e-14)."""
-    x2 = 1.0 / (x * x)
-    series = 1 / 1188 - x2 * (691 / 360360 - x2 / 156)
-    return (1 / 12 - x2 * (1 / 360 - x2 * (1 / 1260 - x2 * (1 / 1680 - x2 * series)))) / x
-
-
-def _lbeta(a: float, b: float) -> float:
-    """log B(a, b); for large a without the cancellation of lgamma(a) - lgamma(a + b)."""
-    if a < 10.0:
-        return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-    return (math.lgamma(b) - (a - 0.5) * math.log1p(b / a) - b * math.log(a + b) + b
-            + _stirling_corr(a) - _stirling_corr(a + b))
-
-
-def _betainc(a: float, b: float, x: float, y: float, log_x: float, log_y: float) -> float:
-    """Regularized incomplete beta I_x(a, b); ``y = 1 - x`` and the logs are given accurately."""
-    if log_x == -math.inf or log_y == -math.inf:
-        return 0.0 if log_x == -math.inf else 1.0
-    front = math.exp(a * log_x + b * log_y - _lbeta(a, b))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_cf(a, b, x) / a
-    return 1.0 - front * _beta_cf(b, a, y) / b
 
 
 def _check_df(df: float) -> None:
@@ -92,54 +53,16 @@ def _check_df(df: float) -> None:
 def t_cdf(x: float, df: float) -> float:
     """P(T <= x) for Student's t with ``df`` (> 0, may be non-integer or inf) degrees of freedom."""
     _check_df(df)
-    if math.isnan(x):
-        return math.nan
-    if math.isinf(df):
-        return 0.5 * math.erfc(-x / math.sqrt(2.0))
-    ax = abs(x)
-    if ax == 0.0 or math.isinf(ax):
-        return 0.5 if ax == 0.0 else float(x > 0)
-    if ax > math.sqrt(df):  # z = df/(df+x²) and y = x²/(df+x²), without overflow or cancellation
-        r2, log_r2 = (math.sqrt(df) / ax) ** 2, math.log(df) - 2.0 * math.log(ax)
-        z, y, log_z, log_y = r2 / (1 + r2), 1 / (1 + r2), log_r2 - math.log1p(r2), -math.log1p(r2)
-    else:
-        s = x * x / df
-        log_s = 2.0 * math.log(ax) - math.log(df)
-        z, y, log_z, log_y = 1 / (1 + s), s / (1 + s), -math.log1p(s), log_s - math.log1p(s)
-    tail = 0.5 * _betainc(df / 2.0, 0.5, z, y, log_z, log_y)  # P(T > |x|)
-    return 1.0 - tail if x > 0 else tail
-
-
-def _t_pdf(x: float, df: float) -> float:
-    if math.isinf(df):
-        return math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-    logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(logc - (df + 1) / 2 * math.log1p(x * x / df))
+    return float(_t.cdf(x, df))
 
 
 def t_ppf(q: float, df: float) -> float:
-    """The x with ``t_cdf(x, df) == q``, for 0 < q < 1."""
+    """The x with ``t_cdf(x, df) == q``, for 0 < q < 1 (exactly antisymmetric about q = 0.5)."""
     _check_df(df)
-    if not 0.0 < q < 1.0:
+    if not 0.0 < q < 1.0:  # also rejects nan
         raise ValueError(f"quantile level must be in (0, 1), got {q}")
-    if q >= 0.5:
-        return 0.0 if q == 0.5 else -t_ppf(1.0 - q, df)  # 1 - q is exact here
-    lo, hi = -1.0, 0.0  # bracket [lo, hi] with cdf(lo) <= q < cdf(hi)
-    while t_cdf(lo, df) > q and math.isfinite(lo):
-        lo, hi = 2.0 * lo, lo
-    x, log_q = lo, math.log(q)
-    for _ in range(500):
-        c = t_cdf(x, df)
-        lo, hi = (lo, x) if c > q else (x, hi)
-        pdf = _t_pdf(x, df)
-        # Newton on log cdf (good relative accuracy deep in the tail), bisection if it leaves the bracket
-        new = x - (math.log(c) - log_q) * c / pdf if c > 0 and pdf > 0 else math.nan
-        if not lo < new < hi:
-            new = 0.5 * (lo + hi)
-        if abs(new - x) <= 4 * _EPS * abs(x) or hi - lo <= 4 * _EPS * abs(lo):
-            return new
-        x = new
-    return x
+    # upper half through the upper tail: 1 - q is exact for q >= 0.5, and isf(p) == -ppf(p)
+    return float(_t.ppf(q, df)) if q < 0.5 else float(_t.isf(1.0 - q, df))
 
 
 @dataclass(frozen=True)
@@ -179,7 +102,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> MeanCI:
     if n == 1:
         return MeanCI(mean, math.nan, math.nan, math.nan, 1, confidence)
     sd = math.sqrt(var)
-    half = t_ppf((1.0 + confidence) / 2.0, n - 1) * sd / math.sqrt(n)
+    half = float(_t.isf((1.0 - confidence) / 2.0, n - 1)) * sd / math.sqrt(n)  # t_{(1+c)/2, n-1}
     return MeanCI(mean, sd, mean - half, mean + half, n, confidence)
 
 
@@ -240,7 +163,7 @@ def welch(a: Sequence[float], b: Sequence[float]) -> WelchResult:
 
 def _welch(diff: float, se: float, df: float) -> WelchResult:
     t = diff / se
-    return WelchResult(diff, t, df, min(1.0, 2.0 * t_cdf(-abs(t), df)))
+    return WelchResult(diff, t, df, min(1.0, 2.0 * float(_t.sf(abs(t), df))))
 
 
 @dataclass(frozen=True)
@@ -261,9 +184,9 @@ class TOSTResult:
 
 
 def _tost(diff: float, se: float, df: float, margin: float, alpha: float) -> TOSTResult:
-    p_lower = t_cdf(-(diff + margin) / se, df)  # = 1 - T((diff - low)/se)
-    p_upper = t_cdf((diff - margin) / se, df)
-    half = t_ppf(1.0 - alpha, df) * se
+    p_lower = float(_t.sf((diff + margin) / se, df))  # = 1 - T((diff - low)/se), without cancellation
+    p_upper = float(_t.cdf((diff - margin) / se, df))
+    half = float(_t.isf(alpha, df)) * se  # t_{1-alpha, df}
     p = max(p_lower, p_upper)
     return TOSTResult(diff, -margin, margin, p_lower, p_upper, p, df, diff - half, diff + half,
                       alpha, p < alpha)

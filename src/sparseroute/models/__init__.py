@@ -5,7 +5,7 @@
 :func:`flops_per_token` for compute accounting.
 """
 
-from sparseroute.models.config import PRESETS, LMConfig, MoESettings, preset, sized
+from sparseroute.models.config import PRESETS, LMConfig, preset, sized
 from sparseroute.models.flops import (
     flops_per_token,
     forward_backward_flops,
@@ -17,7 +17,6 @@ from sparseroute.models.lm import LMOutput, RMSNorm, TransformerLM, apply_rope, 
 __all__ = [
     "LMConfig",
     "LMOutput",
-    "MoESettings",
     "PRESETS",
     "RMSNorm",
     "TransformerLM",

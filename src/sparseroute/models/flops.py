@@ -28,20 +28,21 @@ from collections.abc import Sequence
 
 import torch
 
-from sparseroute.models.config import LMConfig, MoESettings
+from sparseroute.models.config import LMConfig
+from sparseroute.moe.config import MoEConfig
 from sparseroute.moe.experts import expert_flops_per_row
 from sparseroute.moe.routers import ROUTERS
 from sparseroute.moe.routers.base import make_config
 
 __all__ = ["flops_per_token", "forward_backward_flops", "router_flops_per_token", "parameter_counts"]
 
-def _router_class(moe: MoESettings):
+def _router_class(moe: MoEConfig):
     """The configured router class and its validated config."""
     cls = ROUTERS.get(moe.router)
     return cls, make_config(cls, moe.router_options)
 
 
-def router_flops_per_token(moe: MoESettings, d_model: int, seq_len: int) -> float:
+def router_flops_per_token(moe: MoEConfig, d_model: int, seq_len: int) -> float:
     """Forward FLOPs of one routing decision on one token in sequences of ``seq_len`` (see the
     module docstring), not counting what the router makes the attention layer spend."""
     cls, rcfg = _router_class(moe)

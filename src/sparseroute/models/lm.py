@@ -125,21 +125,7 @@ class Block(nn.Module):
         if use_moe:
             m = cfg.moe
             assert m is not None
-            self.ffn = MoE(
-                cfg.d_model,
-                m.expert_d_ff(cfg.d_ff),
-                m.num_experts,
-                m.top_k,
-                router=m.router,
-                router_options=dict(m.router_options),
-                activation=m.activation,
-                capacity_factor=m.capacity_factor,
-                num_shared_experts=m.num_shared_experts,
-                hops=m.hops,
-                hop_routers=m.hop_routers,
-                hop_scale=m.hop_scale,
-                halt_threshold=m.halt_threshold,
-            )
+            self.ffn = MoE(cfg.d_model, config=m, d_ff=m.expert_d_ff(cfg.d_ff))
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
 

@@ -2,7 +2,8 @@
 
 from sparseroute.moe.dispatch import EXECUTORS, grouped_dispatch, loop_dispatch, sort_by_expert
 from sparseroute.moe.experts import Experts, SharedExpert
-from sparseroute.moe.layer import MoE, MoEConfig, after_optimizer_step
+from sparseroute.moe.config import MoEConfig
+from sparseroute.moe.layer import MoE, after_optimizer_step
 from sparseroute.moe.losses import load_balance_loss, z_loss
 from sparseroute.moe.reference import reference_dispatch
 from sparseroute.moe.routers import ROUTERS, Router, RouterConfig, build_router, register_router

@@ -1,143 +1,71 @@
-"""The MoE layer: router -> Routing -> (capacity drop) -> executor, plus shared experts.
+"""The MoE layer: router -> Routing -> (capacity drop) -> executor, plus shared experts; its
+configuration is :class:`sparseroute.moe.config.MoEConfig`.
 
 Legend: B batch, S sequence, T tokens (B·S), D model dim, E experts, K slots, F expert hidden.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import sparseroute.moe.reference  # noqa: F401  (registers the "reference" executor)
+from sparseroute.moe.config import MoEConfig, check_halt_threshold, check_int
 from sparseroute.moe.dispatch import EXECUTORS
-from sparseroute.moe.experts import Experts, SharedExpert, check_activation
+from sparseroute.moe.experts import Experts, SharedExpert
 from sparseroute.moe.routers import ROUTERS, Router
 from sparseroute.moe.routers.base import make_config
 from sparseroute.routing import Routing, apply_capacity, capacity_for
-
-
-def check_halt_threshold(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"halt_threshold must be a number >= 0 (0 = no halting); got {value!r}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class MoEConfig:
-    """A mixture-of-experts feed-forward layer.
-
-    router / router_options: a registered router name and the options of its Config.
-    activation: expert MLP activation (swiglu, gelu, silu, relu).
-    capacity_factor: None for dropless; else each expert takes at most
-        ceil(capacity_factor · T · k / E) pairs and the overflow is dropped (reported).
-    num_shared_experts / shared_d_ff / shared_gate: dense expert(s) every token uses; their hidden
-        size defaults to num_shared_experts · d_ff; shared_gate scales them by sigmoid(w·x).
-    dispatch: executor name: "auto" (grouped on CUDA; on the CPU parallel, the compiled kernel,
-        or fused where it cannot be built), "grouped", "fused", "parallel", "loop", or
-        "reference" (the per-token oracle, for tests).
-    hops: H, multi-hop routing through the same experts: h_0 = x, h_{i+1} = h_i + MoE_i(h_i),
-        re-routing at every hop; the layer returns h_H - x (H = 1 is the plain layer).
-    hop_routers: hop i > 0 has its own router (same type and options) instead of hop 0's.
-    hop_scale: each hop's output is scaled by a learned scalar (initialised to 1): with H = 1 this
-        is h + alpha·MoE(h), the variant of *Equifinality in MoE* that matches multi-hop quality.
-    halt_threshold: relative-norm halting, tau (0 = off), applied in eval mode only (zero-shot):
-        after hop i a token stops once ||MoE_i(h_i)|| / ||h_i|| < tau; later hops dispatch only the
-        tokens still active. Not available with sequence-aware routers (a halted subset is no
-        longer whole sequences).
-    """
-
-    d_model: int
-    d_ff: int
-    num_experts: int
-    top_k: int
-    router: str = "topk"
-    router_options: dict[str, Any] = field(default_factory=dict)
-    activation: str = "swiglu"
-    capacity_factor: float | None = None
-    num_shared_experts: int = 0
-    shared_d_ff: int | None = None
-    shared_gate: bool = False
-    dispatch: str = "auto"
-    hops: int = 1
-    hop_routers: bool = False
-    hop_scale: bool = False
-    halt_threshold: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("d_model", "d_ff", "num_experts"):
-            _positive_int(name, getattr(self, name))
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={self.num_experts}]; got {self.top_k!r}")
-        cls = ROUTERS.get(self.router)
-        make_config(cls, dict(self.router_options))  # validates the options now
-        check_activation(self.activation)
-        if self.capacity_factor is not None and not (
-            isinstance(self.capacity_factor, (int, float)) and 0 < self.capacity_factor < float("inf")
-        ):
-            raise ValueError(f"capacity_factor must be None (dropless) or a number > 0; got {self.capacity_factor!r}")
-        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be an int >= 0; got {self.num_shared_experts!r}")
-        if self.shared_d_ff is not None:
-            _positive_int("shared_d_ff", self.shared_d_ff)
-        EXECUTORS.get(self.dispatch)
-        _positive_int("hops", self.hops)
-        for name in ("hop_routers", "hop_scale"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
-        check_halt_threshold(self.halt_threshold)
-        if self.halt_threshold > 0 and cls.sequence_aware:
-            raise ValueError(
-                f"halt_threshold: the {self.router} router looks across whole sequences, which halting breaks up; "
-                "use halt_threshold=0 with it"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class MoE(nn.Module):
     """Mixture-of-experts FFN. ``forward(x, token_ids=None, *, token_mixing=None) -> (y, Routing)``;
     x is [T, D] or [B, S, D] and y has its shape. ``Routing`` is over the flattened T = B·S tokens.
     ``token_mixing`` ([B, S, S], or [1, T, T] for a [T, D] input) goes to routers that use it
-    (e.g. ``similarity`` with features="attention"); see :attr:`needs_token_mixing`."""
+    (e.g. ``similarity`` with features="attention"); see :attr:`needs_token_mixing`.
+
+    Built from keywords, ``MoE(512, d_ff=1024, num_experts=8, top_k=2, router="cosine")``, or
+    from a :class:`MoEConfig`, ``MoE(512, config=cfg)``; keywords given next to a config change
+    those fields of it (``MoE(512, config=cfg, d_ff=256)``). ``self.config`` is the validated
+    config, with ``d_ff`` filled in."""
 
     def __init__(
         self,
         d_model: int,
-        d_ff: int,
-        num_experts: int,
-        top_k: int,
-        router: str = "topk",
+        d_ff: int | None = None,
+        num_experts: int | None = None,
+        top_k: int | None = None,
+        router: str | None = None,
         router_options: dict[str, Any] | None = None,
+        *,
+        config: MoEConfig | None = None,
         **options: Any,
     ):
         super().__init__()
-        cfg = MoEConfig(
-            d_model=d_model,
-            d_ff=d_ff,
-            num_experts=num_experts,
-            top_k=top_k,
-            router=router,
-            router_options=dict(router_options or {}),
-            **options,
-        )
+        check_int("d_model", d_model)
+        if config is not None and not isinstance(config, MoEConfig):
+            raise ValueError(f"config must be a MoEConfig; got {type(config).__name__}")
+        given = {name: value for name, value in (("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k),
+                                                 ("router", router), ("router_options", router_options))
+                 if value is not None}
+        given.update(options)
+        cfg = config.replace(**given) if config is not None else MoEConfig(**given)
+        if cfg.d_ff is None:
+            raise ValueError("d_ff: a MoE layer needs its experts' hidden size; pass d_ff=... (or set it in the config)")
+        self.d_model = d_model
         self.config = cfg
         router_cls = ROUTERS.get(cfg.router)
-        self.router: Router = router_cls(d_model, num_experts, top_k, make_config(router_cls, cfg.router_options))
-        self.experts = Experts(num_experts, d_model, d_ff, cfg.activation)
+        E, k = cfg.num_experts, cfg.top_k
+        self.router: Router = router_cls(d_model, E, k, make_config(router_cls, cfg.router_options))
+        self.experts = Experts(E, d_model, cfg.d_ff, cfg.activation)
         self.shared: SharedExpert | None = None
         if cfg.num_shared_experts > 0 or cfg.shared_d_ff is not None:
-            shared_ff = cfg.shared_d_ff or max(1, cfg.num_shared_experts) * d_ff
+            shared_ff = cfg.shared_d_ff or max(1, cfg.num_shared_experts) * cfg.d_ff
             self.shared = SharedExpert(d_model, shared_ff, cfg.activation, cfg.shared_gate)
         self.hop_routers = nn.ModuleList(
-            router_cls(d_model, num_experts, top_k, make_config(router_cls, cfg.router_options))
+            router_cls(d_model, E, k, make_config(router_cls, cfg.router_options))
             for _ in range(cfg.hops - 1 if cfg.hop_routers else 0)
         )
         self.hop_scale = nn.Parameter(torch.ones(cfg.hops)) if cfg.hop_scale else None
@@ -159,18 +87,12 @@ class MoE(nn.Module):
     def router_for_hop(self, hop: int) -> Router:
         return self.router if hop == 0 or not len(self.hop_routers) else self.hop_routers[hop - 1]
 
-    @classmethod
-    def from_config(cls, cfg: MoEConfig) -> "MoE":
-        d = cfg.to_dict()
-        args = [d.pop(k) for k in ("d_model", "d_ff", "num_experts", "top_k", "router", "router_options")]
-        return cls(*args, **d)
-
     def _check_input(self, x: Tensor, token_ids: Tensor | None) -> None:
         if not isinstance(x, Tensor) or x.dim() not in (2, 3):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be [T, D] or [B, S, D]; got {shape}")
-        if x.shape[-1] != self.config.d_model:
-            raise ValueError(f"x: last dimension must be d_model={self.config.d_model}; got {x.shape[-1]}")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x: last dimension must be d_model={self.d_model}; got {x.shape[-1]}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor; got dtype {x.dtype}")
         if x.dtype != self.experts.w_in.dtype:

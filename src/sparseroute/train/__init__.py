@@ -1,8 +1,9 @@
 """Training: configuration, the loop, checkpoints."""
 
 from sparseroute.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from sparseroute.train.config import RunConfig, TrainConfig, parse_count
-from sparseroute.train.loop import RunDirError, TrainingDiverged, evaluate, evaluate_run, train
+from sparseroute.train.config import RunConfig, TrainConfig, apply_setting, load_settings, parse_count, resolve_run
+from sparseroute.train.corpus import prepare_run
+from sparseroute.train.loop import RunDirError, TrainingDiverged, evaluate_run, train
 
 __all__ = [
     "CheckpointError",
@@ -10,7 +11,10 @@ __all__ = [
     "RunDirError",
     "TrainConfig",
     "TrainingDiverged",
-    "evaluate",
+    "apply_setting",
+    "load_settings",
+    "prepare_run",
+    "resolve_run",
     "evaluate_run",
     "latest_checkpoint",
     "load_checkpoint",

@@ -1,14 +1,27 @@
-"""Training configuration: the run = model + data + optimisation, each a frozen dataclass."""
+"""Training configuration: the run = model + data + optimisation, each a frozen dataclass, and the
+one way a run is written down by hand: a nested dict (or TOML file) of settings,
+
+    {"model": {"preset": "tiny", "moe": {"router": "cosine"}}, "data": {...}, "train": {"tokens": "2M"}}
+
+changed by dotted ``SECTION.FIELD=VALUE`` settings (:func:`apply_setting`) and resolved into a
+validated :class:`RunConfig` by :func:`resolve_run`. ``sparseroute train`` (``--config``, ``--set``
+and the flags, which are shorthands for settings) and the lab's sweep specs (a base plus each
+variant's changes, :func:`merge_settings`) both go through it.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import re
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from sparseroute.data import DataConfig
-from sparseroute.models import LMConfig
+from sparseroute.models import LMConfig, preset, sized
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
@@ -148,3 +161,120 @@ def _build(cls, d: dict[str, Any]):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
     return cls(**d)
+
+
+# -- settings: the hand-written form of a run ------------------------------------------------------
+
+SECTIONS = ("model", "data", "train")
+#: settings whose values may be written as counts (300k, 2M)
+COUNT_FIELDS = (("train", "tokens"), ("train", "eval_tokens"), ("data", "max_bytes"))
+#: model settings that pick the starting point; each replaces the other
+_MODEL_BASES = ("preset", "depth")
+
+
+def parse_value(text: str) -> Any:
+    """A setting's value from the command line: JSON when it parses (numbers, true/false, null,
+    lists, tables), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()
+
+
+def apply_setting(settings: dict[str, Any], setting: str) -> None:
+    """Apply ``SECTION.FIELD[.SUB]=VALUE`` to ``settings`` in place (VALUE parsed by
+    :func:`parse_value`), e.g. ``train.tokens=300k``, ``model.moe.router=cosine``,
+    ``model.moe.router_options.d_space=32``, ``model.moe=false`` (a dense model). Setting
+    ``model.preset`` drops ``model.depth`` and the other way round."""
+    key, sep, raw = setting.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ValueError(
+            f"--set takes SECTION.FIELD=VALUE, e.g. train.tokens=300k or model.moe.top_k=1; got {setting!r}"
+        )
+    set_path(settings, parts, parse_value(raw), what=f"--set {key.strip()}")
+
+
+def set_path(settings: dict[str, Any], parts: list[str], value: Any, *, what: str = "setting") -> None:
+    """``settings[parts[0]][parts[1]]... = value``, creating tables on the way (a non-table value
+    on the way, such as ``model.moe = false``, is replaced by a table)."""
+    if parts[0] not in SECTIONS:
+        raise ValueError(f"{what}: the section must be one of {', '.join(SECTIONS)}; got {parts[0]!r}")
+    node = settings
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+    if len(parts) == 2 and parts[0] == "model" and parts[1] in _MODEL_BASES:
+        node.pop(_MODEL_BASES[1 - _MODEL_BASES.index(parts[1])], None)
+
+
+def load_settings(path: str | Path) -> dict[str, Any]:
+    """Read a run's settings from a TOML file with [model], [data] and [train] tables."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{p}: not valid TOML ({e})") from None
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{p}: unknown table(s) {', '.join(unknown)}; a run config has {', '.join(SECTIONS)}")
+    return data
+
+
+def merge_settings(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in: tables merge key by key, anything else replaces. A
+    ``model.moe`` table merges into the base's MoE settings (or the defaults when the base is
+    dense); ``model.moe = false`` makes the model dense."""
+    moe = changes.get("model", {}).get("moe", ...) if isinstance(changes.get("model"), dict) else ...
+    if moe is not ... and moe not in (False, None) and not isinstance(moe, dict):
+        raise ValueError(f"model.moe must be a table of MoE settings or false (dense); got {moe!r}")
+    return _merge(base, changes)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_run(settings: dict[str, Any]) -> RunConfig:
+    """The validated :class:`RunConfig` of a settings dict: ``model`` starts from ``preset`` (a
+    name of ``sparseroute.models.PRESETS``, default tiny) or ``depth`` (the one-dial family) and
+    its other keys override that model's fields; counts may be written as 300k / 2M; a sequence
+    length beyond the model's ``max_seq_len`` raises it. Errors name the field."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"run settings must be a table with {', '.join(SECTIONS)}; got {settings!r}")
+    unknown = sorted(set(settings) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+    for section in SECTIONS:
+        if not isinstance(settings.get(section, {}), dict):
+            raise ValueError(f"{section} must be a table of settings; got {settings[section]!r}")
+    model = dict(settings.get("model", {}))
+    name, depth = model.pop("preset", None), model.pop("depth", None)
+    if name is not None and depth is not None:
+        raise ValueError("model: give a preset or a depth, not both")
+    start = sized(depth) if depth is not None else preset(name or "tiny")
+    model = _merge(start.to_dict(), model)
+    if model.get("moe") is False:
+        model["moe"] = None
+    data = copy.deepcopy(settings.get("data", {}))
+    train = copy.deepcopy(settings.get("train", {}))
+    for section, key in COUNT_FIELDS:
+        d = train if section == "train" else data
+        if d.get(key) is not None:
+            d[key] = parse_count(d[key], f"{section}.{key}")
+    seq_len = train.get("seq_len", TrainConfig.seq_len)
+    if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > model.get("max_seq_len", 0):
+        model["max_seq_len"] = seq_len
+    return RunConfig.from_dict({"model": model, "data": data, "train": train})

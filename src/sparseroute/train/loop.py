@@ -7,14 +7,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from sparseroute.data import TokenizedCorpus, get_batch, prepare
+from sparseroute.data import TokenizedCorpus, get_batch
 from sparseroute.evaluation import evaluate
 from sparseroute.models import TransformerLM, flops_per_token
 from sparseroute.models.flops import parameter_counts
@@ -35,6 +35,7 @@ from sparseroute.train.checkpoint import (
     save_checkpoint,
 )
 from sparseroute.train.config import RunConfig
+from sparseroute.train.corpus import corpus_for, prepare_run
 
 
 class TrainingDiverged(RuntimeError):
@@ -169,10 +170,16 @@ def train(
     device = torch.device(tc.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA device is available; use --device cpu")
-    corpus = corpus if corpus is not None else prepare(cfg.data, progress=progress)
-    if corpus.vocab_size != cfg.model.vocab_size:
+    if corpus is None:
+        fitted, corpus = prepare_run(cfg, progress=progress)
+        if fitted != cfg:  # a stored run whose corpus no longer gives the vocabulary it trained with
+            raise ValueError(
+                f"model vocab_size={cfg.model.vocab_size} but the {cfg.data.tokenizer} tokenizer has {corpus.vocab_size}"
+            )
+    elif corpus.vocab_size != cfg.model.vocab_size:
         raise ValueError(
-            f"model vocab_size={cfg.model.vocab_size} but the {cfg.data.tokenizer} tokenizer has {corpus.vocab_size}"
+            f"model vocab_size={cfg.model.vocab_size} but the {cfg.data.tokenizer} tokenizer has {corpus.vocab_size}; "
+            "fit the run to its corpus first (sparseroute.train.prepare_run)"
         )
 
     torch.manual_seed(tc.seed)
@@ -350,15 +357,8 @@ def evaluate_run(out_dir: str | Path, *, progress: bool = False) -> dict[str, An
     model = TransformerLM(cfg.model)
     model.load_state_dict(model_t, strict=True)
     model.to(device)
-    corpus = prepare(cfg.data, progress=progress)
+    corpus = corpus_for(cfg.data, progress=progress)
     tc = cfg.train
     val = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
     test = evaluate(model, corpus.test, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
     return {"step": int(meta["step"]), "val_ppl": val["ppl"], "test_ppl": test["ppl"], "val_loss": val["loss"], "test_loss": test["loss"]}
-
-
-def resolve_vocab(cfg: RunConfig, corpus: TokenizedCorpus) -> RunConfig:
-    """Set the model's vocabulary to the tokenizer's."""
-    if cfg.model.vocab_size == corpus.vocab_size:
-        return cfg
-    return replace(cfg, model=replace(cfg.model, vocab_size=corpus.vocab_size))

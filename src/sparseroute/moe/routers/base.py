@@ -22,6 +22,12 @@ from sparseroute.routing import Routing, routing_stats
 ROUTERS: Registry[type["Router"]] = Registry("router")
 
 
+def check_top_k(top_k: Any, num_experts: int) -> None:
+    """k experts per token: an int in [1, num_experts]."""
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}]; got {top_k!r}")
+
+
 def _check_nonneg(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -73,8 +79,7 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
         for name, value in (("d_model", d_model), ("num_experts", num_experts)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}]; got {top_k!r}")
+        check_top_k(top_k, num_experts)
         config = config if config is not None else self.Config()
         if not isinstance(config, self.Config):
             raise ValueError(f"{type(self).__name__} needs a {self.Config.__name__}; got {type(config).__name__}")
