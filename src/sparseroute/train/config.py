@@ -117,15 +117,19 @@ class TrainConfig:
     def steps(self) -> int:
         return self.tokens // (self.batch_size * self.seq_len)
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based): linear warmup, cosine decay."""
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) as a multiple of ``lr``: a linear
+        warmup, then a cosine decay to ``min_lr_ratio``."""
         n = self.steps
         warm = max(1, int(round(self.warmup_fraction * n))) if self.warmup_fraction > 0 else 0
         if step < warm:
-            return self.lr * (step + 1) / warm
+            return (step + 1) / warm
         progress = (step - warm) / max(1, n - warm)
-        floor = self.lr * self.min_lr_ratio
-        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (what the training loop's scheduler sets)."""
+        return self.lr * self.lr_factor(step)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -46,6 +46,13 @@ class RunDirError(ValueError):
     """The output directory does not fit the request (exists, or holds another run)."""
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's LambdaLR with the run's warmup + cosine factor (``TrainConfig.lr_factor``): it sets
+    step 0's rate when built and the next step's after each ``step()``; its state goes into the
+    checkpoints, so a resumed run continues the schedule exactly."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
+
+
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -110,6 +117,20 @@ class _Accum:
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
+
+
+def _restore_schedule(scheduler, meta: dict, tc) -> None:
+    """The scheduler's state from a checkpoint; a checkpoint written before the schedule kept one
+    (it set each step's rate itself) continues at the same rates."""
+    state = meta["state"].get("scheduler")
+    if state is not None:
+        scheduler.load_state_dict(state)
+        return
+    step = int(meta["step"])
+    scheduler.last_epoch = step
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = tc.lr_at(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def _check_finite(step: int, name: str, value: torch.Tensor) -> None:
@@ -185,6 +206,7 @@ def train(
     torch.manual_seed(tc.seed)
     model = TransformerLM(cfg.model).to(device)
     optimizer = make_optimizer(model, tc)
+    scheduler = make_scheduler(optimizer, tc)
     acc = _Accum()
     start, elapsed_before = 0, 0.0
     metrics_path = out / "metrics.jsonl"
@@ -196,6 +218,7 @@ def train(
             optimizer.load_state_dict(optim_sd)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {ckpt} does not fit this run's model: {e}") from None
+        _restore_schedule(scheduler, meta, tc)
         restore_rng(rng)
         start = int(meta["step"])
         st = meta["state"]
@@ -226,6 +249,7 @@ def train(
     def state_now(step: int) -> dict:
         return {
             "accum": acc.to_json(),
+            "scheduler": scheduler.state_dict(),
             "metrics_offset": metrics_path.stat().st_size,
             "elapsed_s": elapsed_before + time.perf_counter() - t0,
             "tokens_seen": step * tokens_per_step,
@@ -233,9 +257,7 @@ def train(
 
     model.train()
     for step in range(start, steps):
-        lr = tc.lr_at(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = optimizer.param_groups[0]["lr"]
         x, y = get_batch(corpus.train, tc.batch_size, tc.seq_len, step, tc.seed)
         x, y = x.to(device), y.to(device)
         out_ = model(x)
@@ -250,6 +272,7 @@ def train(
         gnorm = clip_grad_norm(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         _check_finite(step, "the gradient norm", gnorm)
         optimizer.step()
+        scheduler.step()
         model.after_optimizer_step()
         acc.loss += float(ce.detach())
         acc.aux += float(aux.detach())
