@@ -4,7 +4,9 @@ fp32 (``--dtype bf16`` for the other), forward + backward, timed in one process 
 variants interleaved; the median of ``--repeats`` runs after one warm-up. Variants per shape:
 
   moe        sparseroute MoE, learned ``topk`` router, default dispatch ("auto") and GEMM
-             backend (``sparseroute.kernels.gemm``: oneDNN on an x86 CPU, in fp32)
+             backend (``sparseroute.kernels.backend``: oneDNN on an x86 CPU, in fp32), each
+             product of its expert kernel where the kernels' plan puts it on this machine
+             (``sparseroute.kernels.plan``; the plan is decided before the timing and is in the JSON)
   moe_<d>    the same layer with dispatch <d> (informational)
   moe_aten   (CPU, where the MoE's products run on oneDNN: fp32, and bf16 where oneDNN's bf16
              matmul runs) the same layer with torch's own matmul
@@ -13,6 +15,8 @@ variants interleaved; the median of ``--repeats`` runs after one warm-up. Varian
   dense_fused_onednn, dense_split_onednn   (fp32, where the MoE's backend is oneDNN) the same on
              oneDNN, the MoE's own GEMM library (in bf16 torch's own matmul runs on oneDNN)
   hf_eager, hf_grouped_mm   transformers' MixtralSparseMoeBlock with that experts implementation
+  moe_from_hf   the MoE that ``sparseroute.moe.from_hf`` makes of that block (its weights):
+             ``hf_over_moe`` is the faster HF block's time over this one's
   loop       (only without transformers) a per-expert loop in the style of HF's eager path
 
 ``dense`` is the fastest dense variant, so that the MoE is compared with a dense layer on the same
@@ -61,7 +65,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sparseroute.kernels import gemm
+from sparseroute.kernels import gemm, ops, plan
+from sparseroute.kernels.cpuinfo import cpu_model
 from sparseroute.lab.stats import median_ratio_ci
 from sparseroute.moe import EXECUTORS, MoE
 
@@ -107,12 +112,14 @@ def _on_aten(moe: MoE, x):
 
 
 def make_hf(moe: MoE, impl: str, device, dtype):
+    """transformers' Mixtral block with ``moe``'s weights and experts implementation ``impl``;
+    returns (run, params, block)."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     c = moe.config
     cfg = MixtralConfig(
-        hidden_size=c.d_model,
+        hidden_size=moe.d_model,
         intermediate_size=c.d_ff,
         num_local_experts=c.num_experts,
         num_experts_per_tok=c.top_k,
@@ -128,7 +135,17 @@ def make_hf(moe: MoE, impl: str, device, dtype):
     def run(x):
         return block(x.unsqueeze(0)).squeeze(0)
 
-    return run, list(block.parameters())
+    return run, list(block.parameters()), block
+
+
+def expert_plan_of(moe: MoE, dtype) -> plan.ExpertPlan | None:
+    """Where the MoE's expert kernel runs each product here (deciding it now, before the timing:
+    tuning, on first use of a shape class, times candidate plans); None where the kernel does
+    not run (not built, or not on the CPU)."""
+    if not ops.available() or moe.experts.w_in.device.type != "cpu":
+        return None
+    c = moe.config
+    return plan.expert_plan(dtype, moe.d_model, c.d_ff, c.num_experts, c.activation, torch.get_num_threads())
 
 
 def make_loop(moe: MoE):
@@ -254,10 +271,13 @@ def main(argv=None) -> int:
         ap.error("--dispatch parallel is the CPU kernel; it cannot run on " + device.type)
     dtype = DTYPES[args.dtype]
     malloc = "system" if args.system_malloc or not _retain_freed_memory() else "retain"
-    # whether the MoE's products run on oneDNN here, and whether gemm.matmul does (float32): then
-    # the dense layer gets oneDNN variants too (in bfloat16 torch's own matmul runs on oneDNN)
-    probe = torch.empty(0, device=device, dtype=dtype)
-    moe_onednn, onednn = gemm.kernel_on_onednn(probe), gemm.uses_onednn(probe)
+    # whether gemm.matmul runs on oneDNN here (float32): then the dense layer gets oneDNN variants
+    # too (in bfloat16 torch's own matmul runs on oneDNN)
+    onednn = gemm.uses_onednn(torch.empty(0, device=device, dtype=dtype))
+    if device.type == "cpu":
+        from sparseroute.kernels import ensure_built
+
+        ensure_built(progress=True)
     torch.manual_seed(args.seed)
     try:
         import transformers  # noqa: F401
@@ -274,9 +294,14 @@ def main(argv=None) -> int:
             ap.error(f"--shape takes E,k,F as three integers; got {args.shape}")
     T, D = args.tokens, args.d_model
     rows = []
+    moe_onednn = False
     for shape in shapes:
         E, k, Fh = shape["E"], shape["k"], shape["F"]
         moe = MoE(D, Fh, E, k, router="topk").to(device=device, dtype=dtype)
+        expert_plan = expert_plan_of(moe, dtype)
+        # the kernel's products off torch's matmul here: the MoE is also timed on torch's
+        off_aten = expert_plan is not None and any(b != "aten" for b in expert_plan.backends)
+        moe_onednn = moe_onednn or off_aten
         xs = [torch.randn(T, D, device=device, dtype=dtype) for _ in range(args.repeats + 1 if args.fresh_inputs else 1)]
         g = torch.randn(T, D, device=device, dtype=dtype)
         variants: dict[str, tuple[Callable, list]] = {
@@ -287,14 +312,18 @@ def main(argv=None) -> int:
         if onednn:
             variants["dense_fused_onednn"] = make_dense(D, k * Fh, device, dtype, True, gemm.matmul)
             variants["dense_split_onednn"] = make_dense(D, k * Fh, device, dtype, False, gemm.matmul)
-        if moe_onednn:
+        if off_aten:
             variants["moe_aten"] = (lambda xx, m=moe: _on_aten(m, xx), list(moe.parameters()))
         for d in args.dispatch:
             if d != moe.config.dispatch:
                 variants[f"moe_{d}"] = (lambda xx, m=moe, d=d: m(xx, dispatch=d)[0], list(moe.parameters()))
         if have_hf:
-            variants["hf_eager"] = make_hf(moe, "eager", device, dtype)
-            variants["hf_grouped_mm"] = make_hf(moe, "grouped_mm", device, dtype)
+            from sparseroute.moe import from_hf
+
+            *variants["hf_eager"], block = make_hf(moe, "eager", device, dtype)
+            *variants["hf_grouped_mm"], _ = make_hf(moe, "grouped_mm", device, dtype)
+            converted = from_hf(block)
+            variants["moe_from_hf"] = (lambda xx, m=converted: m(xx)[0], list(converted.parameters()))
         else:
             variants["loop"] = make_loop(moe)
         faults: dict[str, list[int]] = {}
@@ -318,12 +347,15 @@ def main(argv=None) -> int:
             # time apart from the layer's own work (see the module docstring)
             "faults_per_step": {n: int(statistics.median(faults[n])) for n in ("moe", dense)},
         }
-        if have_hf:
-            row["hf_eager_over_moe"] = round(med["hf_eager"] / med["moe"], 3)
-            row["hf_grouped_mm_over_moe"] = round(med["hf_grouped_mm"] / med["moe"], 3)
+        if have_hf:  # HF's block against the MoE that from_hf made of it
+            row["hf_eager_over_moe"] = round(med["hf_eager"] / med["moe_from_hf"], 3)
+            row["hf_grouped_mm_over_moe"] = round(med["hf_grouped_mm"] / med["moe_from_hf"], 3)
             row["hf_over_moe"] = min(row["hf_eager_over_moe"], row["hf_grouped_mm_over_moe"])
+            row["from_hf_over_moe"] = round(med["moe_from_hf"] / med["moe"], 3)
         else:
             row["loop_over_moe"] = round(med["loop"] / med["moe"], 3)
+        if expert_plan is not None:
+            row["plan"] = {"source": expert_plan.source, "backends": dict(zip(plan.codes.PRODUCTS, expert_plan.backends))}
         for name, t in med.items():
             row[f"{name}_s"] = round(t, 4)
         rows.append(row)
@@ -339,6 +371,7 @@ def main(argv=None) -> int:
         "D": D,
         "repeats": args.repeats,
         "torch": torch.__version__,
+        "cpu": cpu_model(),
         "gemm": "onednn" if moe_onednn else "aten",
         "inputs": "fresh" if args.fresh_inputs else "fixed",
         "threads": torch.get_num_threads(),

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from sparseroute.data import DataConfig, get_batch, prepare
 from sparseroute.lab.stats import median_ratio_ci
 from sparseroute.models import TransformerLM, preset
+from sparseroute.kernels import ensure_built
+from sparseroute.kernels.cpuinfo import cpu_model
 from sparseroute.moe import MoEConfig
-from sparseroute.moe import after_optimizer_step
 from sparseroute.train.config import TrainConfig
 from sparseroute.train.loop import clip_grad_norm, make_optimizer
 
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.repeats < 1:
         ap.error("--steps and --repeats must be >= 1")
     device = torch.device(args.device)
+    if device.type == "cpu":
+        ensure_built(progress=True)
     corpus = prepare(DataConfig(max_bytes=4_000_000))
     tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, tokens=10**9)
     dense_cfg = replace(preset("tiny"), max_seq_len=max(args.seq_len, preset("tiny").max_seq_len))
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
             loss.backward()
             clip_grad_norm(model.parameters(), 1.0)
             opt.step()
-            after_optimizer_step(model)
+            model.after_optimizer_step()
             run["step"] += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -92,6 +95,8 @@ def main(argv=None) -> int:
     print(json.dumps({
         "benchmark": "train_throughput",
         "device": str(device),
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "router": args.router,

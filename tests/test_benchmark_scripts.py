@@ -10,9 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparseroute.kernels import gemm
+from sparseroute.kernels import codes, gemm, ops, plan
+from sparseroute.kernels.cpuinfo import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _kernel_off_aten(dtype, D, F, E) -> bool:
+    """Whether the expert kernel runs any product off torch's matmul at this shape here."""
+    if not ops.available():
+        return False
+    p = plan.expert_plan(dtype, D, F, E, "swiglu", torch.get_num_threads())
+    return any(b != "aten" for b in p.backends)
 
 
 def _load(name: str):
@@ -56,7 +65,10 @@ def test_moe_layer_json(capsys):
              if f"{n}_s" in row]
     assert row["dense_s"] == min(dense) and row[f"{row['dense_variant']}_s"] == row["dense_s"]
     # the MoE on oneDNN is compared with a dense layer on oneDNN too, and on torch's own matmul
-    assert out["gemm"] == ("onednn" if gemm.kernel_on_onednn(torch.empty(0)) else "aten")
+    assert out["gemm"] == ("onednn" if _kernel_off_aten(torch.float32, 32, 16, 4) else "aten")
+    assert out["cpu"] == cpu_model()
+    if ops.available():  # where each product of the expert kernel ran
+        assert set(row["plan"]["backends"]) == set(codes.PRODUCTS)
     assert len(dense) == (4 if gemm.uses_onednn(torch.empty(0)) else 2)
     assert ("moe_aten_s" in row) == (out["gemm"] == "onednn")
     assert out["inputs"] == "fixed"
@@ -112,7 +124,7 @@ def test_moe_layer_bf16(capsys):
     assert out["dtype"] == "bf16" and out["inputs"] == "fresh"
     # the kernel runs bf16 on oneDNN where oneDNN's bf16 matmul runs (then also timed on ATen);
     # the dense layer's products are torch's own (its bf16 matmul is oneDNN's where it can be)
-    assert out["gemm"] == ("onednn" if gemm.kernel_on_onednn(torch.empty(0, dtype=torch.bfloat16)) else "aten")
+    assert out["gemm"] == ("onednn" if _kernel_off_aten(torch.bfloat16, 16, 8, 4) else "aten")
     (row,) = out["shapes"]
     timed = {k for k in row if k.startswith("moe_") and k.endswith("_s")}
     assert row["moe_s"] > 0 and timed == ({"moe_s", "moe_aten_s"} if out["gemm"] == "onednn" else {"moe_s"})

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparseroute.kernels import gemm
+from sparseroute.kernels import backend, gemm, ops
 from sparseroute.moe import MoE
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN")
@@ -35,10 +35,10 @@ def onednn_path(request, monkeypatch):
     if not gemm.onednn_available():
         pytest.skip("this torch build has no oneDNN")
     if request.param == "matmul":
-        if gemm._onednn_matmul() is None:
+        if not ops.onednn_mm_is_direct():
             pytest.skip("oneDNN's matmul is not reachable here (no compiled kernels, or not on this CPU)")
     else:
-        monkeypatch.setitem(gemm._matmul, "fn", None)
+        monkeypatch.setattr(ops, "onednn_mm_is_direct", lambda: False)
     return request.param
 
 
@@ -58,23 +58,18 @@ def test_linear_on_onednn_equals_torch(shape, out, onednn_path):
         assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_onednn_is_really_used_and_aten_is_not(onednn_path, monkeypatch):
-    """The forward and both gradients run on oneDNN (its matmul, counted through a wrapper, or the
-    linear op, seen by the profiler), none on aten's matmul; the aten backend runs neither."""
-    calls = []
-    if onednn_path == "matmul":
-        real = gemm._matmul["fn"]
-        monkeypatch.setitem(gemm._matmul, "fn", lambda a, b, out: calls.append(1) or real(a, b, out))
+def test_onednn_is_really_used_and_aten_is_not(onednn_path):
+    """The forward and both gradients run as sparseroute::mm (seen by the profiler), on oneDNN's
+    matmul or on torch's oneDNN linear op, none on aten's matmul; the aten backend runs neither."""
     x, w = torch.randn(64, 48, requires_grad=True), torch.randn(40, 48, requires_grad=True)
     with gemm.use_backend("onednn"):
         called = _ops_called(lambda: gemm.linear(x, w).sum().backward())
-    on_onednn = len(calls) if onednn_path == "matmul" else sum("_linear_pointwise" in n for n in called)
-    assert on_onednn == 3
+    assert sum(n == "sparseroute::mm" for n in called) == 3, called
+    assert sum("_linear_pointwise" in n for n in called) == (3 if onednn_path == "linear_op" else 0)
     assert not any(n in ("aten::mm", "aten::addmm", "aten::linear") for n in called), called
-    calls.clear()
     with gemm.use_backend("aten"):
         called = _ops_called(lambda: gemm.linear(x, w).sum().backward())
-    assert not calls and not any("_linear_pointwise" in n for n in called)
+    assert not any(n == "sparseroute::mm" or "_linear_pointwise" in n for n in called)
 
 
 @needs_onednn
@@ -90,38 +85,50 @@ def test_a_stride_zero_gradient_and_no_grad_work():
     assert y.grad_fn is None
 
 
-def test_other_dtypes_and_dispatch_modes_stay_on_aten():
-    """bf16 is torch's own product to the bit; under FlopCounterMode the products are counted."""
+def test_other_dtypes_stay_on_aten_and_flop_counter_counts_onednn():
+    """bf16 is torch's own product to the bit; under FlopCounterMode the oneDNN products
+    (sparseroute::mm, with its FLOP formula) are counted, forward and backward."""
     x, w = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(8, 32, dtype=torch.bfloat16)
     with gemm.use_backend("auto"):
         assert torch.equal(gemm.linear(x, w), F.linear(x, w))
-        x32, w32 = x.float(), w.float()
+        x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
         with FlopCounterMode(display=False) as counter:
             gemm.linear(x32, w32)
         assert counter.get_total_flops() == 2 * 16 * 32 * 8
+        with FlopCounterMode(display=False) as counter:
+            gemm.linear(x32, w32).sum().backward()
+        assert counter.get_total_flops() == 3 * 2 * 16 * 32 * 8
 
 
 
-def test_the_kernel_code_covers_bf16_but_not_other_dtypes():
-    """The compiled kernel takes float32 and bfloat16 to oneDNN (it asks whether oneDNN's matmul
-    runs for the dtype); fp16, float64 and the ATen backend give code 0."""
+def test_the_kernel_takes_float32_and_bfloat16_to_onednn_only():
+    """The compiled kernel's capability queries: oneDNN's matmul for float32 and bfloat16 (each
+    where it runs on this CPU), never for float16 or float64; and the kernel refuses a product on
+    oneDNN for a dtype it does not run, naming the product."""
+    from sparseroute.kernels import codes
+    from sparseroute.kernels import extension as cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip(f"no compiled kernels: {cpu_kernels.unavailable_reason()}")
     f32, bf16 = torch.empty(0), torch.empty(0, dtype=torch.bfloat16)
-    with gemm.use_backend("aten"):
-        assert gemm.kernel_code(f32) == gemm.kernel_code(bf16) == 0
-        assert not gemm.kernel_on_onednn(bf16)
-    if not gemm.onednn_available():
-        return
-    with gemm.use_backend("onednn"):
-        assert gemm.kernel_code(f32) == gemm.kernel_code(bf16) == 1
-        assert gemm.kernel_code(torch.empty(0, dtype=torch.float16)) == 0
-        assert gemm.kernel_code(torch.empty(0, dtype=torch.float64)) == 0
-        from sparseroute.kernels import extension as cpu_kernels
+    assert kernels.onednn_usable() == kernels.onednn_usable_for(f32)
+    for dtype in (torch.float16, torch.float64):
+        assert not kernels.onednn_usable_for(torch.empty(0, dtype=dtype))
+    x, w_S, tok = torch.randn(8, 16, dtype=torch.float64), torch.rand(8, dtype=torch.float64), torch.arange(8)
+    w_in, w_out = torch.randn(2, 16, 16, dtype=torch.float64), torch.randn(2, 8, 16, dtype=torch.float64)
+    onednn_down = codes.backend_codes(["aten", "onednn", "aten", "aten", "aten", "aten"])
+    with pytest.raises(RuntimeError, match="product 'down' cannot run on 'onednn'.*Double"):
+        kernels.mlp_forward(x, w_S, w_in, w_out, tok, [4, 4], 0, 1, onednn_down)
+    out = kernels.mlp_forward(x, w_S, w_in, w_out, tok, [4, 4], 0, 1, codes.backend_codes("aten"))[0]
+    assert out.dtype == torch.float64
+    if kernels.onednn_usable_for(bf16):  # bfloat16 on oneDNN, where its bfloat16 matmul runs here
+        args = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in (x, w_S, w_in, w_out, tok)]
+        out = kernels.mlp_forward(*args, [4, 4], 0, 1, codes.backend_codes("onednn"))[0]
+        ref = kernels.mlp_forward(*args, [4, 4], 0, 1, codes.backend_codes("aten"))[0]
+        assert out.dtype == torch.bfloat16
+        assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.float().abs().max()))
 
-        kernels = cpu_kernels.load()
-        if kernels is not None:
-            assert gemm.kernel_on_onednn(bf16) == kernels.onednn_usable_for(bf16)
-            assert gemm.kernel_on_onednn(f32) == kernels.onednn_usable()
-            assert not kernels.onednn_usable_for(torch.empty(0, dtype=torch.float64))
 
 def test_matmul_and_linear_module():
     torch.manual_seed(0)
@@ -144,7 +151,7 @@ def test_backend_names_are_checked_and_scoped(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"), gemm.use_backend("aten"):
         raise RuntimeError("boom")
     assert gemm.get_backend() == before
-    monkeypatch.setattr(gemm, "onednn_available", lambda: False)
+    monkeypatch.setattr(backend, "onednn_available", lambda: False)
     with pytest.raises(ValueError, match="'onednn' asked for, but this torch build has no oneDNN"):
         gemm.set_backend("onednn")
     with gemm.use_backend("auto"):
@@ -152,10 +159,10 @@ def test_backend_names_are_checked_and_scoped(monkeypatch):
 
 
 def test_the_environment_variable_is_read_and_checked(monkeypatch):
-    monkeypatch.setattr(gemm, "_state", {})
+    monkeypatch.setattr(backend, "_state", {})
     monkeypatch.setenv("SPARSEROUTE_GEMM", "aten")
     assert gemm.get_backend() == "aten"
-    monkeypatch.setattr(gemm, "_state", {})
+    monkeypatch.setattr(backend, "_state", {})
     monkeypatch.setenv("SPARSEROUTE_GEMM", "blas")
     with pytest.raises(ValueError, match=r"\$SPARSEROUTE_GEMM: unknown GEMM backend 'blas'"):
         gemm.get_backend()
@@ -197,10 +204,12 @@ def test_the_kernel_takes_the_backend_of_its_forward(T, D, E, differ):
 
 
 _SHAPES_SCRIPT = """
+import sys
 import torch
 from sparseroute.kernels import extension as cpu_kernels
 kernels = cpu_kernels.load()
 dtype = getattr(torch, "{dtype}")
+backends = [int(b) for b in sys.argv[1].split(",")]
 # asked before the products below, so that its own probes are not among them
 assert kernels.onednn_usable() and kernels.onednn_usable_for(torch.empty(0, dtype=dtype))
 torch.manual_seed(0)
@@ -210,8 +219,8 @@ x, w_S = torch.randn(T, D, dtype=dtype), torch.rand(T, dtype=dtype)
 w_in, w_out = torch.randn(E, D, 2 * F, dtype=dtype), torch.randn(E, F, D, dtype=dtype)
 tok_S = torch.randperm(T)
 print("KERNEL START", flush=True)
-out, h, a, s = kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, counts, 0, 1, 1)
-kernels.mlp_backward(torch.randn(T, D, dtype=dtype), x, w_S, w_in, w_out, tok_S, counts, h, a, s, 0, [True] * 4, 1, 1)
+out, h, a, s = kernels.mlp_forward(x, w_S, w_in, w_out, tok_S, counts, 0, 1, backends)
+kernels.mlp_backward(torch.randn(T, D, dtype=dtype), x, w_S, w_in, w_out, tok_S, counts, h, a, s, 0, [True] * 4, 1, backends)
 print("KERNEL END", flush=True)
 """
 
@@ -220,27 +229,36 @@ print("KERNEL END", flush=True)
 @pytest.mark.parametrize("dtype, tag", [("float32", "f32"), ("bfloat16", "bf16")])
 def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
     """oneDNN builds a kernel per exact shape; the expert kernel pads each expert's rows to a
-    multiple of 32 so that changing loads reuse them: every product it runs has 32k rows, or
-    (the weight gradients) sums over 32k rows, whatever the loads (here 33, 47 and 70). The
-    weight gradients take x^T and a^T as transposed views (oneDNN's "ba" source), not copies.
+    multiple of 32 so that changing loads reuse them: every product it runs on oneDNN has 32k
+    rows, or (the weight gradients) sums over 32k rows, whatever the loads (here 33, 47 and 70).
+    The weight gradients take x^T and a^T as transposed views (oneDNN's "ba" source), not copies.
     The same in bfloat16, which the kernel also runs on oneDNN where oneDNN's bfloat16 matmul
-    runs on the CPU (torch's own bfloat16 matmul would build a kernel per exact shape). In
-    float32 the products run on the kernel's own row products where those run (AVX-512, a
-    multiple of 16 columns: here x @ w_in and x^T dL/dh, 48 columns, but not the others, with 40
-    or 24 columns)."""
+    runs on the CPU (torch's own bfloat16 matmul would build a kernel per exact shape). Each
+    product runs exactly where the backends list says: in float32 on the kernel's own row
+    products where those run (AVX-512, a multiple of 16 columns: here x @ w_in and x^T dL/dh,
+    48 columns, but not the others, with 40 or 24 columns), the others on oneDNN; oneDNN sees
+    exactly the products on oneDNN."""
     import os
     import re
     import subprocess
     import sys
 
+    from sparseroute.kernels import codes
     from sparseroute.kernels import extension as cpu_kernels
 
-    kernels = cpu_kernels.load()  # built here, so the child only loads it
-    if not kernels.onednn_usable_for(torch.empty(0, dtype=getattr(torch, dtype))):
-        pytest.skip(f"oneDNN's {dtype} matmul does not run on this CPU")
-    env = dict(os.environ, ONEDNN_VERBOSE="1", SPARSEROUTE_GEMM="onednn")
+    kernels = cpu_kernels.load()  # built by the session fixture, so the child only loads it
+    if kernels is None or not kernels.onednn_usable_for(torch.empty(0, dtype=getattr(torch, dtype))):
+        pytest.skip(f"oneDNN's {dtype} matmul does not run on this CPU (or no compiled kernels)")
+    D, F = 40, 24
+
+    def own(product):  # a product the kernel can run itself: float32, AVX-512, a multiple of 16 columns
+        return dtype == "float32" and kernels.row_gemm_runs(codes.expert_matrix(product, D, F, 2 * F)[1])
+
+    names = ["own" if own(p) else "onednn" for p in codes.PRODUCTS]
+    env = dict(os.environ, ONEDNN_VERBOSE="1")
     script = _SHAPES_SCRIPT.replace("{dtype}", dtype)
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    arg = ",".join(map(str, codes.backend_codes(names)))
+    run = subprocess.run([sys.executable, "-c", script, arg], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.split("KERNEL START")[1].split("KERNEL END")[0].splitlines()
     products = [
@@ -248,17 +266,13 @@ def test_the_kernel_pads_rows_so_that_onednn_shapes_repeat(dtype, tag):
         for ln, m in ((ln, re.search(r",(\d+)x(\d+):(\d+)x(\d+),", ln)) for ln in lines if ",exec," in ln and ",matmul," in ln)
         if m and f"src:{tag}:" in ln
     ]
-    D, F = 40, 24
-
-    def own(cols):  # a product the kernel runs itself: float32, AVX-512 and a multiple of 16 columns
-        return dtype == "float32" and kernels._row_gemm_runs(cols)
-
     # x @ w_in, a @ w_out, g @ w_out^T, dL/dh @ w_in^T (columns 2F, D, F, D); x^T dL/dh, a^T g (2F, D)
-    row_wise = sum(not own(c) for c in (2 * F, D, F, D))
-    sums = sum(not own(c) for c in (2 * F, D))
-    if dtype == "float32" and kernels._row_gemm_runs(16):
+    on_onednn = dict(zip(codes.PRODUCTS, (n == "onednn" for n in names)))
+    row_wise = sum(on_onednn[p] for p in ("up", "down", "grad_act", "grad_x"))
+    sums = sum(on_onednn[p] for p in ("grad_w_in", "grad_w_out"))
+    if dtype == "float32" and kernels.row_gemm_runs(16):
         assert (row_wise, sums) == (3, 1)  # only x @ w_in and x^T dL/dh (48 columns) run on the kernel's own
-    assert len(products) == (row_wise + sums) * 3  # six products per expert, three experts
+    assert len(products) == (row_wise + sums) * 3  # each product on oneDNN once per expert, three experts
     rows, grads = [], []
     for (m, k, k2, n), transposed in products:
         assert k == k2

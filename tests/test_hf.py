@@ -73,10 +73,15 @@ def test_forward_matches(kind):
             block.experts.config._experts_implementation = impl
             y_hf = _out(block, x)
             assert y_hf.abs().mean() > 1e-2  # not a trivially zero output
-            for dispatch in ("grouped", "loop", "fused", "parallel"):
+            for dispatch in (None, "grouped", "loop", "fused", "parallel"):
                 y, routing = moe(x, dispatch=dispatch)
                 torch.testing.assert_close(y, y_hf, msg=lambda m: f"{impl=} {dispatch=}: {m}")
                 assert routing.losses == {}
+            # the same routing decisions as the block's own gate, exactly
+            _, _, hf_idx = block.gate(x.reshape(-1, x.shape[-1]))
+            assert torch.equal(routing.indices.sort(dim=1).values, hf_idx.long().sort(dim=1).values)
+    # the converted MoE runs on the same executor as MoE(...) (the fast CPU path), unless told otherwise
+    assert moe.config.dispatch == "auto"
     assert from_hf(block, dispatch="loop").config.dispatch == "loop"
 
 

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("distributed",),
     ("train",),
     ("lab",),
-    ("cli", "__main__"),
+    ("cli", "__main__", "doctor"),
 ]
 
 #: (importing module, imported module): allowed although it points up

@@ -1,5 +1,7 @@
 """Fast forms of router building blocks equal their plain definitions (values and gradients)."""
 
+import os
+
 import pytest
 import torch
 
@@ -15,8 +17,11 @@ def _plain_softmax_topk(logits, k, renormalize):
 
 
 def _compiled():
-    if cpu_kernels.load() is None:
-        pytest.skip(f"compiled kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    """The compiled kernels, which the session fixture built: only SPARSEROUTE_NO_EXTENSIONS=1
+    skips; a missing module fails with load()'s reason."""
+    if os.environ.get("SPARSEROUTE_NO_EXTENSIONS") == "1":
+        pytest.skip("compiled kernels disabled by SPARSEROUTE_NO_EXTENSIONS=1")
+    assert cpu_kernels.load() is not None, cpu_kernels.unavailable_reason()
 
 
 @pytest.mark.parametrize("E", [1, 2, 8, 15, 16, 64])
@@ -60,7 +65,7 @@ def test_compiled_softmax_topk_matches_the_plain_ops(T, E, k, renormalize, dtype
     torch.manual_seed(T + E + k)
     logits = (2 * torch.randn(T, E, dtype=dtype)).requires_grad_()
     ref = logits.detach().clone().requires_grad_()
-    assert _softmax_topk_kernels(logits) is not None
+    assert _softmax_topk_kernels(logits)
     probs, idx, w = softmax_topk(logits, k, renormalize)
     want_p, want_idx, want_w = _plain_softmax_topk(ref, k, renormalize)
     torch.testing.assert_close(probs, want_p)
@@ -102,12 +107,40 @@ def test_compiled_softmax_topk_orders_ties_and_nan():
 
 def test_compiled_softmax_topk_is_used_only_where_it_applies():
     _compiled()
-    assert _softmax_topk_kernels(torch.randn(4, 8)) is not None
-    assert _softmax_topk_kernels(torch.randn(4, 8, dtype=torch.bfloat16)) is None
-    assert _softmax_topk_kernels(torch.randn(2, 4, 8)) is None
+    assert _softmax_topk_kernels(torch.randn(4, 8))
+    assert not _softmax_topk_kernels(torch.randn(4, 8, dtype=torch.bfloat16))
+    assert not _softmax_topk_kernels(torch.randn(2, 4, 8))
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False):
-        assert _softmax_topk_kernels(torch.randn(4, 8)) is None
+    logits = torch.randn(4, 8)
+    with FlopCounterMode(display=False):  # under a Python dispatch mode: the same results
+        under_mode = softmax_topk(logits, 2, True)
+    assert all(torch.equal(a, b) for a, b in zip(under_mode, softmax_topk(logits, 2, True)))
     with pytest.raises(RuntimeError, match="k must be in"):
         cpu_kernels.load().softmax_topk_forward(torch.randn(3, 4), 5, True)
+
+
+def test_without_built_kernels_softmax_topk_takes_the_plain_ops(tmp_path, monkeypatch):
+    """The routers ask for the compiled kernels at every call, and load() never builds: under a
+    fresh cache root (nothing built) softmax_topk runs the plain ops, to the same results, and
+    no build folder appears."""
+    torch.manual_seed(0)
+    logits = torch.randn(37, 8, requires_grad=True)
+    monkeypatch.setenv("SPARSEROUTE_CACHE", str(tmp_path))
+    assert not _softmax_topk_kernels(logits)
+    probs, idx, w = softmax_topk(logits, 2, True)
+    want_p, want_idx, want_w = _plain_softmax_topk(logits.detach(), 2, True)
+    torch.testing.assert_close(probs, want_p)
+    torch.testing.assert_close(w, want_w)
+    assert torch.equal(idx, want_idx)
+    assert not (tmp_path / "kernels").exists()
+
+
+def test_the_test_module_has_the_same_softmax_topk(testing_kernels):
+    """The test module is the shipped sources: its softmax top-k gives the same bits."""
+    _compiled()
+    logits = torch.randn(300, 16)
+    shipped = cpu_kernels.build()  # load() is the test module here (testing_kernels)
+    assert shipped is not testing_kernels
+    for a, b in zip(shipped.softmax_topk_forward(logits, 3, True), testing_kernels.softmax_topk_forward(logits, 3, True)):
+        assert torch.equal(a, b)

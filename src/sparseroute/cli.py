@@ -170,6 +170,25 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
 
 
+def _add_kernels(sub) -> None:
+    p = sub.add_parser("kernels", help="build the compiled CPU kernels (once per sparseroute and torch version)",
+                       description="The compiled CPU kernels (the expert-parallel MoE executor, the softmax top-k "
+                       "router, oneDNN's matmul entry) are built ahead of use, never inside a model's forward. "
+                       "`train`, `eval` and `compare` build them at start when they are missing.")
+    ks = p.add_subparsers(dest="kernels_command", required=True, metavar="ACTION")
+    b = ks.add_parser("build", help="build them now (about a minute; nothing to do when they are built)")
+    b.add_argument("--testing", action="store_true", help="also build the test module (with the test hooks)")
+    ks.add_parser("status", help="whether they are built, and where")
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="what a bug report needs: versions, CPU, kernels, backends, devices",
+                       description="Print the versions, the CPU's model and features, the thread count, whether the "
+                       "compiled kernels are built, which backend runs each product of the expert kernel (and "
+                       "why) at the shapes of the tiny LM and of the MoE benchmark, and the CUDA devices.")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors."""
 
@@ -185,12 +204,39 @@ def make_parser() -> argparse.ArgumentParser:
     add_lab_commands(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_kernels(sub)
+    _add_doctor(sub)
     return ap
 
 
+def cmd_kernels(args) -> int:
+    from sparseroute.kernels import extension
+
+    if args.kernels_command == "build":
+        for testing in (False, True) if args.testing else (False,):
+            extension.build(testing=testing, progress=True)
+            print(f"built: {extension.build_dir(testing=testing)}")
+        return 0
+    module = extension.load()
+    print(f"{'built' if module is not None else 'not built'}: {extension.build_dir()}")
+    if module is None:
+        print(f"  {extension.unavailable_reason()}")
+    return 0 if module is not None else 1
+
+
+def cmd_doctor(args) -> int:
+    from sparseroute.doctor import report, render
+
+    info = report()
+    print(json.dumps(info, indent=1) if args.json else render(info))
+    return 0
+
+
 def cmd_train(args) -> int:
+    from sparseroute.kernels import ensure_built
     from sparseroute.train import prepare_run, train
 
+    ensure_built(progress=not args.quiet)
     if args.resume and not _config_given(args):
         final = train(None, args.out, resume=True, progress=not args.quiet)
     else:
@@ -209,8 +255,10 @@ def _print_final(final: dict, quiet: bool) -> None:
 
 
 def cmd_eval(args) -> int:
+    from sparseroute.kernels import ensure_built
     from sparseroute.train.loop import evaluate_run
 
+    ensure_built(progress=False)
     res = evaluate_run(args.run)
     if args.json:
         print(json.dumps(res))
@@ -221,15 +269,17 @@ def cmd_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    from sparseroute.kernels.extension import KernelBuildError
     from sparseroute.lab.cli import LAB_COMMANDS
     from sparseroute.train.loop import TrainingDiverged
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval, **LAB_COMMANDS}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "kernels": cmd_kernels, "doctor": cmd_doctor, **LAB_COMMANDS}
+        return commands[args.command](args)
     except TrainingDiverged as e:
         print(f"{PROG}: stopped: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, KernelBuildError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -115,7 +115,8 @@ def routing_stats(
     """
     load = expert_load(indices_TK, num_experts)
     mean_load = load.double().mean()
-    imbalance = (load.max().double() / mean_load) if mean_load > 0 else torch.zeros((), dtype=torch.float64)
+    # branchless (torch.compile traces it): 0 when nothing is routed
+    imbalance = torch.where(mean_load > 0, load.max().double() / mean_load.clamp_min(1e-300), 0.0)
     if probs_TE is not None:
         p = probs_TE.float()
     elif weights_TK is not None:

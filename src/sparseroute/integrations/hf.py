@@ -249,9 +249,12 @@ def _inspect(block: Any) -> _Spec:
     return _Spec(E, D, Fh, k, renormalize, shared_ff, shared_gate is not None, w.dtype, w.device)
 
 
-def from_hf(block: nn.Module, *, dispatch: str = "grouped") -> MoE:
+def from_hf(block: nn.Module, *, dispatch: str = "auto") -> MoE:
     """Build an :class:`MoE` computing what the Hugging Face MoE ``block`` computes (in eval mode),
-    with copies of its weights, on the block's dtype and device. ``MoE(x)[0]`` matches ``block(x)``.
+    with copies of its weights, on the block's dtype and device. ``MoE(x)[0]`` matches ``block(x)``
+    (the same routing decisions; the outputs up to the summation order of the products). The MoE
+    runs on the same executor as any ``MoE(...)`` (``dispatch="auto"``: the compiled
+    expert-parallel kernel on the CPU, grouped matmuls on CUDA); ``dispatch=`` picks another.
 
     Raises ValueError, saying what was found, for a block this module cannot represent.
     """

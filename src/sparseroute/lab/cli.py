@@ -89,6 +89,7 @@ def add_lab_commands(sub) -> None:
 
 
 def cmd_compare(args) -> int:
+    from sparseroute.kernels import ensure_built
     from sparseroute.lab.presets import sweep_preset
     from sparseroute.lab.runner import register_sweep, run_sweep
     from sparseroute.lab.spec import load_spec
@@ -108,6 +109,7 @@ def cmd_compare(args) -> int:
     if args.dry_run:
         _print_plan(spec, plan)
         return 0
+    ensure_built(progress=not args.quiet)  # before the workers start, not inside a forward
     store = Store(args.store)
     try:
         sweep_id, created = register_sweep(store, spec, new=args.new, progress=not args.quiet)

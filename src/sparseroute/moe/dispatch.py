@@ -17,10 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from sparseroute.kernels import gemm
-from sparseroute.kernels import extension as cpu_kernels
+from sparseroute.kernels import codes, extension, ops
 from sparseroute.moe.experts import Experts
 from sparseroute.registry import Registry
 from sparseroute.routing import Routing, expert_keys
@@ -211,21 +209,14 @@ class FusedExpertMLP(torch.autograd.Function):
         return gx, gw, g_in, g_out, None, None, None
 
 
-def _fused(x_TD: Tensor, routing: Routing, experts: Experts, kernels=None) -> Tensor:
-    """Sort, then the per-expert fused MLP: the compiled expert-parallel one when ``kernels`` is
-    given, else the Python loop."""
-    if kernels is None:
-        order_S, tok_S, counts_E = sort_by_expert(routing)
-        counts = counts_E.tolist()
-    else:  # the same sort, by counting in one pass
-        order_S, tok_S, counts = kernels.sort_by_expert(routing.indices, routing.num_experts)
+def _fused(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """Sort, then the per-expert fused MLP as a Python loop (:class:`FusedExpertMLP`)."""
+    order_S, tok_S, counts_E = sort_by_expert(routing)
     if order_S.numel() == 0:
         return x_TD.new_zeros(x_TD.shape)
     w_S = routing.weights.reshape(-1).index_select(0, order_S).to(x_TD.dtype)
-    w_in, w_out, counts = experts.w_in, experts.w_out, tuple(counts)
-    if kernels is None:
-        return FusedExpertMLP.apply(x_TD, w_S, w_in, w_out, tok_S, counts, experts.activation_fn)
-    return ExpertParallelMLP.apply(x_TD, w_S, w_in, w_out, tok_S, counts, kernels, KERNEL_ACTIVATIONS[experts.activation])
+    return FusedExpertMLP.apply(x_TD, w_S, experts.w_in, experts.w_out, tok_S, tuple(counts_E.tolist()),
+                                experts.activation_fn)
 
 
 @EXECUTORS.register("fused")
@@ -235,68 +226,38 @@ def fused_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
 
 
 #: activations the compiled kernel runs, by its code for each
-KERNEL_ACTIVATIONS = {"swiglu": 0, "gelu": 1, "silu": 2, "relu": 3}
-
-
-class ExpertParallelMLP(torch.autograd.Function):
-    """:class:`FusedExpertMLP` (for the activations of :data:`KERNEL_ACTIVATIONS`; ``act`` is the
-    code) split over the intra-op threads: the rows sorted by expert are cut into one equal part
-    per thread, and each thread runs its part expert by expert with single-threaded ops, inside
-    one parallel region of the compiled kernel (:mod:`sparseroute.kernels.extension`). The split
-    is a fixed function of the expert loads and the thread count, so results are deterministic
-    for a given thread count (they differ from :class:`FusedExpertMLP` by summation order
-    only)."""
-
-    @staticmethod
-    def forward(ctx, x_TD, w_S, w_in, w_out, tok_S, counts, kernels, act):
-        threads = torch.get_num_threads()
-        # the kernel wants dense inputs; the dense copies are what the backward reuses
-        x_TD, w_S, w_in, w_out = (t.contiguous() for t in (x_TD, w_S, w_in, w_out))
-        gemm_code = gemm.kernel_code(x_TD)  # the backward uses the forward's backend
-        out_TD, h_SH, a_SF, s_SF = kernels.mlp_forward(
-            x_TD, w_S, w_in, w_out, tok_S, list(counts), act, threads, gemm_code
-        )
-        ctx.save_for_backward(x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, s_SF)
-        ctx.counts, ctx.kernels, ctx.threads, ctx.act, ctx.gemm = counts, kernels, threads, act, gemm_code
-        return out_TD
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_TD):
-        x_TD, w_S, w_in, w_out, tok_S, h_SH, a_SF, s_SF = ctx.saved_tensors
-        needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-        gx, gw, g_in, g_out = ctx.kernels.mlp_backward(
-            g_TD.contiguous(), x_TD, w_S, w_in, w_out, tok_S, list(ctx.counts), h_SH, a_SF, s_SF, ctx.act, needs, ctx.threads,
-            ctx.gemm,
-        )
-        return gx, gw, g_in, g_out, None, None, None, None
+KERNEL_ACTIVATIONS = {name: codes.activation_code(name) for name in codes.ACTIVATIONS}
 
 
 def _parallel_refusal(experts: Experts, device: torch.device) -> str | None:
     """Why the expert-parallel kernel does not apply to these experts and this input (None: it
-    applies; whether it could be built is a separate question, :func:`cpu_kernels.load`)."""
+    applies; whether it is built is a separate question, :func:`sparseroute.kernels.ops.available`)."""
     if experts.activation not in KERNEL_ACTIVATIONS:
         return f"it runs {', '.join(KERNEL_ACTIVATIONS)} experts (these use {experts.activation!r})"
     if device.type != "cpu":
         return f"it runs on the CPU only (the input is on {device.type})"
-    if is_in_torch_dispatch_mode():
-        # a Python dispatch mode (FlopCounterMode, fake tensors, ...) sees only the calling thread
-        return "a Python dispatch mode (e.g. FlopCounterMode) is active and would miss the kernel's ops"
     return None
+
+
+def _parallel(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """The compiled expert-parallel MLP (``torch.ops.sparseroute.expert_mlp``): the rows sorted by
+    expert are cut into one equal part per intra-op thread, each thread runs its part expert by
+    expert inside one parallel region, and each product runs where the kernels' plan says
+    (:mod:`sparseroute.kernels.plan`). Deterministic for a given thread count and plan; it differs
+    from :class:`FusedExpertMLP` by summation order only."""
+    return ops.expert_mlp(x_TD, routing.indices, routing.weights, experts.w_in, experts.w_out, experts.activation)
 
 
 @EXECUTORS.register("parallel")
 def parallel_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
-    """Expert-parallel fused MLP (:class:`ExpertParallelMLP`): experts of every activation in
-    :data:`KERNEL_ACTIVATIONS`, on the CPU, through the compiled kernel; a ValueError says why
-    when it does not apply."""
+    """Expert-parallel fused MLP on the CPU through the compiled kernel, for experts of every
+    activation in :data:`KERNEL_ACTIVATIONS`; a ValueError says why when it does not apply."""
     why = _parallel_refusal(experts, x_TD.device)
-    kernels = cpu_kernels.load() if why is None else None
-    if why is None and kernels is None:
-        why = f"the compiled kernel is unavailable ({cpu_kernels.unavailable_reason()})"
+    if why is None and not ops.available():
+        why = f"the compiled kernel is unavailable ({extension.unavailable_reason()})"
     if why is not None:
         raise ValueError(f"dispatch 'parallel' cannot run here: {why}; use 'fused' or 'auto'")
-    return _fused(x_TD, routing, experts, kernels)
+    return _parallel(x_TD, routing, experts)
 
 
 _warned_unavailable = False
@@ -304,20 +265,20 @@ _warned_unavailable = False
 
 @EXECUTORS.register("auto")
 def auto_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
-    """``grouped`` on CUDA; on the CPU ``parallel`` where it applies, else ``fused`` (see
-    docs/RESULTS.md for the measurements). When only the missing compiled kernel stands in the
-    way, a warning says so once (the results are the same, only slower)."""
+    """``grouped`` on CUDA; on the CPU ``parallel`` where it applies, else ``fused``. When only the
+    unbuilt compiled kernel stands in the way, a warning says so once (the results are the same up
+    to summation order, only slower)."""
     global _warned_unavailable
     if x_TD.device.type == "cuda":
         return grouped_dispatch(x_TD, routing, experts)
-    kernels = None
     if _parallel_refusal(experts, x_TD.device) is None:
-        kernels = cpu_kernels.load()
-        if kernels is None and not _warned_unavailable:
+        if ops.available():
+            return _parallel(x_TD, routing, experts)
+        if not _warned_unavailable:
             _warned_unavailable = True
             warnings.warn(
                 "sparseroute: the expert-parallel CPU executor is off: the compiled kernel is unavailable "
-                f"({cpu_kernels.unavailable_reason()}); using 'fused'",
+                f"({extension.unavailable_reason()}); using 'fused'",
                 stacklevel=2,
             )
-    return _fused(x_TD, routing, experts, kernels)
+    return _fused(x_TD, routing, experts)

@@ -8,9 +8,13 @@
 // Order among equal probabilities: the lower expert index comes first (torch.topk leaves it
 // unspecified); NaN counts as larger than any number, as in torch.topk.
 
-#include <torch/extension.h>
+#include "softmax_topk.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
 
 #include "vector_math.h"
 
@@ -20,6 +24,8 @@
 #include <optional>
 #include <type_traits>
 #include <vector>
+
+namespace sparseroute {
 
 namespace {
 
@@ -45,7 +51,7 @@ SPARSEROUTE_VECTOR_CLONES void softmax_topk_rows(int64_t begin, int64_t end, int
     scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t e = 0; e < E; ++e) {
-      p[e] = sparseroute::exp_of<scalar_t>(x[e] - top);
+      p[e] = exp_of<scalar_t>(x[e] - top);
       sum += p[e];
     }
     const scalar_t inv = scalar_t(1) / sum;
@@ -100,9 +106,6 @@ SPARSEROUTE_VECTOR_CLONES void softmax_topk_rows(int64_t begin, int64_t end, int
 
 }  // namespace
 
-// {probs [T, E], indices [T, K] int64, weights [T, K]}: softmax over each row of ``logits``, the K
-// largest probabilities in descending order, and those probabilities, divided by their sum
-// (clamped below at 1e-20) when ``renormalize``.
 std::vector<Tensor> softmax_topk_forward(const Tensor& logits, int64_t K, bool renormalize) {
   TORCH_CHECK(logits.dim() == 2 && logits.device().is_cpu(), "softmax_topk: logits must be a [T, E] CPU tensor");
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
@@ -123,8 +126,6 @@ std::vector<Tensor> softmax_topk_forward(const Tensor& logits, int64_t K, bool r
   return {probs, idx, w};
 }
 
-// dL/dlogits from dL/dprobs and dL/dweights (either may be absent: zero), given the forward's
-// outputs.
 Tensor softmax_topk_backward(const std::optional<Tensor>& grad_probs, const std::optional<Tensor>& grad_w,
                              const Tensor& probs, const Tensor& idx, const Tensor& w, bool renormalize) {
   const int64_t T = probs.size(0), E = probs.size(1), K = idx.size(1);
@@ -172,7 +173,4 @@ Tensor softmax_topk_backward(const std::optional<Tensor>& grad_probs, const std:
   return gl;
 }
 
-void register_softmax_topk(pybind11::module& m) {
-  m.def("softmax_topk_forward", &softmax_topk_forward, "softmax over experts, then the top k (forward)");
-  m.def("softmax_topk_backward", &softmax_topk_backward, "softmax over experts, then the top k (backward)");
-}
+}  // namespace sparseroute

@@ -1,6 +1,6 @@
 // Small math for the CPU kernels' elementwise loops, written so that the loops vectorize.
-// Included by expert_parallel.cpp and softmax_topk.cpp; sparseroute.kernels.extension rebuilds them
-// when this file changes.
+// sparseroute.kernels.extension rebuilds the kernels when this file (or any other under csrc/)
+// changes.
 
 #pragma once
 
@@ -63,7 +63,7 @@ inline acc_t sigmoid_of(acc_t x) {
 
 // bfloat16 <-> float as integer arithmetic, with the same bits as c10::BFloat16's conversions
 // (round to nearest even; NaN to 0x7FC0), but without their branch and calls, so that loops
-// over bfloat16 vectorize (c10's conversions leave the SwiGLU loops scalar: ~3x slower).
+// over bfloat16 vectorize (c10's conversions leave the SwiGLU loops scalar).
 inline float bf16_bits_to_float(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;

@@ -12,9 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from sparseroute.kernels import extension as cpu_kernels
+from sparseroute.kernels import ops
 from sparseroute.moe.losses import load_balance_loss, z_loss
 from sparseroute.registry import Registry
 from sparseroute.routing import Routing, routing_stats
@@ -244,47 +243,25 @@ def topk_of(scores_TE: Tensor, k: int, renormalize: bool, weights_from: Tensor |
     return idx_TK, w_TK
 
 
-class _SoftmaxTopK(torch.autograd.Function):
-    """:func:`softmax_topk` through the compiled CPU kernel (``csrc/softmax_topk.cpp``)."""
-
-    @staticmethod
-    def forward(ctx, logits_TE, k, renormalize, kernels):
-        probs_TE, idx_TK, w_TK = kernels.softmax_topk_forward(logits_TE, k, renormalize)
-        ctx.mark_non_differentiable(idx_TK)
-        ctx.save_for_backward(probs_TE, idx_TK, w_TK)
-        ctx.renormalize, ctx.kernels = renormalize, kernels
-        return probs_TE, idx_TK, w_TK
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_probs, _g_idx, g_w):
-        probs_TE, idx_TK, w_TK = ctx.saved_tensors
-        return ctx.kernels.softmax_topk_backward(g_probs, g_w, probs_TE, idx_TK, w_TK, ctx.renormalize), None, None, None
-
-
-def _softmax_topk_kernels(logits_TE: Tensor):
-    """The compiled kernels when they apply to these logits (a float32/float64 [T, E] CPU tensor,
-    no Python dispatch mode such as fake tensors active), else None."""
-    if (
-        logits_TE.dim() != 2
-        or logits_TE.device.type != "cpu"
-        or logits_TE.dtype not in (torch.float32, torch.float64)
-        or is_in_torch_dispatch_mode()
-    ):
-        return None
-    return cpu_kernels.load()
+def _softmax_topk_kernels(logits_TE: Tensor) -> bool:
+    """Whether the compiled softmax top-k applies to these logits: a float32/float64 [T, E] CPU
+    tensor, and the kernels built."""
+    return (
+        logits_TE.dim() == 2
+        and logits_TE.device.type == "cpu"
+        and logits_TE.dtype in (torch.float32, torch.float64)
+        and ops.available()
+    )
 
 
 def softmax_topk(logits_TE: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(probs_TE, idx_TK, w_TK): :func:`expert_softmax` of the logits, then :func:`topk_of` of the
-    probabilities. On the CPU this runs as one compiled pass per token, forward and backward (a
-    router's forward + backward takes 0.6 ms less than with the ten-odd ATen ops at T = 4096,
-    E = 8, k = 2, and 3.8 ms less at T = 8192, E = 64, k = 8); elsewhere, or without the compiled
-    kernels, as those ops. Equal probabilities go to the lower expert index
-    on the compiled path; torch.topk leaves their order unspecified."""
-    kernels = _softmax_topk_kernels(logits_TE)
-    if kernels is not None:
-        return _SoftmaxTopK.apply(logits_TE, k, renormalize, kernels)
+    probabilities. On the CPU this runs as one compiled pass per token, forward and backward
+    (``torch.ops.sparseroute.softmax_topk``, in place of about ten ATen ops each way); elsewhere,
+    or without the compiled kernels, as those ops. Equal probabilities go to the lower expert
+    index on the compiled path; torch.topk leaves their order unspecified."""
+    if _softmax_topk_kernels(logits_TE):
+        return ops.softmax_topk(logits_TE, k, renormalize)
     probs_TE = expert_softmax(logits_TE)
     idx_TK, w_TK = topk_of(probs_TE, k, renormalize)
     return probs_TE, idx_TK, w_TK

@@ -1,0 +1,268 @@
+"""Where each matrix product of the expert kernel runs, and why: decided here, in one place.
+
+The compiled expert MLP (:func:`sparseroute.kernels.ops.expert_mlp`) runs six per-expert products
+(:data:`sparseroute.kernels.codes.PRODUCTS`); each goes to torch's matmul (``aten``), oneDNN's
+matmul (``onednn``) or the kernel's own float32 row products (``own``, which read the routed
+rows of x and of the output gradient in place instead of gathering them). What the hardware and
+the build allow comes first:
+
+1. ``aten`` everywhere when the GEMM backend is ATen (``SPARSEROUTE_GEMM=aten``, or no oneDNN in
+   this torch: :func:`sparseroute.kernels.gemm.resolved_backend`);
+2. ``aten`` where oneDNN's matmul does not run on this CPU for the dtype, or where D or F is
+   below :data:`~sparseroute.kernels.backend.MIN_DIM`;
+3. ``own`` only in float32, for products whose width the own loops run (AVX-512 CPUs, widths in
+   multiples of 16).
+
+Among what is allowed, the choice between ``onednn`` and ``own`` depends on the CPU: the own
+loops win where the per-expert matrix stays in a core's L2 and lose where it does not, and where
+exactly the line lies differs between CPUs. So by default (``SPARSEROUTE_KERNEL_PLAN=tune``) the
+first call of a shape class (dtype, D, F, E, activation, threads) on a machine times the
+candidate plans on that shape (the L2 rule's plan, oneDNN everywhere it may run, the own loops
+everywhere they may run), forward and backward, and keeps the fastest; the choice is written to
+``plans.json`` beside the built kernels (:func:`sparseroute.kernels.extension.cache_root`) under the CPU's model name, the torch version and the
+sparseroute version, and every later process on the machine reads it from there (the first
+writer wins, so concurrent processes agree). The rule's plan is kept unless another plan is
+faster by :data:`MARGIN`. ``SPARSEROUTE_KERNEL_PLAN=rule`` uses the rule without timing
+anything; ``onednn`` or ``own`` force that backend wherever it may run (for measurements).
+
+The own loops and oneDNN sum in different orders, so the plan decides the last bits of the
+weight gradients (the forward outputs agree to the bit): a run keeps its machine's cached plan,
+and so its bits, across restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sparseroute import __version__
+from sparseroute.fileio import file_lock, write_json_atomic
+from sparseroute.kernels import backend, codes, extension
+from sparseroute.kernels.cpuinfo import cpu_model
+
+__all__ = ["ExpertPlan", "expert_plan", "MODES", "MARGIN", "plan_mode", "clear_cache"]
+
+MODES = ("tune", "rule", "onednn", "own")
+_ENV = "SPARSEROUTE_KERNEL_PLAN"
+#: another plan replaces the rule's only when its median time is below (1 - MARGIN) x the rule's
+MARGIN = 0.03
+#: timed rounds per candidate (after one warm-up round), and the most tokens timed
+ROUNDS = 5
+TUNE_TOKENS = 8192
+
+_memo: dict[tuple, "ExpertPlan"] = {}
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """The backend of each product (:data:`~sparseroute.kernels.codes.PRODUCTS` order), why, and
+    how it was decided (``rule``, ``tuned``, ``forced`` or ``cached``)."""
+
+    backends: tuple[str, ...]
+    reasons: tuple[str, ...]
+    source: str
+
+    @property
+    def codes(self) -> list[int]:
+        return codes.backend_codes(self.backends)
+
+    def describe(self) -> dict[str, str]:
+        """Product name -> "backend (why)"."""
+        return {p: f"{b} ({r})" for p, b, r in zip(codes.PRODUCTS, self.backends, self.reasons)}
+
+
+def plan_mode() -> str:
+    """``$SPARSEROUTE_KERNEL_PLAN``: tune (default), rule, onednn or own."""
+    mode = os.environ.get(_ENV, "tune") or "tune"
+    if mode not in MODES:
+        raise ValueError(f"${_ENV}: unknown plan mode {mode!r}; known: {list(MODES)}")
+    return mode
+
+
+def clear_cache() -> None:
+    """Forget this process's plans (the file cache stays)."""
+    _memo.clear()
+
+
+def _limits(module, dtype: torch.dtype, D: int, F: int, H: int) -> tuple[list[list[str]], list[str]]:
+    """Per product, the backends it may use (best first: own, onednn, aten) and why not others."""
+    allowed: list[list[str]] = []
+    notes: list[str] = []
+    resolved = backend.resolved_backend()
+    onednn_ok = (
+        resolved == "onednn"
+        and module is not None
+        and bool(module.onednn_usable_for(torch.empty(0, dtype=dtype)))
+        and min(D, F) >= backend.MIN_DIM
+    )
+    for product in codes.PRODUCTS:
+        K, N = codes.expert_matrix(product, D, F, H)
+        options = ["aten"]
+        if onednn_ok:
+            options.insert(0, "onednn")
+            if dtype == torch.float32 and bool(module.row_gemm_runs(N)):
+                options.insert(0, "own")
+        allowed.append(options)
+        if resolved != "onednn":
+            notes.append("the GEMM backend is ATen")
+        elif not onednn_ok:
+            notes.append(f"oneDNN's matmul does not run here for {dtype} at D={D}, F={F}")
+        elif options[0] != "own":
+            notes.append("the own loops run float32 on AVX-512 at widths in multiples of 16")
+        else:
+            notes.append("")
+    return allowed, notes
+
+
+def _rule(module, allowed: list[list[str]], D: int, F: int, H: int) -> tuple[list[str], list[str]]:
+    """The own loops where the per-expert matrix fits in half a core's L2, else oneDNN."""
+    backends, reasons = [], []
+    for product, options in zip(codes.PRODUCTS, allowed):
+        K, N = codes.expert_matrix(product, D, F, H)
+        if "own" in options:
+            fits = bool(module.row_gemm_fits(K, N))
+            backends.append("own" if fits else "onednn")
+            reasons.append(f"{K}x{N} matrix {'fits' if fits else 'exceeds'} half of L2")
+        else:
+            backends.append(options[0])
+            reasons.append("")
+    return backends, reasons
+
+
+def _key(dtype: torch.dtype, D: int, F: int, E: int, activation: str, threads: int) -> str:
+    return (f"{cpu_model()} | torch {torch.__version__} | sparseroute {__version__} | "
+            f"{str(dtype).removeprefix('torch.')} D{D} F{F} E{E} {activation} threads{threads}")
+
+
+def _cache_path():
+    return extension.cache_root() / "plans.json"
+
+
+def _read_cache() -> dict[str, list[str]]:
+    try:
+        data = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, activation: str, threads: int, *,
+                timer: Callable[[list[str]], float] | None = None, peek: bool = False) -> ExpertPlan:
+    """The plan for expert MLPs of this shape class (see the module docstring). ``timer`` (for
+    tests) replaces the timing of a candidate: it takes the candidate's backends and returns
+    seconds. ``peek``: never time anything; a shape class not tuned yet gets the rule's plan
+    (marked ``untuned``) and nothing is remembered."""
+    mode = plan_mode()
+    memo_key = (dtype, D, F, E, activation, threads, mode, backend.resolved_backend())
+    if memo_key in _memo and timer is None:
+        return _memo[memo_key]
+    module = extension.load()
+    H = 2 * F if activation == "swiglu" else F
+    allowed, notes = _limits(module, dtype, D, F, H)
+    rule, rule_why = _rule(module, allowed, D, F, H)
+    if mode in ("onednn", "own"):
+        backends = [mode if mode in opts else ("onednn" if "onednn" in opts else opts[-1]) for opts in allowed]
+        plan = ExpertPlan(tuple(backends), tuple(f"forced by ${_ENV}={mode}" for _ in backends), "forced")
+    elif mode == "rule" or all(len(opts) < 3 for opts in allowed):
+        # nothing to choose between (no own loops here), or the rule asked for
+        plan = ExpertPlan(tuple(rule), tuple(w or n for w, n in zip(rule_why, notes)), "rule")
+    elif peek:
+        cached = _read_cache().get(_key(dtype, D, F, E, activation, threads))
+        if cached is not None and _valid(cached, allowed):
+            return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
+        return ExpertPlan(tuple(rule), tuple(f"{w}; not tuned yet" for w in rule_why), "untuned")
+    else:
+        plan = _tuned(dtype, D, F, E, activation, threads, allowed, rule, rule_why, timer)
+    if timer is None:
+        _memo[memo_key] = plan
+    return plan
+
+
+def _candidates(allowed: list[list[str]], rule: list[str]) -> dict[str, list[str]]:
+    out = {"rule": rule,
+           "onednn": [("onednn" if "onednn" in o else o[-1]) for o in allowed],
+           "own": [o[0] for o in allowed]}
+    unique: dict[str, list[str]] = {}
+    for name, backends in out.items():
+        if backends not in unique.values():
+            unique[name] = backends
+    return unique
+
+
+def _tuned(dtype, D, F, E, activation, threads, allowed, rule, rule_why, timer) -> ExpertPlan:
+    key = _key(dtype, D, F, E, activation, threads)
+    cached = _read_cache().get(key)
+    if cached is not None and timer is None and _valid(cached, allowed):
+        return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    if timer is None and (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()):
+        # no timing inside a trace or under a dispatch mode (it would see the trial runs)
+        return ExpertPlan(tuple(rule), tuple(rule_why), "rule")
+    candidates = _candidates(allowed, rule)
+    path = _cache_path()
+    with contextlib.ExitStack() as stack:
+        if timer is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(file_lock(path.with_name(path.name + ".lock")))
+            cached = _read_cache().get(key)  # decided by another process meanwhile
+            if cached is not None and _valid(cached, allowed):
+                return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
+        measure = timer or _timer(dtype, D, F, E, activation, threads)
+        seconds = {name: measure(b) for name, b in candidates.items()}
+        best = min(seconds, key=seconds.__getitem__)
+        if best != "rule" and seconds[best] >= (1.0 - MARGIN) * seconds["rule"]:
+            best = "rule"
+        chosen = candidates[best]
+        if timer is None:
+            data = _read_cache()
+            data[key] = chosen
+            write_json_atomic(path, data)
+    why = f"tuned: {best} plan fastest ({', '.join(f'{n} {s * 1e3:.1f} ms' for n, s in seconds.items())})"
+    return ExpertPlan(tuple(chosen), tuple(why for _ in chosen), "tuned")
+
+
+def _valid(backends, allowed) -> bool:
+    return (isinstance(backends, list) and len(backends) == len(allowed)
+            and all(b in opts for b, opts in zip(backends, allowed)))
+
+
+def _timer(dtype, D, F, E, activation, threads) -> Callable[[list[str]], float]:
+    """Times one forward + backward of the expert MLP with a given plan, on random data of this
+    shape class (a top-2 routing of up to TUNE_TOKENS tokens), median over ROUNDS rounds."""
+    gen = torch.Generator().manual_seed(0)
+    T, k = TUNE_TOKENS, min(2, E)
+    H = 2 * F if activation == "swiglu" else F
+    x = torch.randn(T, D, generator=gen).to(dtype)
+    w_in = (torch.randn(E, D, H, generator=gen) * D**-0.5).to(dtype)
+    w_out = (torch.randn(E, F, D, generator=gen) * F**-0.5).to(dtype)
+    idx = torch.rand(T, E, generator=gen).topk(k, dim=1).indices
+    w = torch.full((T, k), 1.0 / k)
+    g = torch.randn(T, D, generator=gen).to(dtype)
+
+    def measure(backends: list[str]) -> float:
+        times = []
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for r in range(ROUNDS + 1):
+                xs, wi, wo = (t.detach().requires_grad_() for t in (x, w_in, w_out))
+                t0 = time.perf_counter()
+                # the op that sparseroute.kernels.ops registers (it calls this module for its plans)
+                out = torch.ops.sparseroute.expert_mlp(xs, idx, w, wi, wo, codes.activation_code(activation),
+                                                       threads, codes.backend_codes(backends))[0]
+                out.backward(g)
+                if r:
+                    times.append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(saved)
+        return statistics.median(times)
+
+    return measure
