@@ -126,7 +126,7 @@ def test_without_built_kernels_softmax_topk_takes_the_plain_ops(tmp_path, monkey
     no build folder appears."""
     torch.manual_seed(0)
     logits = torch.randn(37, 8, requires_grad=True)
-    monkeypatch.setenv("SPARSEROUTE_CACHE", str(tmp_path))
+    monkeypatch.setenv("SPARSEROUTE_KERNELS_CACHE", str(tmp_path / "kernels"))
     assert not _softmax_topk_kernels(logits)
     probs, idx, w = softmax_topk(logits, 2, True)
     want_p, want_idx, want_w = _plain_softmax_topk(logits.detach(), 2, True)

@@ -303,7 +303,7 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
         problems.append(f"router {cfg.router!r} ({type(moe.router).__name__}); the block needs 'topk' (softmax top-k)")
     if cfg.activation != "swiglu":
         problems.append(f"activation {cfg.activation!r}; the block needs 'swiglu'")
-    got = (cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.top_k)
+    got = (cfg.num_experts, moe.d_model, cfg.d_ff, cfg.top_k)
     want = (spec.num_experts, spec.d_model, spec.d_ff, spec.top_k)
     if got != want:
         problems.append(f"(num_experts, d_model, d_ff, top_k) = {got}; the block has {want}")

@@ -201,9 +201,7 @@ def _tuned(dtype, D, F, E, activation, threads, allowed, rule, rule_why, timer) 
     cached = _read_cache().get(key)
     if cached is not None and timer is None and _valid(cached, allowed):
         return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
-    if timer is None and (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()):
+    if timer is None and (torch.compiler.is_compiling() or _in_dispatch_mode()):
         # no timing inside a trace or under a dispatch mode (it would see the trial runs)
         return ExpertPlan(tuple(rule), tuple(rule_why), "rule")
     candidates = _candidates(allowed, rule)
@@ -227,6 +225,16 @@ def _tuned(dtype, D, F, E, activation, threads, allowed, rule, rule_why, timer) 
             write_json_atomic(path, data)
     why = f"tuned: {best} plan fastest ({', '.join(f'{n} {s * 1e3:.1f} ms' for n, s in seconds.items())})"
     return ExpertPlan(tuple(chosen), tuple(why for _ in chosen), "tuned")
+
+
+def _in_dispatch_mode() -> bool:
+    """Whether a Python dispatch mode (FlopCounterMode, fake tensors) is active. torch's helper for
+    it is private: where it is missing, no mode is assumed."""
+    try:
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+    except ImportError:
+        return False
+    return bool(is_in_torch_dispatch_mode())
 
 
 def _valid(backends, allowed) -> bool:
