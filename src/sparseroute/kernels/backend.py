@@ -2,13 +2,13 @@
 
 torch's CPU matmul goes to MKL. On CPUs that MKL does not recognise as Intel's (AMD's EPYC among
 them) it runs its AVX2 code even where the CPU has AVX-512; oneDNN, which torch also ships, picks
-its kernels from the CPU's feature flags. On Intel CPUs both run AVX-512 code. docs/RESULTS.md
-has the measurements.
+its kernels from the CPU's feature flags. On Intel CPUs both run AVX-512 code, and MKL is at
+least as fast for these products. docs/RESULTS.md has the measurements on both kinds of CPU.
 
 Backends (:func:`set_backend`, :func:`use_backend` for a block, or the ``SPARSEROUTE_GEMM``
 environment variable, read once):
 
-  auto     oneDNN on x86-64 where torch has it, else ATen (the default)
+  auto     oneDNN on x86-64 CPUs other than Intel's where torch has it, else ATen (the default)
   aten     torch's own matmul (MKL or whatever BLAS torch was built with)
   onednn   oneDNN (an error where this torch lacks it)
 
@@ -75,9 +75,12 @@ def get_backend() -> str:
 
 @torch.compiler.assume_constant_result
 def _auto() -> str:
-    """What ``auto`` means on this machine (a constant for torch.compile)."""
+    """What ``auto`` means on this machine (a constant for torch.compile): oneDNN where MKL would
+    not run its best code (x86-64 CPUs that are not Intel's), else ATen."""
+    from sparseroute.kernels.cpuinfo import cpu_vendor
+
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "onednn" if x86 and onednn_available() else "aten"
+    return "onednn" if x86 and cpu_vendor() != "GenuineIntel" and onednn_available() else "aten"
 
 
 def resolved_backend() -> str:

@@ -128,12 +128,15 @@ def _(grad_probs, grad_w, probs, idx, w, renormalize):
 def _softmax_topk_setup(ctx, inputs, output):
     probs, idx, w = output
     ctx.mark_non_differentiable(idx)
+    ctx.set_materialize_grads(False)  # no [T, K] of zeros for the indices' (or an unused output's) gradient
     ctx.save_for_backward(probs, idx, w)
     ctx.renormalize = inputs[2]
 
 
 def _softmax_topk_grad(ctx, g_probs, _g_idx, g_w):
     probs, idx, w = ctx.saved_tensors
+    if g_probs is None and g_w is None:
+        return None, None, None
     g_probs = torch.zeros_like(probs) if g_probs is None else g_probs
     g_w = torch.zeros_like(w) if g_w is None else g_w
     return torch.ops.sparseroute.softmax_topk_backward(g_probs, g_w, probs, idx, w, ctx.renormalize), None, None
@@ -212,6 +215,9 @@ def _expert_mlp_setup(ctx, inputs, output):
     x, indices, weights, w_in, w_out, activation, threads, backends = inputs
     _, tok_S, order_S, counts_E, w_S, h, a, s = output
     ctx.mark_non_differentiable(tok_S, order_S, counts_E, w_S, h, a, s)
+    # the saved outputs get no gradient: without this, autograd would fill an [R, H] tensor of
+    # zeros for h (and one for each of the others) at every backward
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, w_in, w_out, tok_S, order_S, counts_E, w_S, h, a, s)
     ctx.activation, ctx.threads, ctx.backends = activation, threads, backends
     ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
@@ -219,6 +225,8 @@ def _expert_mlp_setup(ctx, inputs, output):
 
 def _expert_mlp_grad(ctx, grad, *_unused):
     x, w_in, w_out, tok_S, order_S, counts_E, w_S, h, a, s = ctx.saved_tensors
+    if grad is None:  # the output did not reach the loss
+        return None, None, None, None, None, None, None, None
     need_x, _, need_w, need_in, need_out = ctx.needs_input_grad[:5]
     needs = [bool(need_x), bool(need_w), bool(need_in), bool(need_out)]
     gx, gw_S, g_in, g_out = torch.ops.sparseroute.expert_mlp_backward(

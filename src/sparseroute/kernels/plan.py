@@ -3,27 +3,30 @@
 The compiled expert MLP (:func:`sparseroute.kernels.ops.expert_mlp`) runs six per-expert products
 (:data:`sparseroute.kernels.codes.PRODUCTS`); each goes to torch's matmul (``aten``), oneDNN's
 matmul (``onednn``) or the kernel's own float32 row products (``own``, which read the routed
-rows of x and of the output gradient in place instead of gathering them). What the hardware and
-the build allow comes first:
+rows of x and of the output gradient in place instead of gathering them). What the build and the
+hardware allow comes first:
 
-1. ``aten`` everywhere when the GEMM backend is ATen (``SPARSEROUTE_GEMM=aten``, or no oneDNN in
-   this torch: :func:`sparseroute.kernels.gemm.resolved_backend`);
-2. ``aten`` where oneDNN's matmul does not run on this CPU for the dtype, or where D or F is
-   below :data:`~sparseroute.kernels.backend.MIN_DIM`;
+1. ``aten`` everywhere when the GEMM backend is set to ATen (``SPARSEROUTE_GEMM=aten``);
+   ``onednn`` and ``own`` only (no ``aten``) when it is set to oneDNN;
+2. no ``onednn`` where this torch has no oneDNN, where oneDNN's matmul does not run on this CPU
+   for the dtype, or where D or F is below :data:`~sparseroute.kernels.backend.MIN_DIM`;
 3. ``own`` only in float32, for products whose width the own loops run (AVX-512 CPUs, widths in
-   multiples of 16).
+   multiples of 16), and only where oneDNN may run (the own loops belong to that backend).
 
-Among what is allowed, the choice between ``onednn`` and ``own`` depends on the CPU: the own
-loops win where the per-expert matrix stays in a core's L2 and lose where it does not, and where
-exactly the line lies differs between CPUs. So by default (``SPARSEROUTE_KERNEL_PLAN=tune``) the
-first call of a shape class (dtype, D, F, E, activation, threads) on a machine times the
-candidate plans on that shape (the L2 rule's plan, oneDNN everywhere it may run, the own loops
-everywhere they may run), forward and backward, and keeps the fastest; the choice is written to
-``plans.json`` beside the built kernels (:func:`sparseroute.kernels.extension.cache_root`) under the CPU's model name, the torch version and the
-sparseroute version, and every later process on the machine reads it from there (the first
-writer wins, so concurrent processes agree). The rule's plan is kept unless another plan is
-faster by :data:`MARGIN`. ``SPARSEROUTE_KERNEL_PLAN=rule`` uses the rule without timing
-anything; ``onednn`` or ``own`` force that backend wherever it may run (for measurements).
+Among what is allowed, the best choice depends on the CPU: the own loops win where the
+per-expert matrix stays in a core's L2 and lose where it does not, MKL beats oneDNN on Intel's
+CPUs and loses on others, and where exactly the lines lie differs between CPUs. The rule
+(:func:`_rule`) puts a product on the own loops where its matrix fits in half of L2 and on the
+GEMM backend's library elsewhere. By default (``SPARSEROUTE_KERNEL_PLAN=tune``) the first call of a
+shape class (dtype, D, F, E, activation, threads) on a machine times the candidate plans on that
+shape (the rule's, each library everywhere, the own loops everywhere with either library
+elsewhere), forward and backward, and keeps the fastest; the choice is written to ``plans.json``
+beside the built kernels (:func:`sparseroute.kernels.extension.cache_root`) under the CPU's model
+name, the torch and sparseroute versions and the GEMM setting, and every later process on the
+machine reads it from there (the first writer wins, so concurrent processes agree). The rule's
+plan is kept unless another plan is faster by :data:`MARGIN`. ``SPARSEROUTE_KERNEL_PLAN=rule``
+uses the rule without timing anything; ``onednn`` or ``own`` force that backend wherever it may
+run (for measurements).
 
 The own loops and oneDNN sum in different orders, so the plan decides the last bits of the
 weight gradients (the forward outputs agree to the bit): a run keeps its machine's cached plan,
@@ -45,7 +48,7 @@ import torch
 from sparseroute import __version__
 from sparseroute.fileio import file_lock, write_json_atomic
 from sparseroute.kernels import backend, codes, extension
-from sparseroute.kernels.cpuinfo import cpu_model
+from sparseroute.kernels.cpuinfo import cache_bytes, cpu_model
 
 __all__ = ["ExpertPlan", "expert_plan", "MODES", "MARGIN", "plan_mode", "clear_cache"]
 
@@ -92,25 +95,27 @@ def clear_cache() -> None:
 
 
 def _limits(module, dtype: torch.dtype, D: int, F: int, H: int) -> tuple[list[list[str]], list[str]]:
-    """Per product, the backends it may use (best first: own, onednn, aten) and why not others."""
-    allowed: list[list[str]] = []
-    notes: list[str] = []
-    resolved = backend.resolved_backend()
+    """Per product, the backends it may use (in the order own, onednn, aten) and a note on what
+    was left out and why."""
+    asked = backend.get_backend()
     onednn_ok = (
-        resolved == "onednn"
+        asked != "aten"
+        and backend.onednn_available()
         and module is not None
         and bool(module.onednn_usable_for(torch.empty(0, dtype=dtype)))
         and min(D, F) >= backend.MIN_DIM
     )
+    allowed: list[list[str]] = []
+    notes: list[str] = []
     for product in codes.PRODUCTS:
         K, N = codes.expert_matrix(product, D, F, H)
-        options = ["aten"]
+        options = ["aten"] if asked != "onednn" or not onednn_ok else []
         if onednn_ok:
             options.insert(0, "onednn")
             if dtype == torch.float32 and bool(module.row_gemm_runs(N)):
                 options.insert(0, "own")
         allowed.append(options)
-        if resolved != "onednn":
+        if asked == "aten":
             notes.append("the GEMM backend is ATen")
         elif not onednn_ok:
             notes.append(f"oneDNN's matmul does not run here for {dtype} at D={D}, F={F}")
@@ -121,23 +126,33 @@ def _limits(module, dtype: torch.dtype, D: int, F: int, H: int) -> tuple[list[li
     return allowed, notes
 
 
+#: the own loops keep a per-expert matrix of at most this share of a core's L2
+L2_SHARE = 0.5
+#: L2 assumed where the OS does not say
+DEFAULT_L2 = 512 << 10
+
+
 def _rule(module, allowed: list[list[str]], D: int, F: int, H: int) -> tuple[list[str], list[str]]:
-    """The own loops where the per-expert matrix fits in half a core's L2, else oneDNN."""
+    """The own loops where the per-expert matrix fits in half a core's L2, else the GEMM
+    backend's library (oneDNN where it resolves to oneDNN and may run, else ATen)."""
+    l2 = cache_bytes(2) or DEFAULT_L2
+    library = backend.resolved_backend()
     backends, reasons = [], []
     for product, options in zip(codes.PRODUCTS, allowed):
         K, N = codes.expert_matrix(product, D, F, H)
+        fallback = library if library in options else options[-1]
         if "own" in options:
-            fits = bool(module.row_gemm_fits(K, N))
-            backends.append("own" if fits else "onednn")
-            reasons.append(f"{K}x{N} matrix {'fits' if fits else 'exceeds'} half of L2")
+            fits = K * N * 4 <= L2_SHARE * l2
+            backends.append("own" if fits else fallback)
+            reasons.append(f"{K}x{N} matrix {'fits' if fits else 'exceeds'} half of L2 ({l2 >> 10} KiB)")
         else:
-            backends.append(options[0])
+            backends.append(fallback)
             reasons.append("")
     return backends, reasons
 
 
 def _key(dtype: torch.dtype, D: int, F: int, E: int, activation: str, threads: int) -> str:
-    return (f"{cpu_model()} | torch {torch.__version__} | sparseroute {__version__} | "
+    return (f"{cpu_model()} | torch {torch.__version__} | sparseroute {__version__} | gemm {backend.get_backend()} | "
             f"{str(dtype).removeprefix('torch.')} D{D} F{F} E{E} {activation} threads{threads}")
 
 
@@ -160,7 +175,7 @@ def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, activation: str, thr
     seconds. ``peek``: never time anything; a shape class not tuned yet gets the rule's plan
     (marked ``untuned``) and nothing is remembered."""
     mode = plan_mode()
-    memo_key = (dtype, D, F, E, activation, threads, mode, backend.resolved_backend())
+    memo_key = (dtype, D, F, E, activation, threads, mode, backend.get_backend(), backend.resolved_backend())
     if memo_key in _memo and timer is None:
         return _memo[memo_key]
     module = extension.load()
@@ -170,8 +185,8 @@ def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, activation: str, thr
     if mode in ("onednn", "own"):
         backends = [mode if mode in opts else ("onednn" if "onednn" in opts else opts[-1]) for opts in allowed]
         plan = ExpertPlan(tuple(backends), tuple(f"forced by ${_ENV}={mode}" for _ in backends), "forced")
-    elif mode == "rule" or all(len(opts) < 3 for opts in allowed):
-        # nothing to choose between (no own loops here), or the rule asked for
+    elif mode == "rule" or all(len(opts) < 2 for opts in allowed):
+        # nothing to choose between, or the rule asked for
         plan = ExpertPlan(tuple(rule), tuple(w or n for w, n in zip(rule_why, notes)), "rule")
     elif peek:
         cached = _read_cache().get(_key(dtype, D, F, E, activation, threads))
@@ -186,9 +201,14 @@ def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, activation: str, thr
 
 
 def _candidates(allowed: list[list[str]], rule: list[str]) -> dict[str, list[str]]:
-    out = {"rule": rule,
-           "onednn": [("onednn" if "onednn" in o else o[-1]) for o in allowed],
-           "own": [o[0] for o in allowed]}
+    """The rule's plan, each library everywhere it may run, and the own loops everywhere they may
+    run with either library elsewhere (duplicates dropped)."""
+
+    def pick(*order: str) -> list[str]:
+        return [next((b for b in order if b in o), o[0]) for o in allowed]
+
+    out = {"rule": rule, "aten": pick("aten", "onednn"), "onednn": pick("onednn", "aten"),
+           "own+aten": pick("own", "aten", "onednn"), "own+onednn": pick("own", "onednn", "aten")}
     unique: dict[str, list[str]] = {}
     for name, backends in out.items():
         if backends not in unique.values():
