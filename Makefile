@@ -11,7 +11,8 @@ SR     := $(VENV)/bin/sparseroute
 # run: run again on the fallbacks (no compiled kernels; torch's own matmul) so that they cannot rot
 FALLBACK_TESTS := tests/test_moe_equivalence.py tests/test_dispatch_gradcheck.py tests/test_gemm.py \
 	tests/test_ops.py tests/test_router_kernels.py tests/test_errors.py tests/test_hf.py \
-	tests/models/test_lm_forward.py tests/lab/test_sweep.py
+	tests/models/test_lm_forward.py tests/lab/test_sweep.py::test_uninterrupted_sweep \
+	tests/lab/test_sweep.py::test_jobs_give_the_same_results
 
 .PHONY: demo test test-fallbacks kernels bench clean-venv
 

@@ -3,6 +3,8 @@ validated, scoped and honoured (by the Python products and by the compiled kerne
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,8 @@ from sparseroute.kernels import backend, gemm, ops
 from sparseroute.moe import MoE
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN")
+needs_kernels = pytest.mark.skipif(os.environ.get("SPARSEROUTE_NO_EXTENSIONS") == "1",
+                                   reason="the compiled kernels are off (SPARSEROUTE_NO_EXTENSIONS=1)")
 
 
 def _ops_called(fn) -> list[str]:
@@ -169,6 +173,7 @@ def test_the_environment_variable_is_read_and_checked(monkeypatch):
 
 
 @needs_onednn
+@needs_kernels
 @pytest.mark.parametrize("T, D, E, differ", [(256, 96, 4, True), (77, 50, 3, False)])
 def test_the_kernel_takes_the_backend_of_its_forward(T, D, E, differ):
     """The compiled kernel runs its products on the backend chosen at the forward (its backward

@@ -161,7 +161,10 @@ def test_flop_counter_counts_the_backward_too():
 
 @pytest.fixture
 def plan_cache(tmp_path, monkeypatch):
+    from sparseroute.kernels import backend
+
     monkeypatch.setattr(plan, "_cache_path", lambda: tmp_path / "plans.json")
+    monkeypatch.setattr(backend, "_state", {"backend": "auto"})  # whatever $SPARSEROUTE_GEMM says
     plan.clear_cache()
     yield tmp_path
     plan.clear_cache()

@@ -41,12 +41,11 @@ import copy
 import hashlib
 import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparseroute.train.config import RunConfig, apply_setting, merge_settings, resolve_run
+from sparseroute.train.config import RunConfig, apply_setting, merge_settings, read_toml, resolve_run
 
 __all__ = ["Variant", "SweepSpec", "PlannedRun", "load_spec"]
 
@@ -193,13 +192,7 @@ class SweepSpec:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read a TOML sweep spec; any problem raises ValueError naming the file and the field."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"spec file {p} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{p}: not valid TOML ({e})") from None
-    spec = SweepSpec.from_dict(data, where=str(p))
+    spec = SweepSpec.from_dict(read_toml(p, "spec file"), where=str(p))
     spec.plan()  # validate every run now
     return spec
 

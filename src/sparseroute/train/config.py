@@ -216,15 +216,21 @@ def set_path(settings: dict[str, Any], parts: list[str], value: Any, *, what: st
         node.pop(_MODEL_BASES[1 - _MODEL_BASES.index(parts[1])], None)
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file's tables; a missing file or bad TOML raises ValueError naming the file."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} {p} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{p}: not valid TOML ({e})") from None
+
+
 def load_settings(path: str | Path) -> dict[str, Any]:
     """Read a run's settings from a TOML file with [model], [data] and [train] tables."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"config file {p} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{p}: not valid TOML ({e})") from None
+    data = read_toml(p)
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{p}: unknown table(s) {', '.join(unknown)}; a run config has {', '.join(SECTIONS)}")
