@@ -22,7 +22,7 @@ shape class (dtype, D, F, E, activation, threads) on a machine times the candida
 shape (the rule's, each library everywhere, the own loops everywhere with either library
 elsewhere), forward and backward, and keeps the fastest; the choice is written to ``plans.json``
 beside the built kernels (:func:`sparseroute.kernels.extension.cache_root`) under the CPU's model
-name, the torch and sparseroute versions and the GEMM setting, and every later process on the
+name, the kernels' build (sparseroute and torch versions, a hash of the sources) and the GEMM setting, and every later process on the
 machine reads it from there (the first writer wins, so concurrent processes agree). The rule's
 plan is kept unless another plan is faster by :data:`MARGIN`. ``SPARSEROUTE_KERNEL_PLAN=rule``
 uses the rule without timing anything; ``onednn`` or ``own`` force that backend wherever it may
@@ -45,7 +45,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sparseroute import __version__
 from sparseroute.fileio import file_lock, write_json_atomic
 from sparseroute.kernels import backend, codes, extension
 from sparseroute.kernels.cpuinfo import cache_bytes, cpu_model
@@ -152,7 +151,9 @@ def _rule(module, allowed: list[list[str]], D: int, F: int, H: int) -> tuple[lis
 
 
 def _key(dtype: torch.dtype, D: int, F: int, E: int, activation: str, threads: int) -> str:
-    return (f"{cpu_model()} | torch {torch.__version__} | sparseroute {__version__} | gemm {backend.get_backend()} | "
+    # the build folder's name: the sparseroute and torch versions and a hash of the kernels'
+    # sources and flags, so that a changed kernel is tuned again
+    return (f"{cpu_model()} | {extension.build_dir().name} | gemm {backend.get_backend()} | "
             f"{str(dtype).removeprefix('torch.')} D{D} F{F} E{E} {activation} threads{threads}")
 
 

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -35,9 +36,10 @@ namespace row_gemm_detail {
 constexpr int kRows = 6;
 
 // A tile: C[0:MR, 0:16 NV] (rows ldc apart) = a sum over k < K, starting from zero (first) or
-// from C's values. Two forms:
-//   rows times B (kSums false): C[i, :] = sum over k of a[i][k] * B[k, 0:16 NV] (B's rows ldb apart);
-//   sums over rows (kSums true): C[i, :] = sum over k of a[k][m0 + i] * b[k][j0:j0 + 16 NV].
+// from C's values: C[i, :] = sum over k of a[i][k] * B_k, where a[i] are the tile's rows (each
+// read in order over k) and B_k is 16 NV values of B's row k: at B + k ldb (rows times B, kSums
+// false), or at b[k] + j0 (sums over rows, kSums true: the rows of the second operand given one
+// by one, for gathers).
 template <int MR, int NV, bool kSums>
 SPARSEROUTE_AVX512 inline void tile(int64_t K, const float* const* a, int64_t m0, const float* const* b, int64_t j0,
                                     const float* B, int64_t ldb, float* C, int64_t ldc, bool first) {
@@ -46,18 +48,17 @@ SPARSEROUTE_AVX512 inline void tile(int64_t K, const float* const* a, int64_t m0
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(C + i * ldc + 16 * v);
-  const float* r[MR];  // rows times B: the tile's rows, in registers over the loop
+  const float* r[MR];  // the tile's rows, in registers over the loop
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) r[i] = kSums ? nullptr : a[i];
+  for (int i = 0; i < MR; ++i) r[i] = a[m0 + i];
   for (int64_t k = 0; k < K; ++k) {
-    const float* ak = kSums ? a[k] + m0 : nullptr;
     const float* bk = kSums ? b[k] + j0 : B + k * ldb;
     __m512 bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m512 x = _mm512_set1_ps(kSums ? ak[i] : r[i][k]);
+      const __m512 x = _mm512_set1_ps(r[i][k]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
     }
@@ -111,9 +112,14 @@ SPARSEROUTE_AVX512 inline void run(int64_t n, int64_t K, int64_t N, const float*
 
 // Sums over rows: C [M, N] (rows ldc apart) = sum over r < n of A_r[0:M]^T B_r[0:N], the weight
 // gradients' form, with A_r, B_r rows of A and B (or the rows ia[r], ib[r] of them: gathers fused).
-// The rows go in chunks of kChunk; a tile's outputs start from C's values after the first chunk,
-// so each output is still one fused multiply-add chain in r order, whatever the chunking.
+// The rows go in chunks of kChunk. Each chunk's rows of A are first transposed into a per-thread
+// buffer (M rows of kChunk values), so that the tiles read them as rows times B do, each row in
+// order over the chunk, rather than six values from every row in turn; a tile's outputs start from
+// C's values after the first chunk, so each output is still one fused multiply-add chain in r
+// order, whatever the chunking.
 constexpr int64_t kChunk = 128;
+
+SPARSEROUTE_AVX512 inline void transpose_rows_of(int64_t R, int64_t C, const float* const* src, float* dst, int64_t ldd);
 
 SPARSEROUTE_AVX512 inline void run_tn(int64_t n, int64_t M, int64_t N, const float* A, int64_t lda, const int64_t* ia,
                                       const float* B, int64_t ldb, const int64_t* ib, float* C, int64_t ldc) {
@@ -121,6 +127,10 @@ SPARSEROUTE_AVX512 inline void run_tn(int64_t n, int64_t M, int64_t N, const flo
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
     return;
   }
+  thread_local std::vector<float> at;  // the chunk's A transposed: M rows of kc values
+  thread_local std::vector<const float*> rows;
+  if (static_cast<int64_t>(at.size()) < M * kChunk) at.resize(M * kChunk);
+  if (static_cast<int64_t>(rows.size()) < M + kRows) rows.resize(M + kRows);
   const float* ap[kChunk];
   const float* bp[kChunk];
   for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
@@ -129,25 +139,27 @@ SPARSEROUTE_AVX512 inline void run_tn(int64_t n, int64_t M, int64_t N, const flo
       ap[k] = A + (ia != nullptr ? ia[r0 + k] : r0 + k) * lda;
       bp[k] = B + (ib != nullptr ? ib[r0 + k] : r0 + k) * ldb;
     }
+    transpose_rows_of(kc, M, ap, at.data(), kc);
+    for (int64_t m = 0; m < M; ++m) rows[m] = at.data() + m * kc;
     for (int64_t j0 = 0; j0 < N; j0 += 64) {  // a block of C's columns: its rows stay in L2, B's in L1
       const int nv = static_cast<int>(std::min<int64_t>(64, N - j0) / 16);
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-        tile_any<true>(mr, nv, kc, ap, m0, bp, j0, nullptr, 0, C + m0 * ldc + j0, ldc, r0 == 0);
+        tile_any<true>(mr, nv, kc, rows.data(), m0, bp, j0, nullptr, 0, C + m0 * ldc + j0, ldc, r0 == 0);
       }
     }
   }
 }
 
-// dst [C, R] (rows ldd apart) = src [R, C]^T (rows lds apart), in 16 x 16 blocks transposed in
-// registers (three rounds of shuffles), the edges one value at a time.
-SPARSEROUTE_AVX512 inline void transpose(int64_t R, int64_t C, const float* src, int64_t lds, float* dst, int64_t ldd) {
+// dst [C, R] (rows ldd apart) = the [R, C] matrix whose row r starts at src[r], transposed, in
+// 16 x 16 blocks transposed in registers (three rounds of shuffles), the edges one value at a time.
+SPARSEROUTE_AVX512 inline void transpose_rows_of(int64_t R, int64_t C, const float* const* src, float* dst, int64_t ldd) {
   const int64_t R16 = R / 16 * 16, C16 = C / 16 * 16;
   for (int64_t r0 = 0; r0 < R16; r0 += 16)
     for (int64_t c0 = 0; c0 < C16; c0 += 16) {
       __m512 r[16], t[16], u[16];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (r0 + i) * lds + c0);
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src[r0 + i] + c0);
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {  // within 128-bit lanes: rows 2i, 2i+1 interleaved
         t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -173,7 +185,18 @@ SPARSEROUTE_AVX512 inline void transpose(int64_t R, int64_t C, const float* src,
       }
     }
   for (int64_t r = 0; r < R; ++r)  // the edges
-    for (int64_t c = (r < R16 ? C16 : 0); c < C; ++c) dst[c * ldd + r] = src[r * lds + c];
+    for (int64_t c = (r < R16 ? C16 : 0); c < C; ++c) dst[c * ldd + r] = src[r][c];
+}
+
+// dst [C, R] (rows ldd apart) = src [R, C]^T (rows lds apart).
+SPARSEROUTE_AVX512 inline void transpose(int64_t R, int64_t C, const float* src, int64_t lds, float* dst, int64_t ldd) {
+  constexpr int64_t kBlock = 256;  // rows at a time: their pointers on the stack
+  const float* rows[kBlock];
+  for (int64_t r0 = 0; r0 < R; r0 += kBlock) {
+    const int64_t nr = std::min(kBlock, R - r0);
+    for (int64_t r = 0; r < nr; ++r) rows[r] = src + (r0 + r) * lds;
+    transpose_rows_of(nr, C, rows, dst + r0, ldd);
+  }
 }
 
 }  // namespace row_gemm_detail
