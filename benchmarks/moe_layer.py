@@ -145,7 +145,7 @@ def expert_plan_of(moe: MoE, dtype) -> plan.ExpertPlan | None:
     if not ops.available() or moe.experts.w_in.device.type != "cpu":
         return None
     c = moe.config
-    return plan.expert_plan(dtype, moe.d_model, c.d_ff, c.num_experts, c.activation, torch.get_num_threads())
+    return plan.expert_plan(dtype, moe.d_model, c.d_ff, c.num_experts, c.top_k, c.activation, torch.get_num_threads())
 
 
 def make_loop(moe: MoE):

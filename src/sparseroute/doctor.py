@@ -19,11 +19,11 @@ from sparseroute.kernels.cpuinfo import cache_bytes, cpu_features, cpu_model
 
 __all__ = ["report", "render", "SHAPES"]
 
-#: (label, D, F, E, activation): the tiny LM's MoE layers and the MoE benchmark's two shapes
+#: (label, D, F, E, K, activation): the tiny LM's MoE layers and the MoE benchmark's two shapes
 SHAPES = (
-    ("tiny LM MoE (D 256, E 8, F 512)", 256, 512, 8, "swiglu"),
-    ("coarse (D 512, E 8, F 1024)", 512, 1024, 8, "swiglu"),
-    ("fine-grained (D 512, E 64, F 128)", 512, 128, 64, "swiglu"),
+    ("tiny LM MoE (D 256, E 8, k 2, F 512)", 256, 512, 8, 2, "swiglu"),
+    ("coarse (D 512, E 8, k 2, F 1024)", 512, 1024, 8, 2, "swiglu"),
+    ("fine-grained (D 512, E 64, k 8, F 128)", 512, 128, 64, 8, "swiglu"),
 )
 _PACKAGES = ("numpy", "scipy", "safetensors", "transformers", "tokenizers", "ninja", "filelock", "jinja2")
 
@@ -75,9 +75,9 @@ def report() -> dict[str, Any]:
     }
     products: dict[str, Any] = {}
     if module is not None:
-        for label, D, F, E, act in SHAPES:
+        for label, D, F, E, K, act in SHAPES:
             try:
-                p = plan.expert_plan(torch.float32, D, F, E, act, torch.get_num_threads(), peek=True)
+                p = plan.expert_plan(torch.float32, D, F, E, K, act, torch.get_num_threads(), peek=True)
                 products[label] = {"source": p.source, **p.describe()}
             except ValueError as e:  # e.g. a bad $SPARSEROUTE_KERNEL_PLAN
                 products[label] = {"error": str(e)}

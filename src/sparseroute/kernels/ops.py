@@ -266,8 +266,8 @@ def _expert_mlp_backward_flops(grad, x, w_S, w_in, w_out, tok_S, counts_E, h, a,
 
 
 @torch.compiler.assume_constant_result
-def _plan_codes(dtype: torch.dtype, D: int, F: int, E: int, activation: str, threads: int) -> list[int]:
-    return plan.expert_plan(dtype, D, F, E, activation, threads).codes
+def _plan_codes(dtype: torch.dtype, D: int, F: int, E: int, K: int, activation: str, threads: int) -> list[int]:
+    return plan.expert_plan(dtype, D, F, E, K, activation, threads).codes
 
 
 def expert_mlp(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, w_in: Tensor, w_out: Tensor, activation: str,
@@ -280,7 +280,8 @@ def expert_mlp(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, w_in: Tenso
     act = codes.activation_code(activation)
     threads = _threads()
     if backends is None:
-        chosen = _plan_codes(x_TD.dtype, x_TD.shape[1], w_out.shape[1], w_in.shape[0], activation, threads)
+        chosen = _plan_codes(x_TD.dtype, x_TD.shape[1], w_out.shape[1], w_in.shape[0], indices_TK.shape[1], activation,
+                             threads)
     else:
         chosen = codes.backend_codes(backends)
     return torch.ops.sparseroute.expert_mlp(x_TD, indices_TK, weights_TK, w_in, w_out, act, threads, chosen)[0]

@@ -18,9 +18,9 @@ per-expert matrix stays in a core's L2 and lose where it does not, MKL beats one
 CPUs and loses on others, and where exactly the lines lie differs between CPUs. The rule
 (:func:`_rule`) puts a product on the own loops where its matrix fits in half of L2 and on the
 GEMM backend's library elsewhere. By default (``SPARSEROUTE_KERNEL_PLAN=tune``) the first call of a
-shape class (dtype, D, F, E, activation, threads) on a machine times the candidate plans on that
+shape class (dtype, D, F, E, slots per token, activation, threads) on a machine times the candidate plans on that
 shape (the rule's, each library everywhere, the own loops everywhere with either library
-elsewhere), forward and backward, and keeps the fastest; the choice is written to ``plans.json``
+elsewhere), forward and backward, in turns over several rounds, and keeps the fastest; the choice is written to ``plans.json``
 beside the built kernels (:func:`sparseroute.kernels.extension.cache_root`) under the CPU's model
 name, the kernels' build (sparseroute and torch versions, a hash of the sources) and the GEMM setting, and every later process on the
 machine reads it from there (the first writer wins, so concurrent processes agree). The rule's
@@ -150,11 +150,11 @@ def _rule(module, allowed: list[list[str]], D: int, F: int, H: int) -> tuple[lis
     return backends, reasons
 
 
-def _key(dtype: torch.dtype, D: int, F: int, E: int, activation: str, threads: int) -> str:
+def _key(dtype: torch.dtype, D: int, F: int, E: int, K: int, activation: str, threads: int) -> str:
     # the build folder's name: the sparseroute and torch versions and a hash of the kernels'
     # sources and flags, so that a changed kernel is tuned again
     return (f"{cpu_model()} | {extension.build_dir().name} | gemm {backend.get_backend()} | "
-            f"{str(dtype).removeprefix('torch.')} D{D} F{F} E{E} {activation} threads{threads}")
+            f"{str(dtype).removeprefix('torch.')} D{D} F{F} E{E} K{K} {activation} threads{threads}")
 
 
 def _cache_path():
@@ -169,14 +169,14 @@ def _read_cache() -> dict[str, list[str]]:
     return data if isinstance(data, dict) else {}
 
 
-def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, activation: str, threads: int, *,
+def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, K: int, activation: str, threads: int, *,
                 timer: Callable[[list[str]], float] | None = None, peek: bool = False) -> ExpertPlan:
     """The plan for expert MLPs of this shape class (see the module docstring). ``timer`` (for
-    tests) replaces the timing of a candidate: it takes the candidate's backends and returns
-    seconds. ``peek``: never time anything; a shape class not tuned yet gets the rule's plan
+    tests) replaces the timing of one run of a candidate: it takes the candidate's backends and
+    returns seconds. K: the slots per token of the routings (their rows per expert matter). ``peek``: never time anything; a shape class not tuned yet gets the rule's plan
     (marked ``untuned``) and nothing is remembered."""
     mode = plan_mode()
-    memo_key = (dtype, D, F, E, activation, threads, mode, backend.get_backend(), backend.resolved_backend())
+    memo_key = (dtype, D, F, E, K, activation, threads, mode, backend.get_backend(), backend.resolved_backend())
     if memo_key in _memo and timer is None:
         return _memo[memo_key]
     module = extension.load()
@@ -190,12 +190,12 @@ def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, activation: str, thr
         # nothing to choose between, or the rule asked for
         plan = ExpertPlan(tuple(rule), tuple(w or n for w, n in zip(rule_why, notes)), "rule")
     elif peek:
-        cached = _read_cache().get(_key(dtype, D, F, E, activation, threads))
+        cached = _read_cache().get(_key(dtype, D, F, E, K, activation, threads))
         if cached is not None and _valid(cached, allowed):
             return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
         return ExpertPlan(tuple(rule), tuple(f"{w}; not tuned yet" for w in rule_why), "untuned")
     else:
-        plan = _tuned(dtype, D, F, E, activation, threads, allowed, rule, rule_why, timer)
+        plan = _tuned(dtype, D, F, E, K, activation, threads, allowed, rule, rule_why, timer)
     if timer is None:
         _memo[memo_key] = plan
     return plan
@@ -217,8 +217,8 @@ def _candidates(allowed: list[list[str]], rule: list[str]) -> dict[str, list[str
     return unique
 
 
-def _tuned(dtype, D, F, E, activation, threads, allowed, rule, rule_why, timer) -> ExpertPlan:
-    key = _key(dtype, D, F, E, activation, threads)
+def _tuned(dtype, D, F, E, K, activation, threads, allowed, rule, rule_why, timer) -> ExpertPlan:
+    key = _key(dtype, D, F, E, K, activation, threads)
     cached = _read_cache().get(key)
     if cached is not None and timer is None and _valid(cached, allowed):
         return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
@@ -234,10 +234,20 @@ def _tuned(dtype, D, F, E, activation, threads, allowed, rule, rule_why, timer) 
             cached = _read_cache().get(key)  # decided by another process meanwhile
             if cached is not None and _valid(cached, allowed):
                 return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
-        measure = timer or _timer(dtype, D, F, E, activation, threads)
-        seconds = {name: measure(b) for name, b in candidates.items()}
+        run_once = timer or _timer(dtype, D, F, E, K, activation, threads)
+        # the candidates take turns, round after round (the machine's speed drifts over seconds),
+        # after one warm-up round
+        times: dict[str, list[float]] = {name: [] for name in candidates}
+        for r in range(ROUNDS + 1):
+            for name, backends in candidates.items():
+                t = run_once(backends)
+                if r:
+                    times[name].append(t)
+        seconds = {name: statistics.median(ts) for name, ts in times.items()}
         best = min(seconds, key=seconds.__getitem__)
-        if best != "rule" and seconds[best] >= (1.0 - MARGIN) * seconds["rule"]:
+        # another plan replaces the rule's only when it wins by the margin, round by round
+        paired = statistics.median(b / a for b, a in zip(times[best], times["rule"]))
+        if best != "rule" and paired >= 1.0 - MARGIN:
             best = "rule"
         chosen = candidates[best]
         if timer is None:
@@ -263,11 +273,11 @@ def _valid(backends, allowed) -> bool:
             and all(b in opts for b, opts in zip(backends, allowed)))
 
 
-def _timer(dtype, D, F, E, activation, threads) -> Callable[[list[str]], float]:
-    """Times one forward + backward of the expert MLP with a given plan, on random data of this
-    shape class (a top-2 routing of up to TUNE_TOKENS tokens), median over ROUNDS rounds."""
+def _timer(dtype, D, F, E, K, activation, threads) -> Callable[[list[str]], float]:
+    """Seconds of one forward + backward of the expert MLP with a given plan, on random data of
+    this shape class (TUNE_TOKENS tokens, each routed to K experts)."""
     gen = torch.Generator().manual_seed(0)
-    T, k = TUNE_TOKENS, min(2, E)
+    T, k = TUNE_TOKENS, K
     H = 2 * F if activation == "swiglu" else F
     x = torch.randn(T, D, generator=gen).to(dtype)
     w_in = (torch.randn(E, D, H, generator=gen) * D**-0.5).to(dtype)
@@ -276,22 +286,18 @@ def _timer(dtype, D, F, E, activation, threads) -> Callable[[list[str]], float]:
     w = torch.full((T, k), 1.0 / k)
     g = torch.randn(T, D, generator=gen).to(dtype)
 
-    def measure(backends: list[str]) -> float:
-        times = []
+    def run_once(backends: list[str]) -> float:
         saved = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            for r in range(ROUNDS + 1):
-                xs, wi, wo = (t.detach().requires_grad_() for t in (x, w_in, w_out))
-                t0 = time.perf_counter()
-                # the op that sparseroute.kernels.ops registers (it calls this module for its plans)
-                out = torch.ops.sparseroute.expert_mlp(xs, idx, w, wi, wo, codes.activation_code(activation),
-                                                       threads, codes.backend_codes(backends))[0]
-                out.backward(g)
-                if r:
-                    times.append(time.perf_counter() - t0)
+            xs, wi, wo = (t.detach().requires_grad_() for t in (x, w_in, w_out))
+            t0 = time.perf_counter()
+            # the op that sparseroute.kernels.ops registers (it calls this module for its plans)
+            out = torch.ops.sparseroute.expert_mlp(xs, idx, w, wi, wo, codes.activation_code(activation),
+                                                   threads, codes.backend_codes(backends))[0]
+            out.backward(g)
+            return time.perf_counter() - t0
         finally:
             torch.set_num_threads(saved)
-        return statistics.median(times)
 
-    return measure
+    return run_once
