@@ -36,13 +36,11 @@ namespace row_gemm_detail {
 constexpr int kRows = 6;
 
 // A tile: C[0:MR, 0:16 NV] (rows ldc apart) = a sum over k < K, starting from zero (first) or
-// from C's values: C[i, :] = sum over k of a[i][k] * B_k, where a[i] are the tile's rows (each
-// read in order over k) and B_k is 16 NV values of B's row k: at B + k ldb (rows times B, kSums
-// false), or at b[k] + j0 (sums over rows, kSums true: the rows of the second operand given one
-// by one, for gathers).
-template <int MR, int NV, bool kSums>
-SPARSEROUTE_AVX512 inline void tile(int64_t K, const float* const* a, int64_t m0, const float* const* b, int64_t j0,
-                                    const float* B, int64_t ldb, float* C, int64_t ldc, bool first) {
+// from C's values: C[i, :] = sum over k of a[i][k] * B[k, 0:16 NV], where a[i] are the tile's
+// rows (each read in order over k) and B's rows are ldb apart.
+template <int MR, int NV>
+SPARSEROUTE_AVX512 inline void tile(int64_t K, const float* const* a, const float* B, int64_t ldb, float* C,
+                                    int64_t ldc, bool first) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -50,9 +48,9 @@ SPARSEROUTE_AVX512 inline void tile(int64_t K, const float* const* a, int64_t m0
     for (int v = 0; v < NV; ++v) acc[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(C + i * ldc + 16 * v);
   const float* r[MR];  // the tile's rows, in registers over the loop
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) r[i] = a[m0 + i];
+  for (int i = 0; i < MR; ++i) r[i] = a[i];
   for (int64_t k = 0; k < K; ++k) {
-    const float* bk = kSums ? b[k] + j0 : B + k * ldb;
+    const float* bk = B + k * ldb;
     __m512 bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
@@ -70,28 +68,26 @@ SPARSEROUTE_AVX512 inline void tile(int64_t K, const float* const* a, int64_t m0
 }
 
 // The tile of mr rows (1..kRows) and nv vectors of columns (1..4).
-template <int NV, bool kSums>
-SPARSEROUTE_AVX512 inline void tile_rows(int mr, int64_t K, const float* const* a, int64_t m0, const float* const* b,
-                                         int64_t j0, const float* B, int64_t ldb, float* C, int64_t ldc, bool first) {
+template <int NV>
+SPARSEROUTE_AVX512 inline void tile_rows(int mr, int64_t K, const float* const* a, const float* B, int64_t ldb, float* C,
+                                         int64_t ldc, bool first) {
   switch (mr) {
-    case 6: tile<6, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
-    case 5: tile<5, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
-    case 4: tile<4, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
-    case 3: tile<3, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
-    case 2: tile<2, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
-    default: tile<1, NV, kSums>(K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    case 6: tile<6, NV>(K, a, B, ldb, C, ldc, first); break;
+    case 5: tile<5, NV>(K, a, B, ldb, C, ldc, first); break;
+    case 4: tile<4, NV>(K, a, B, ldb, C, ldc, first); break;
+    case 3: tile<3, NV>(K, a, B, ldb, C, ldc, first); break;
+    case 2: tile<2, NV>(K, a, B, ldb, C, ldc, first); break;
+    default: tile<1, NV>(K, a, B, ldb, C, ldc, first); break;
   }
 }
 
-template <bool kSums>
-SPARSEROUTE_AVX512 inline void tile_any(int mr, int nv, int64_t K, const float* const* a, int64_t m0,
-                                        const float* const* b, int64_t j0, const float* B, int64_t ldb, float* C,
-                                        int64_t ldc, bool first) {
+SPARSEROUTE_AVX512 inline void tile_any(int mr, int nv, int64_t K, const float* const* a, const float* B, int64_t ldb,
+                                        float* C, int64_t ldc, bool first) {
   switch (nv) {
-    case 4: tile_rows<4, kSums>(mr, K, a, m0, b, j0, B, ldb, C, ldc, first); break;
-    case 3: tile_rows<3, kSums>(mr, K, a, m0, b, j0, B, ldb, C, ldc, first); break;
-    case 2: tile_rows<2, kSums>(mr, K, a, m0, b, j0, B, ldb, C, ldc, first); break;
-    default: tile_rows<1, kSums>(mr, K, a, m0, b, j0, B, ldb, C, ldc, first); break;
+    case 4: tile_rows<4>(mr, K, a, B, ldb, C, ldc, first); break;
+    case 3: tile_rows<3>(mr, K, a, B, ldb, C, ldc, first); break;
+    case 2: tile_rows<2>(mr, K, a, B, ldb, C, ldc, first); break;
+    default: tile_rows<1>(mr, K, a, B, ldb, C, ldc, first); break;
   }
 }
 
@@ -105,16 +101,17 @@ SPARSEROUTE_AVX512 inline void run(int64_t n, int64_t K, int64_t N, const float*
       for (int64_t r = r0 + kRows; r < std::min(n, r0 + 2 * kRows); ++r)
         for (int64_t q = 0; q < K; q += 16) _mm_prefetch(reinterpret_cast<const char*>(A + idx[r] * lda + q), _MM_HINT_T1);
     for (int64_t j0 = 0; j0 < N; j0 += 64)
-      tile_any<false>(mr, static_cast<int>(std::min<int64_t>(64, N - j0) / 16), K, rows, 0, nullptr, 0, B + j0, ldb,
-                      C + r0 * ldc + j0, ldc, true);
+      tile_any(mr, static_cast<int>(std::min<int64_t>(64, N - j0) / 16), K, rows, B + j0, ldb, C + r0 * ldc + j0, ldc,
+               true);
   }
 }
 
 // Sums over rows: C [M, N] (rows ldc apart) = sum over r < n of A_r[0:M]^T B_r[0:N], the weight
 // gradients' form, with A_r, B_r rows of A and B (or the rows ia[r], ib[r] of them: gathers fused).
 // The rows go in chunks of kChunk. Each chunk's rows of A are first transposed into a per-thread
-// buffer (M rows of kChunk values), so that the tiles read them as rows times B do, each row in
-// order over the chunk, rather than six values from every row in turn; a tile's outputs start from
+// buffer (M rows of kChunk values) and B's rows, where they are gathered, copied in order into
+// another, so that a chunk is the row form above, A^T (M x kc) times B (kc x N): the tiles read
+// every row in order instead of six values from every row in turn. A tile's outputs start from
 // C's values after the first chunk, so each output is still one fused multiply-add chain in r
 // order, whatever the chunking.
 constexpr int64_t kChunk = 128;
@@ -128,24 +125,37 @@ SPARSEROUTE_AVX512 inline void run_tn(int64_t n, int64_t M, int64_t N, const flo
     return;
   }
   thread_local std::vector<float> at;  // the chunk's A transposed: M rows of kc values
+  thread_local std::vector<float> bg;  // the chunk's rows of B, where they are gathered
   thread_local std::vector<const float*> rows;
   if (static_cast<int64_t>(at.size()) < M * kChunk) at.resize(M * kChunk);
+  if (ib != nullptr && static_cast<int64_t>(bg.size()) < N * kChunk) bg.resize(N * kChunk);
   if (static_cast<int64_t>(rows.size()) < M + kRows) rows.resize(M + kRows);
   const float* ap[kChunk];
-  const float* bp[kChunk];
   for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
     const int64_t kc = std::min(kChunk, n - r0);
-    for (int64_t k = 0; k < kc; ++k) {
-      ap[k] = A + (ia != nullptr ? ia[r0 + k] : r0 + k) * lda;
-      bp[k] = B + (ib != nullptr ? ib[r0 + k] : r0 + k) * ldb;
-    }
+    for (int64_t k = 0; k < kc; ++k) ap[k] = A + (ia != nullptr ? ia[r0 + k] : r0 + k) * lda;
     transpose_rows_of(kc, M, ap, at.data(), kc);
     for (int64_t m = 0; m < M; ++m) rows[m] = at.data() + m * kc;
+    // the chunk's rows of B: in place, or (scattered) copied in order first, the next ones asked
+    // for ahead: each is read once per block of C's columns
+    const float* Bc = B + r0 * ldb;
+    int64_t ldbc = ldb;
+    if (ib != nullptr) {
+      for (int64_t k = 0; k < kc; ++k) {
+        if (k + 4 < kc) {
+          const char* next = reinterpret_cast<const char*>(B + ib[r0 + k + 4] * ldb);
+          for (int64_t q = 0; q < N * 4; q += 64) _mm_prefetch(next + q, _MM_HINT_T0);
+        }
+        std::copy(B + ib[r0 + k] * ldb, B + ib[r0 + k] * ldb + N, bg.data() + k * N);
+      }
+      Bc = bg.data();
+      ldbc = N;
+    }
     for (int64_t j0 = 0; j0 < N; j0 += 64) {  // a block of C's columns: its rows stay in L2, B's in L1
       const int nv = static_cast<int>(std::min<int64_t>(64, N - j0) / 16);
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-        tile_any<true>(mr, nv, kc, rows.data(), m0, bp, j0, nullptr, 0, C + m0 * ldc + j0, ldc, r0 == 0);
+        tile_any(mr, nv, kc, rows.data() + m0, Bc + j0, ldbc, C + m0 * ldc + j0, ldc, r0 == 0);
       }
     }
   }
