@@ -92,10 +92,7 @@ def module_name(*, testing: bool = False) -> str:
 def build_flags(*, testing: bool = False) -> list[str]:
     """The compiler flags: optimisation, OpenMP, the codes of :mod:`~sparseroute.kernels.codes`,
     and for the test module ``-DSPARSEROUTE_TESTING=1``."""
-    # -ffp-contract=off: no multiply-add fused by the compiler where the source has none, so that
-    # the same arithmetic gives the same bits in every loop that inlines it (the products' fused
-    # multiply-adds are explicit)
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off", *codes.compile_definitions()]
+    flags = ["-O3", "-fopenmp", *codes.compile_definitions()]
     if testing:
         flags.append("-DSPARSEROUTE_TESTING=1")
     return flags

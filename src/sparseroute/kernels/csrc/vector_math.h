@@ -21,12 +21,20 @@ namespace sparseroute {
 #define SPARSEROUTE_VECTOR_CLONES
 #endif
 
+// The helpers below are always inlined: a call left in a loop (GCC's inliner gives up on them
+// when a translation unit grows) keeps the loop scalar.
+#if defined(__GNUC__)
+#define SPARSEROUTE_INLINE inline __attribute__((always_inline))
+#else
+#define SPARSEROUTE_INLINE inline
+#endif
+
 // exp(x) in float as plain arithmetic, so that the loops that call it vectorize: Cody-Waite
 // reduction by ln 2 and Cephes' degree-6 polynomial, within 2 ulp of expf for x in [-87, 88].
 // Above 88 it returns e^88 (callers only ever divide by 1 + e^x there, where that is already 1
 // in float's precision, or 0 from 1 / (1 + e^x)); below -87, where expf leaves the normal floats,
 // it returns 0. NaN passes through.
-inline float exp_float(float x) {
+SPARSEROUTE_INLINE float exp_float(float x) {
   float xc = x < -87.0f ? -87.0f : x;  // in range for the 2^n below
   xc = xc > 88.0f ? 88.0f : xc;
   // n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to an integer (to nearest)
@@ -48,7 +56,7 @@ inline float exp_float(float x) {
 // exp in the accumulation type: exp_float for float (also what bfloat16 and half compute in),
 // std::exp for double (the gradchecks run in double).
 template <typename acc_t>
-inline acc_t exp_of(acc_t x) {
+SPARSEROUTE_INLINE acc_t exp_of(acc_t x) {
   if constexpr (std::is_same_v<acc_t, float>)
     return exp_float(x);
   else
@@ -57,21 +65,21 @@ inline acc_t exp_of(acc_t x) {
 
 // sigmoid(x) = 1 / (1 + e^-x).
 template <typename acc_t>
-inline acc_t sigmoid_of(acc_t x) {
+SPARSEROUTE_INLINE acc_t sigmoid_of(acc_t x) {
   return acc_t(1) / (acc_t(1) + exp_of<acc_t>(-x));
 }
 
 // bfloat16 <-> float as integer arithmetic, with the same bits as c10::BFloat16's conversions
 // (round to nearest even; NaN to 0x7FC0), but without their branch and calls, so that loops
 // over bfloat16 vectorize (c10's conversions leave the SwiGLU loops scalar).
-inline float bf16_bits_to_float(uint16_t b) {
+SPARSEROUTE_INLINE float bf16_bits_to_float(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-inline uint16_t float_to_bf16_bits(float f) {
+SPARSEROUTE_INLINE uint16_t float_to_bf16_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   const uint16_t rounded = static_cast<uint16_t>((u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16);
@@ -81,7 +89,7 @@ inline uint16_t float_to_bf16_bits(float f) {
 // p[i] in the accumulation type, and v stored as p[i]: for bfloat16 through the integer
 // conversions above, else static_cast.
 template <typename acc_t, typename scalar_t>
-inline acc_t load_as(const scalar_t* p, int64_t i) {
+SPARSEROUTE_INLINE acc_t load_as(const scalar_t* p, int64_t i) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>)
     return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
   else
@@ -89,7 +97,7 @@ inline acc_t load_as(const scalar_t* p, int64_t i) {
 }
 
 template <typename scalar_t, typename acc_t>
-inline void store_as(scalar_t* p, int64_t i, acc_t v) {
+SPARSEROUTE_INLINE void store_as(scalar_t* p, int64_t i, acc_t v) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>)
     reinterpret_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v);
   else
