@@ -17,7 +17,7 @@ import torch
 from torch.testing import assert_close
 
 import sparseroute
-from sparseroute.kernels import codes
+from sparseroute.kernels import codes, plan
 from sparseroute.kernels import extension as cpu_kernels
 from sparseroute.moe import MoE
 
@@ -28,7 +28,7 @@ needs_kernels = pytest.mark.skipif(DISABLED, reason="compiled kernels disabled b
 HOOKS = ("_set_stealing", "_steals", "_set_fail_stolen", "_set_owner_delay_us", "_row_gemm", "_row_gemm_tn", "_transpose",
          "_bf16_round_trip")
 #: the capability queries, in both modules
-QUERIES = ("onednn_usable", "onednn_usable_for", "row_gemm_runs", "row_gemm_fits", "l2_cache_bytes")
+QUERIES = ("onednn_usable", "onednn_usable_for", "row_gemm_runs")
 
 
 def backends(spec="aten"):
@@ -84,8 +84,9 @@ def test_the_test_hooks_are_in_the_test_module_only(kernels, testing_kernels):
     for module in (kernels, testing_kernels):
         assert all(callable(getattr(module, name)) for name in QUERIES)
     assert cpu_kernels.load() is testing_kernels  # the fixture's stand-in for the MoE layer's calls
-    assert kernels.l2_cache_bytes() >= 0
-    assert kernels.row_gemm_fits(64, 64) and not kernels.row_gemm_fits(1 << 20, 1 << 10)
+    # the L2 rule is the plan's alone (sparseroute.kernels.plan.own_fits), not the kernel's
+    assert not any(hasattr(module, name) for module in (kernels, testing_kernels) for name in ("row_gemm_fits", "l2_cache_bytes"))
+    assert plan.own_fits(64, 64) and not plan.own_fits(1 << 20, 1 << 10)
 
 
 def test_load_does_not_build(tmp_path, monkeypatch):

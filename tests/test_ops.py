@@ -202,7 +202,7 @@ def test_tuning_keeps_the_rule_unless_another_plan_is_clearly_faster(plan_cache,
         pytest.skip("nothing to tune here: the own loops do not run on this CPU")
     monkeypatch.setenv("SPARSEROUTE_KERNEL_PLAN", "tune")
     args = (torch.float32, 512, 128, 64, 8, "swiglu", 2)
-    rule = plan._rule(module, plan._limits(module, torch.float32, 512, 128, 256)[0], 512, 128, 256)[0]
+    rule = plan._rule(plan._limits(module, torch.float32, 512, 128, 256)[0], 512, 128, 256)[0]
     seen = []
 
     def close(backends):  # every other candidate 1% faster than the rule's: within the margin

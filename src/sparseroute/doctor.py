@@ -62,7 +62,7 @@ def report() -> dict[str, Any]:
             "built": module is not None,
             "folder": str(extension.build_dir()),
             "reason": None if module is not None else extension.unavailable_reason(),
-            "disabled": os.environ.get("SPARSEROUTE_NO_EXTENSIONS") == "1",
+            "disabled": extension.disabled(),
             "onednn_float32": bool(module.onednn_usable()) if module is not None else None,
             "plan_mode": os.environ.get("SPARSEROUTE_KERNEL_PLAN", "tune"),
         },

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 __all__ = ["ensure_built"]
@@ -21,7 +20,7 @@ def ensure_built(*, progress: bool = True) -> bool:
 
     if extension.load() is not None:
         return True
-    if os.environ.get("SPARSEROUTE_NO_EXTENSIONS") == "1":
+    if extension.disabled():
         return False
     try:
         extension.build(progress=progress)

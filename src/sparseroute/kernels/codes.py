@@ -82,8 +82,8 @@ def backend_codes(backends: str | Sequence[str] | Mapping[str, str]) -> list[int
 def expert_matrix(product: str, D: int, F: int, H: int) -> tuple[int, int]:
     """(K, N): the per-expert matrix a product reads (the weights) or writes (a weight gradient),
     K rows of N columns. N is the width the kernel's own loops run over (they need it a multiple
-    of 16), and K x N floats is what they keep in L2 (``row_gemm_fits(K, N)`` of the compiled
-    module). D model dim, F expert hidden, H the up projection's width (2F for SwiGLU, else F)."""
+    of 16), and K x N floats is what they keep in L2 (:func:`sparseroute.kernels.plan.own_fits`).
+    D model dim, F expert hidden, H the up projection's width (2F for SwiGLU, else F)."""
     dims = {
         "up": (D, H),  # w_in [D, H]
         "down": (F, D),  # w_out [F, D]

@@ -49,6 +49,7 @@ __all__ = [
     "build",
     "build_dir",
     "build_flags",
+    "disabled",
     "cache_root",
     "load",
     "module_name",
@@ -133,7 +134,8 @@ def _folder(testing: bool) -> str:
     return folder
 
 
-def _disabled() -> bool:
+def disabled() -> bool:
+    """Whether ``SPARSEROUTE_NO_EXTENSIONS=1`` turns the compiled kernels off."""
     return os.environ.get(_DISABLE) == "1"
 
 
@@ -147,7 +149,7 @@ def load(*, testing: bool = False) -> ModuleType | None:
 def _load(testing: bool) -> ModuleType | None:
     """:func:`load` (which tests may replace; :func:`build` and :func:`unavailable_reason` call
     this one)."""
-    if _disabled():
+    if disabled():
         return None
     key = _folder(testing)
     module = _modules.get(key)  # every MoE forward asks: no lock once loaded
@@ -194,7 +196,7 @@ def _import_file(name: str, path: Path) -> ModuleType:
 def unavailable_reason(*, testing: bool = False) -> str | None:
     """Why :func:`load` returns None (disabled, not built yet, the build failed, or the built
     module does not import), else None."""
-    if _disabled():
+    if disabled():
         return f"the compiled kernels are disabled by {_DISABLE}=1"
     if _load(testing) is not None:
         return None
@@ -216,7 +218,7 @@ def build(*, testing: bool = False, progress: bool = True) -> ModuleType:
     False; the compiler's output goes to ``build.log`` in :func:`build_dir`. Raises
     :class:`KernelBuildError` when the build fails (with its first error and the log's path) or
     the kernels are disabled (``SPARSEROUTE_NO_EXTENSIONS=1``)."""
-    if _disabled():
+    if disabled():
         raise KernelBuildError(f"the compiled kernels are disabled by {_DISABLE}=1")
     module = _load(testing)
     if module is not None:

@@ -131,7 +131,14 @@ L2_SHARE = 0.5
 DEFAULT_L2 = 512 << 10
 
 
-def _rule(module, allowed: list[list[str]], D: int, F: int, H: int) -> tuple[list[str], list[str]]:
+def own_fits(K: int, N: int) -> bool:
+    """Whether a K x N float32 per-expert matrix fits in the share of a core's L2 where the own
+    loops keep it (each block of rows reads all of it; a larger one streams from L3 for every
+    block, where the libraries' blocked matmuls keep their blocks in cache)."""
+    return K * N * 4 <= L2_SHARE * (cache_bytes(2) or DEFAULT_L2)
+
+
+def _rule(allowed: list[list[str]], D: int, F: int, H: int) -> tuple[list[str], list[str]]:
     """The own loops where the per-expert matrix fits in half a core's L2, else the GEMM
     backend's library (oneDNN where it resolves to oneDNN and may run, else ATen)."""
     l2 = cache_bytes(2) or DEFAULT_L2
@@ -141,7 +148,7 @@ def _rule(module, allowed: list[list[str]], D: int, F: int, H: int) -> tuple[lis
         K, N = codes.expert_matrix(product, D, F, H)
         fallback = library if library in options else options[-1]
         if "own" in options:
-            fits = K * N * 4 <= L2_SHARE * l2
+            fits = own_fits(K, N)
             backends.append("own" if fits else fallback)
             reasons.append(f"{K}x{N} matrix {'fits' if fits else 'exceeds'} half of L2 ({l2 >> 10} KiB)")
         else:
@@ -161,6 +168,14 @@ def _cache_path():
     return extension.cache_root() / "plans.json"
 
 
+def _cached(key: str, allowed: list[list[str]]) -> "ExpertPlan | None":
+    """The plan stored under ``key``, where it is one this build may run."""
+    stored = _read_cache().get(key)
+    if not _valid(stored, allowed):
+        return None
+    return ExpertPlan(tuple(stored), tuple("tuned on this machine (cached)" for _ in stored), "cached")
+
+
 def _read_cache() -> dict[str, list[str]]:
     try:
         data = json.loads(_cache_path().read_text())
@@ -173,8 +188,9 @@ def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, K: int, activation: 
                 timer: Callable[[list[str]], float] | None = None, peek: bool = False) -> ExpertPlan:
     """The plan for expert MLPs of this shape class (see the module docstring). ``timer`` (for
     tests) replaces the timing of one run of a candidate: it takes the candidate's backends and
-    returns seconds. K: the slots per token of the routings (their rows per expert matter). ``peek``: never time anything; a shape class not tuned yet gets the rule's plan
-    (marked ``untuned``) and nothing is remembered."""
+    returns seconds. K: the slots per token of the routings (their rows per expert matter).
+    ``peek``: never time anything; a shape class not tuned yet gets the rule's plan (marked
+    ``untuned``) and nothing is remembered."""
     mode = plan_mode()
     memo_key = (dtype, D, F, E, K, activation, threads, mode, backend.get_backend(), backend.resolved_backend())
     if memo_key in _memo and timer is None:
@@ -182,7 +198,7 @@ def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, K: int, activation: 
     module = extension.load()
     H = 2 * F if activation == "swiglu" else F
     allowed, notes = _limits(module, dtype, D, F, H)
-    rule, rule_why = _rule(module, allowed, D, F, H)
+    rule, rule_why = _rule(allowed, D, F, H)
     if mode in ("onednn", "own"):
         backends = [mode if mode in opts else ("onednn" if "onednn" in opts else opts[-1]) for opts in allowed]
         plan = ExpertPlan(tuple(backends), tuple(f"forced by ${_ENV}={mode}" for _ in backends), "forced")
@@ -190,9 +206,9 @@ def expert_plan(dtype: torch.dtype, D: int, F: int, E: int, K: int, activation: 
         # nothing to choose between, or the rule asked for
         plan = ExpertPlan(tuple(rule), tuple(w or n for w, n in zip(rule_why, notes)), "rule")
     elif peek:
-        cached = _read_cache().get(_key(dtype, D, F, E, K, activation, threads))
-        if cached is not None and _valid(cached, allowed):
-            return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
+        cached = _cached(_key(dtype, D, F, E, K, activation, threads), allowed)
+        if cached is not None:
+            return cached
         return ExpertPlan(tuple(rule), tuple(f"{w}; not tuned yet" for w in rule_why), "untuned")
     else:
         plan = _tuned(dtype, D, F, E, K, activation, threads, allowed, rule, rule_why, timer)
@@ -219,9 +235,9 @@ def _candidates(allowed: list[list[str]], rule: list[str]) -> dict[str, list[str
 
 def _tuned(dtype, D, F, E, K, activation, threads, allowed, rule, rule_why, timer) -> ExpertPlan:
     key = _key(dtype, D, F, E, K, activation, threads)
-    cached = _read_cache().get(key)
-    if cached is not None and timer is None and _valid(cached, allowed):
-        return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
+    cached = None if timer is not None else _cached(key, allowed)
+    if cached is not None:
+        return cached
     if timer is None and (torch.compiler.is_compiling() or _in_dispatch_mode()):
         # no timing inside a trace or under a dispatch mode (it would see the trial runs)
         return ExpertPlan(tuple(rule), tuple(rule_why), "rule")
@@ -231,9 +247,9 @@ def _tuned(dtype, D, F, E, K, activation, threads, allowed, rule, rule_why, time
         if timer is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(file_lock(path.with_name(path.name + ".lock")))
-            cached = _read_cache().get(key)  # decided by another process meanwhile
-            if cached is not None and _valid(cached, allowed):
-                return ExpertPlan(tuple(cached), tuple("tuned on this machine (cached)" for _ in cached), "cached")
+            cached = _cached(key, allowed)  # decided by another process meanwhile
+            if cached is not None:
+                return cached
         run_once = timer or _timer(dtype, D, F, E, K, activation, threads)
         # the candidates take turns, round after round (the machine's speed drifts over seconds),
         # after one warm-up round

@@ -4,7 +4,6 @@ routing statistics, FLOPs accounting, NaN guard, checkpoints and bit-identical r
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -14,10 +13,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from sparseroute._testing import fault
 from sparseroute.data import TokenizedCorpus, get_batch
 from sparseroute.evaluation import evaluate
-from sparseroute.models import TransformerLM, flops_per_token
-from sparseroute.models.flops import parameter_counts
 from sparseroute.evaluation.diagnostics import (
     expert_specialisation,
     halting_curve,
@@ -25,8 +23,9 @@ from sparseroute.evaluation.diagnostics import (
     router_expert_coupling,
     routing_fluctuation,
 )
-from sparseroute._testing import fault
 from sparseroute.fileio import write_json_atomic
+from sparseroute.models import TransformerLM, flops_per_token
+from sparseroute.models.flops import parameter_counts
 from sparseroute.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,

@@ -48,10 +48,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_gemm_runs", &row_gemm_runs,
         "whether the kernel's own row products (backend 'own') run here for N columns (AVX-512F, N a multiple of 16)",
         py::arg("N"));
-  m.def("row_gemm_fits", &row_gemm_fits,
-        "whether a K x N float32 per-expert matrix fits in half a core's L2 (where the own loops keep it)", py::arg("K"),
-        py::arg("N"));
-  m.def("l2_cache_bytes", &l2_cache_bytes, "a core's L2 cache in bytes as the OS reports it (0: not reported)");
 
   // the buffer pool
   m.def("set_workspace_limits", [](int64_t slots, int64_t max_bytes) { workspace().set_limits(slots, max_bytes); },

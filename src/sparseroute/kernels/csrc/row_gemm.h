@@ -7,14 +7,13 @@
 // reads one row of B (4 vectors) and broadcasts one value of each of the tile's rows. The tile's
 // rows (kRows x K values) stay in L1 and B's 64 columns (K x 64) in L2. Each output is summed
 // over k in order, one fused multiply-add per term, so a result does not depend on n, on the
-// block a row falls in, or on the thread. Where the per-expert matrix fits in L2 (row_gemm_fits),
-// this keeps up with oneDNN's matmul on the same rows, and it needs no gathered copy of them.
+// block a row falls in, or on the thread. Where the per-expert matrix fits in L2 (the rule of
+// sparseroute.kernels.plan), this keeps up with the libraries' matmuls on the same rows, and it
+// needs no gathered copy of them.
 //
 // These loops are a capability, not a decision: the caller says which products run on them
 // (sparseroute.kernels.codes, the kernel's backends list); row_gemm_runs says where they can.
 #pragma once
-
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -241,30 +240,6 @@ inline void transpose_rows(int64_t R, int64_t C, const float* src, int64_t lds, 
 #else
   (void)R, (void)C, (void)src, (void)lds, (void)dst, (void)ldd;
 #endif
-}
-
-// The L2 cache of a core as the OS reports it, in bytes (asked once); 0 where it does not say.
-inline int64_t l2_cache_bytes() {
-  static const int64_t bytes = [] {
-    int64_t l2 = 0;
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return l2 > 0 ? l2 : int64_t{0};
-  }();
-  return bytes;
-}
-
-// Whether a product whose per-expert matrix (B, or C for the sums over rows) is K x N floats
-// suits these loops: they keep that matrix in L2 (each block of rows reads all of it), so it
-// must fit in half a core's L2 (512 KiB where the OS does not say). The fine-grained experts'
-// matrices do; larger ones (F 1024 at D 512: 4 MiB) would stream from L3 for every block of
-// rows, where oneDNN's blocked matmul keeps its blocks in cache and runs faster. A helper for
-// the caller's choice of backends; the kernel itself does not consult it.
-inline bool row_gemm_fits(int64_t K, int64_t N) {
-  const int64_t l2 = l2_cache_bytes();
-  const int64_t budget = l2 > 0 ? l2 / 2 : int64_t{512} << 10;
-  return K * N * static_cast<int64_t>(sizeof(float)) <= budget;
 }
 
 // C = rows @ B as above; only where row_gemm_runs(N).
