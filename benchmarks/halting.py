@@ -22,9 +22,10 @@ from sparseroute.data import DataConfig, prepare
 from sparseroute.evaluation.diagnostics import halting_curve, halting_taus, routing_profile
 from sparseroute.models import TransformerLM, preset
 from sparseroute.moe import MoEConfig
-from sparseroute.train.checkpoint import latest_checkpoint, load_checkpoint
+from sparseroute.train.checkpoint import find_checkpoint, load_checkpoint
 from sparseroute.train.config import RunConfig, TrainConfig, parse_count
-from sparseroute.train.loop import resolve_vocab, train
+from sparseroute.train.corpus import prepare_run
+from sparseroute.train.loop import train
 
 QUANTILES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
 TARGET_SAVED, TARGET_PPL = 0.25, 0.5
@@ -32,11 +33,11 @@ TARGET_SAVED, TARGET_PPL = 0.25, 0.5
 
 def load_run(run: Path) -> tuple[TransformerLM, RunConfig]:
     cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
-    ckpt = latest_checkpoint(run)
+    ckpt = find_checkpoint(run)
     if ckpt is None:
         raise SystemExit(f"halting: {run} has no checkpoint")
     model = TransformerLM(cfg.model)
-    model.load_state_dict(load_checkpoint(ckpt)[0], strict=True)
+    model.load_state_dict(load_checkpoint(ckpt.path)[0], strict=True)
     return model, cfg
 
 
@@ -63,8 +64,7 @@ def main(argv=None) -> int:
                         data=DataConfig(),
                         train=TrainConfig(tokens=parse_count(args.tokens), batch_size=8, seq_len=256,
                                           eval_tokens=eval_tokens, seed=args.seed, log_every=20, checkpoint_every=0))
-        corpus = prepare(cfg.data)
-        cfg = resolve_vocab(cfg, corpus)
+        cfg, corpus = prepare_run(cfg, progress=False)
         train(cfg, out, progress=sys.stderr.isatty(), corpus=corpus)
         run = out
     else:

@@ -203,3 +203,13 @@ def test_retained_memory_spares_the_dense_layer_page_faults():
     assert runs["retain"][0] and not runs["system"][0]
     assert runs["system"][1] >= 16_384  # at least one 32 MiB tensor's 4 KiB pages a step
     assert runs["retain"][1] < runs["system"][1] / 10
+
+
+def test_halting_json(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEROUTE_CACHE", str(tmp_path))
+    bench = _load("halting")
+    assert bench.main(["--tokens", "2048", "--eval-tokens", "1k", "--repeats", "1", "--quantiles", "0.3,0.5"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["benchmark"] == "halting" and out["hops"] == 2
+    assert [row["tau"] for row in out["curve"]] == sorted(row["tau"] for row in out["curve"])
+    assert out["curve"][0]["tau"] == 0.0 and out["curve"][0]["hops_per_token"] == 2.0

@@ -20,6 +20,14 @@ def _moe_layers(text: str):
         raise ValueError(f"--moe-layers takes all, every_other or a list like 0,2,3; got {text!r}") from None
 
 
+def _step(text: str) -> int:
+    """A checkpoint's step: ``120`` or ``step-000120``."""
+    digits = text[5:] if text.startswith("step-") else text
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a step number like 120 (or step-000120); got {text!r}")
+    return int(digits)
+
+
 def _count(text: str) -> str:
     return text  # a count (300k, 2M): parsed in train_settings, so that an error names the flag
 
@@ -159,14 +167,21 @@ def _add_train(sub) -> None:
     groups["model"].add_argument("--dense", action="store_true", default=None, help="force a dense model [model.moe=false]")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics.jsonl, final.json)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; "
+                   "flags given with it must agree with the stored run (those left out take the stored values)")
+    r.add_argument("--from", dest="resume_from", type=_step, default=None, metavar="STEP",
+                   help="with --resume: continue from this step's checkpoint (when the newest one is damaged); the "
+                   "checkpoints after it are replaced")
     r.add_argument("--quiet", action="store_true", help="no progress bar; print only the final JSON")
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="validation and test perplexity of a run's latest checkpoint",
-                       description="Print validation and test perplexity of the latest checkpoint in RUN.")
+    p = sub.add_parser("eval", help="validation and test perplexity of a run's newest checkpoint",
+                       description="Print validation and test perplexity of the newest (or --from STEP's) "
+                       "checkpoint in RUN.")
     p.add_argument("run", help="run directory written by `sparseroute train --out`")
+    p.add_argument("--from", dest="step", type=_step, default=None, metavar="STEP",
+                   help="evaluate this step's checkpoint instead of the newest")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
 
 
@@ -233,17 +248,45 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from sparseroute.fileio import check_folder_path
     from sparseroute.kernels import ensure_built
     from sparseroute.train import prepare_run, train
+    from sparseroute.train.loop import check_device
 
-    ensure_built(progress=not args.quiet)
-    if args.resume and not _config_given(args):
-        final = train(None, args.out, resume=True, progress=not args.quiet)
+    if args.resume_from is not None and not args.resume:
+        raise ValueError("--from STEP needs --resume")
+    if args.resume:
+        if _config_given(args):  # the flags must agree with the stored run; nothing else is read
+            _check_resume_flags(args)
+        ensure_built(progress=not args.quiet)
+        final = train(None, args.out, resume=True, resume_from=args.resume_from, progress=not args.quiet)
     else:
-        cfg, corpus = prepare_run(build_run_config(args), progress=not args.quiet)
-        final = train(cfg, args.out, resume=args.resume, progress=not args.quiet, corpus=corpus)
+        cfg = build_run_config(args)
+        check_folder_path(args.out, "--out")
+        check_device(cfg.train.device)  # the cheap checks before the corpus is prepared
+        ensure_built(progress=not args.quiet)
+        cfg, corpus = prepare_run(cfg, progress=not args.quiet)
+        final = train(cfg, args.out, progress=not args.quiet, corpus=corpus)
     _print_final(final, args.quiet)
     return 0
+
+
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    """``train --resume`` with settings: they must agree with the run stored in ``--out`` (the
+    comparison lists only the fields they set, so the command that started a run works again with
+    --resume, whatever the tokenizer made of the vocabulary)."""
+    from pathlib import Path
+
+    from sparseroute.train.config import settings_conflicts
+    from sparseroute.train.loop import read_run_config
+
+    cfg_path = Path(args.out) / "config.json"
+    if not cfg_path.exists():
+        return  # train() says that the folder holds no run
+    conflicts = settings_conflicts(read_run_config(cfg_path), train_settings(args))
+    if conflicts:
+        raise ValueError(f"--resume: the options differ from the run stored in {args.out} ({conflicts}); drop them "
+                         "or start another run with another --out")
 
 
 def _print_final(final: dict, quiet: bool) -> None:
@@ -259,7 +302,7 @@ def cmd_eval(args) -> int:
     from sparseroute.train.loop import evaluate_run
 
     ensure_built(progress=False)
-    res = evaluate_run(args.run)
+    res = evaluate_run(args.run, step=args.step)
     if args.json:
         print(json.dumps(res))
     else:
@@ -279,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"{PROG}: stopped: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, PermissionError, KernelBuildError) as e:
+    except (ValueError, OSError, KernelBuildError) as e:  # OSError: a path that cannot be used, a full disk
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ import filelock
 
 __all__ = [
     "sha256_file",
+    "check_folder_path",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -35,6 +36,19 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
         for chunk in iter(lambda: f.read(block), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_folder_path(path: str | Path, what: str = "folder") -> None:
+    """Raise ValueError (one line) when ``path`` cannot be a folder: it is an existing file, or a
+    path under one. Nothing is created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {path} cannot be created: {parent} is a file, not a folder")
+            break
 
 
 @contextlib.contextmanager

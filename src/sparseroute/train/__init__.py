@@ -1,13 +1,21 @@
 """Training: configuration, the loop, checkpoints."""
 
-from sparseroute.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from sparseroute.train.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from sparseroute.train.config import RunConfig, TrainConfig, apply_setting, load_settings, parse_count, resolve_run
 from sparseroute.train.corpus import prepare_run
-from sparseroute.train.loop import RunDirError, TrainingDiverged, evaluate_run, train
+from sparseroute.train.loop import RunBusy, RunDirError, TrainingDiverged, evaluate_run, train
 
 __all__ = [
     "CheckpointError",
     "RunConfig",
+    "RunBusy",
     "RunDirError",
     "TrainConfig",
     "TrainingDiverged",
@@ -16,7 +24,9 @@ __all__ = [
     "prepare_run",
     "resolve_run",
     "evaluate_run",
+    "find_checkpoint",
     "latest_checkpoint",
+    "list_checkpoints",
     "load_checkpoint",
     "parse_count",
     "save_checkpoint",

@@ -1,21 +1,33 @@
-"""Checkpoints: safetensors for tensors, JSON for the rest, written to a temporary name and renamed.
+"""Checkpoints: safetensors for tensors, JSON for the rest, each checkpoint verifiable on its own.
 
 Layout of a run directory::
 
     config.json                  the resolved RunConfig
-    checkpoints/step-000123/     model.safetensors, optim.safetensors, state.json
-    checkpoints/latest.json      {"step": 123, "dir": "step-000123"} (replaced atomically)
+    .lock                        held (an OS lock) by the process training the run
+    checkpoints/step-000123/     model.safetensors, optim.safetensors, state.json, manifest.json
+    checkpoints/latest.json      {"step": 123, "dir": "step-000123"}: a pointer for people and scripts
 
-``state.json`` holds the step, the optimizer's param groups, RNG states (as tensors in
-optim.safetensors), the metrics-log offset and the sha256 of both tensor files; loading checks
-them and raises :class:`CheckpointError` (never overwriting anything) when they do not match.
+``state.json`` holds the step, the optimizer's param groups, the metrics-log offset and the
+training loop's state; RNG states and optimizer tensors are in optim.safetensors.
+``manifest.json`` lists the sha256 of every other file of the checkpoint and the step, and carries
+a checksum of its own content, so that a checkpoint is complete and intact exactly when its
+manifest verifies; a damaged or edited file is named in a :class:`CheckpointError`, and loading
+never writes anything.
+
+A checkpoint is written into ``checkpoints/.tmp-step-N-PID``, renamed to ``step-N`` when every
+file (the manifest last) is on disk, and only then published in ``latest.json``. sparseroute
+finds checkpoints by listing the ``step-*`` folders, not through ``latest.json``: a missing or
+damaged pointer loses nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +37,34 @@ from safetensors.torch import load_file, save_file
 from sparseroute._testing import fault
 from sparseroute.fileio import sha256_file, write_json_atomic
 
-FORMAT = 1
+__all__ = [
+    "CheckpointError",
+    "Checkpoint",
+    "save_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "verify_checkpoint",
+    "find_checkpoint",
+    "load_checkpoint",
+    "remove_temporary",
+    "restore_rng",
+]
+
+FORMAT = 2
 KEEP = 2
+MANIFEST = "manifest.json"
+_FILES = ("model.safetensors", "optim.safetensors", "state.json")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not belong to this run."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
 
 
 def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -61,6 +95,11 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dic
     return {"state": state, "param_groups": groups}
 
 
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "self_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -69,7 +108,8 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = KEEP,
 ) -> Path:
-    """Write checkpoint ``step`` (model, optimizer, RNG, ``state``) and point latest.json at it."""
+    """Write checkpoint ``step`` (model, optimizer, RNG, ``state``), publish it, and remove the
+    checkpoints older than the ``keep`` newest."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
@@ -85,50 +125,78 @@ def save_checkpoint(
             optim_t[f"rng.cuda.{i}"] = s
     save_file(model_t, str(tmp / "model.safetensors"))
     save_file(optim_t, str(tmp / "optim.safetensors"))
-    meta = {
-        "format": FORMAT,
-        "step": step,
-        "optimizer": optim_meta,
-        "state": state,
-        "sha256": {f: sha256_file(tmp / f) for f in ("model.safetensors", "optim.safetensors")},
-    }
-    write_json_atomic(tmp / "state.json", meta)
+    write_json_atomic(tmp / "state.json", {"format": FORMAT, "step": step, "optimizer": optim_meta, "state": state})
+    manifest: dict[str, Any] = {"format": FORMAT, "step": step, "sha256": {f: sha256_file(tmp / f) for f in _FILES}}
+    manifest["self_sha256"] = _manifest_digest(manifest)
+    write_json_atomic(tmp / MANIFEST, manifest)
     fault("checkpoint_written", step)
     final = ckpt_root / name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_json_atomic(ckpt_root / "latest.json", {"step": step, "dir": name})
-    older = sorted(p for p in ckpt_root.glob("step-*") if p.name != name)
-    for p in older[: max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+    older = [c for c in list_checkpoints(run_dir) if c.step < step]
+    for c in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(c.path, ignore_errors=True)
     return final
 
 
+def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """The run's checkpoint folders (``checkpoints/step-N``), oldest first, whether or not they
+    verify; temporary folders of unfinished writes are not checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append(Checkpoint(int(m.group(1)), p))
+    return sorted(found, key=lambda c: c.step)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The directory latest.json points at, or None when the run has no checkpoint yet."""
-    latest = Path(run_dir) / "checkpoints" / "latest.json"
-    if not latest.exists():
-        return None
-    try:
-        info = json.loads(latest.read_text())
-        return latest.parent / info["dir"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{latest} is unreadable ({e}); the run cannot be resumed from it") from None
+    """The newest checkpoint folder of the run (not verified), or None when it has none."""
+    found = list_checkpoints(run_dir)
+    return found[-1].path if found else None
 
 
-def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor], dict]:
-    """Read and verify a checkpoint: (model tensors, optimizer state_dict, RNG tensors, meta)."""
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Check that every file of a checkpoint is present and unchanged; returns its state.json.
+    A problem raises :class:`CheckpointError` naming the checkpoint and the file."""
     ckpt = Path(ckpt)
-    state_path = ckpt / "state.json"
-    try:
-        meta = json.loads(state_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete: state.json is missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json is not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {ckpt} has format {meta.get('format')!r}; this version reads {FORMAT}")
+    manifest_path = ckpt / MANIFEST
+    if not manifest_path.exists() and (ckpt / "state.json").exists():
+        return _verify_format_1(ckpt)
+    manifest = _read_json(ckpt, MANIFEST, "incomplete: manifest.json is missing (its write did not finish)")
+    if not isinstance(manifest, dict) or manifest.get("self_sha256") != _manifest_digest(manifest):
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: manifest.json does not match its own checksum (modified)")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {ckpt} has format {manifest.get('format')!r}; this version reads {FORMAT}")
+    digests = manifest.get("sha256", {})
+    for fname in _FILES:
+        path = ckpt / fname
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
+        if sha256_file(path) != digests.get(fname):
+            raise CheckpointError(
+                f"checkpoint {ckpt} is corrupt: {fname} does not match its recorded sha256 (truncated or modified)"
+            )
+    meta = _read_json(ckpt, "state.json", "incomplete: state.json is missing")
+    m = _STEP_DIR.match(ckpt.name)
+    if meta.get("step") != manifest.get("step") or (m is not None and int(m.group(1)) != manifest.get("step")):
+        raise CheckpointError(
+            f"checkpoint {ckpt} is corrupt: its folder, manifest.json and state.json disagree on the step"
+        )
+    return meta
+
+
+def _verify_format_1(ckpt: Path) -> dict[str, Any]:
+    """Checkpoints written before the manifest: state.json lists the tensor files' sha256 (and is
+    not itself covered)."""
+    meta = _read_json(ckpt, "state.json", "incomplete: state.json is missing")
+    if meta.get("format") != 1:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: manifest.json is missing")
     for fname, digest in meta.get("sha256", {}).items():
         path = ckpt / fname
         if not path.exists():
@@ -137,6 +205,57 @@ def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str
             raise CheckpointError(
                 f"checkpoint {ckpt} is corrupt: {fname} does not match its recorded sha256 (truncated or modified)"
             )
+    return meta
+
+
+def _read_json(ckpt: Path, fname: str, missing: str) -> Any:
+    try:
+        return json.loads((ckpt / fname).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt} is {missing}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: {fname} is not valid JSON ({e})") from None
+
+
+def find_checkpoint(run_dir: Path, step: int | None = None) -> Checkpoint | None:
+    """The checkpoint to resume or evaluate: ``step``'s, or the newest. Returns None when the run
+    has no checkpoint folder at all; raises :class:`CheckpointError` when the chosen one does not
+    verify, naming the file at fault and the newest earlier checkpoint that does (to be chosen
+    explicitly: nothing falls back on its own)."""
+    found = list_checkpoints(run_dir)
+    if step is not None:
+        chosen = [c for c in found if c.step == step]
+        if not chosen:
+            have = ", ".join(str(c.step) for c in found) or "none"
+            raise CheckpointError(f"{run_dir} has no checkpoint of step {step} (checkpoints: {have})")
+    elif not found:
+        return None
+    target = chosen[0] if step is not None else found[-1]
+    try:
+        verify_checkpoint(target.path)
+    except CheckpointError as e:
+        earlier = None
+        for c in reversed([c for c in found if c.step < target.step]):
+            try:
+                verify_checkpoint(c.path)
+            except CheckpointError:
+                continue
+            earlier = c
+            break
+        if earlier is None:
+            listed = ", ".join(c.path.name for c in found)
+            raise CheckpointError(f"{e}; no earlier checkpoint is intact either ({listed}); nothing was changed") from None
+        raise CheckpointError(
+            f"{e}; nothing was changed. The newest intact checkpoint is step {earlier.step}; choose it with "
+            f"--from {earlier.step}"
+        ) from None
+    return target
+
+
+def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor], dict]:
+    """Read and verify a checkpoint: (model tensors, optimizer state_dict, RNG tensors, state.json)."""
+    ckpt = Path(ckpt)
+    meta = verify_checkpoint(ckpt)
     # clone: safetensors hands out tensors at arbitrary byte offsets, and vectorised CPU kernels
     # can round differently on unaligned memory, which would break bit-identical resume
     model_t = {k: v.clone() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
@@ -144,6 +263,18 @@ def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str
     rng = {k: v for k, v in optim_t.items() if k.startswith("rng.")}
     optim_sd = _optimizer_from_tensors({k: v for k, v in optim_t.items() if not k.startswith("rng.")}, meta["optimizer"])
     return model_t, optim_sd, rng, meta
+
+
+def remove_temporary(run_dir: Path) -> list[Path]:
+    """Remove the temporary folders of checkpoint writes that never finished (``.tmp-step-N-PID``);
+    called by the process holding the run's lock, so no live writer owns them. Returns them."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    gone = [p for p in root.iterdir() if p.name.startswith(".tmp-step-") and p.is_dir()]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sparseroute.data import DataConfig
 from sparseroute.models import LMConfig, preset, sized
@@ -76,6 +76,12 @@ class TrainConfig:
     halting_quantiles: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("lr", "min_lr_ratio", "warmup_fraction", "weight_decay", "beta1", "beta2", "grad_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number; got {v!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
         for name, ok, allowed in (("halting_quantiles", lambda v: 0 < v < 1, "in (0, 1)"),
                                   ("halting_taus", lambda v: 0 <= v < math.inf, ">= 0")):
             given = getattr(self, name)
@@ -152,11 +158,15 @@ class RunConfig:
         unknown = set(d) - {"model", "data", "train"}
         if unknown:
             raise ValueError(f"unknown run config section(s): {', '.join(sorted(unknown))}")
-        return cls(
-            model=LMConfig.from_dict(d["model"]),
-            data=_build(DataConfig, d.get("data", {})),
-            train=_build(TrainConfig, d.get("train", {})),
-        )
+        builders = (("model", LMConfig.from_dict), ("data", lambda x: _build(DataConfig, x)),
+                    ("train", lambda x: _build(TrainConfig, x)))
+        parts = {}
+        for section, build in builders:
+            try:
+                parts[section] = build(d["model"] if section == "model" else d.get(section, {}))
+            except (ValueError, TypeError) as e:  # a field of the wrong type: name the section
+                raise ValueError(f"{section}: {e}") from None
+        return cls(**parts)
 
 
 def _build(cls, d: dict[str, Any]):
@@ -196,6 +206,8 @@ def apply_setting(settings: dict[str, Any], setting: str) -> None:
         raise ValueError(
             f"--set takes SECTION.FIELD=VALUE, e.g. train.tokens=300k or model.moe.top_k=1; got {setting!r}"
         )
+    if not raw.strip():
+        raise ValueError(f"--set {key.strip()}= has no value; write {key.strip()}=VALUE ('\"\"' for an empty text)")
     set_path(settings, parts, parse_value(raw), what=f"--set {key.strip()}")
 
 
@@ -288,3 +300,50 @@ def resolve_run(settings: dict[str, Any]) -> RunConfig:
     if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > model.get("max_seq_len", 0):
         model["max_seq_len"] = seq_len
     return RunConfig.from_dict({"model": model, "data": data, "train": train})
+
+
+def config_diff(given: dict, stored: dict, prefix: str = "", only: Callable[[str], bool] | None = None) -> str:
+    """``field: X stored, Y given`` for every leaf where two config dicts differ (``only``: which
+    dotted paths to report)."""
+    parts = []
+    for k in sorted(set(given) | set(stored)):
+        va, vb = given.get(k), stored.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            sub = config_diff(va, vb, f"{prefix}{k}.", only)
+            if sub:
+                parts.append(sub)
+        elif va != vb and (only is None or only(f"{prefix}{k}")):
+            parts.append(f"{prefix}{k}: {vb!r} stored, {va!r} given")
+    return "; ".join(parts)
+
+
+def _leaf_paths(settings: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in settings.items():
+        if isinstance(v, dict) and v:
+            out += _leaf_paths(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+#: model fields a preset or depth does not decide: fitted to the tokenizer, raised by seq_len, or
+#: the MoE settings (given by their own keys)
+_NOT_FROM_BASE = ("vocab_size", "max_seq_len", "moe")
+
+
+def settings_conflicts(stored: RunConfig, settings: dict[str, Any]) -> str:
+    """How ``settings`` (what a command gave) disagree with a stored run, listing only the fields
+    they set (a field they leave out takes the stored value, not a default); empty when they
+    agree. ``model.preset`` / ``model.depth`` stand for the model fields they decide. Raises
+    ValueError when the settings do not resolve."""
+    given = resolve_run(settings)
+    paths = _leaf_paths(settings)
+    for base in ("model.preset", "model.depth"):
+        if base in paths:
+            paths += [f"model.{f.name}" for f in fields(LMConfig) if f.name not in _NOT_FROM_BASE]
+
+    def touched(path: str) -> bool:
+        return any(path == p or path.startswith(p + ".") or p.startswith(path + ".") for p in paths)
+
+    return config_diff(given.to_dict(), stored.to_dict(), only=touched)

@@ -4,6 +4,7 @@ routing statistics, FLOPs accounting, NaN guard, checkpoints and bit-identical r
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -23,26 +24,33 @@ from sparseroute.evaluation.diagnostics import (
     router_expert_coupling,
     routing_fluctuation,
 )
-from sparseroute.fileio import write_json_atomic
+from sparseroute.fileio import LockBusy, check_folder_path, file_lock, write_json_atomic
 from sparseroute.models import TransformerLM, flops_per_token
 from sparseroute.models.flops import parameter_counts
 from sparseroute.train.checkpoint import (
     CheckpointError,
+    find_checkpoint,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    remove_temporary,
     restore_rng,
     save_checkpoint,
 )
-from sparseroute.train.config import RunConfig
+from sparseroute.train.config import RunConfig, config_diff
 from sparseroute.train.corpus import corpus_for, prepare_run
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient: training stopped, the last good checkpoint is kept."""
+    """A non-finite loss or gradient: training stopped; the checkpoints written so far are kept."""
 
 
 class RunDirError(ValueError):
     """The output directory does not fit the request (exists, or holds another run)."""
+
+
+class RunBusy(RunDirError):
+    """Another live process is training the run in this folder."""
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
@@ -132,46 +140,66 @@ def _restore_schedule(scheduler, meta: dict, tc) -> None:
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
-def _check_finite(step: int, name: str, value: torch.Tensor) -> None:
+def _check_finite(step: int, name: str, value: torch.Tensor, saved: int | None) -> None:
     if not torch.isfinite(value).all():
-        raise TrainingDiverged(
-            f"step {step}: {name} is {float(value.detach())}; training stopped, the last good checkpoint is kept"
-        )
+        kept = ("the last good checkpoint (step {}) is kept".format(saved) if saved is not None
+                else "no checkpoint had been written yet")
+        raise TrainingDiverged(f"step {step}: {name} is {float(value.detach())}; training stopped, {kept}")
 
 
-def _resolve_run(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
+def read_run_config(cfg_path: Path) -> RunConfig:
+    """A run folder's config.json; a damaged one raises :class:`RunDirError` naming it."""
+    try:
+        return RunConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise RunDirError(f"{cfg_path} is unreadable ({e})") from None
+
+
+def _planned_run(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
+    """The run to train in ``out``: the stored one (``resume``; ``cfg``, when given, must resolve to
+    it) or ``cfg`` (a folder that holds no run yet). Reads only; nothing is written."""
     cfg_path = out / "config.json"
     if resume:
         if not cfg_path.exists():
             raise RunDirError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        try:
-            stored = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise RunDirError(f"{cfg_path} is unreadable ({e})") from None
+        stored = read_run_config(cfg_path)
         if cfg is not None and cfg.to_dict() != stored.to_dict():
-            diff = _diff(cfg.to_dict(), stored.to_dict())
+            diff = config_diff(cfg.to_dict(), stored.to_dict())
             raise RunDirError(f"--resume: the options differ from the run stored in {out} ({diff}); drop them")
         return stored
     if cfg is None:
         raise ValueError("a RunConfig is needed to start a run")
     if cfg_path.exists() or (out / "checkpoints").exists():
         raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cfg_path, cfg.to_dict())
     return cfg
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> str:
-    parts = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            sub = _diff(va, vb, f"{prefix}{k}.")
-            if sub:
-                parts.append(sub)
-        elif va != vb:
-            parts.append(f"{prefix}{k}: {vb!r} stored, {va!r} given")
-    return "; ".join(parts)
+def check_device(name: str) -> torch.device:
+    """The training device, when this machine has it."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_splits(corpus: TokenizedCorpus, tc) -> None:
+    """Every split holds what the run reads from it: the training split at least one window of
+    ``seq_len + 1`` tokens, validation and test at least one evaluation window within
+    ``eval_tokens`` (checked before anything is written or trained)."""
+    need = tc.seq_len + 1
+    for name, tokens, cap in (("training", corpus.train, None), ("validation", corpus.val, tc.eval_tokens),
+                              ("test", corpus.test, tc.eval_tokens)):
+        have = len(tokens) if cap is None else min(len(tokens), cap)
+        if have < need and have < len(tokens):  # the evaluation budget is what is short
+            raise ValueError(f"train.eval_tokens={cap} is less than one evaluation window of seq_len+1 = {need} "
+                             f"tokens; raise eval_tokens or shorten seq_len")
+        if have < need:
+            raise ValueError(
+                f"the {name} split has {have} tokens, fewer than one window of seq_len+1 = {need}; use a larger "
+                "corpus (data.max_bytes, data.val_fraction / test_fraction) or a shorter seq_len"
+            )
 
 
 def train(
@@ -179,17 +207,26 @@ def train(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    resume_from: int | None = None,
     progress: bool = True,
     corpus: TokenizedCorpus | None = None,
     on_log: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) the run in ``out_dir``; returns the final metrics (also in final.json)."""
+    """Train (or resume) the run in ``out_dir``; returns the final metrics (also in final.json).
+
+    Everything is checked before anything is written into ``out_dir`` (the folder, the device,
+    the corpus and its splits, the vocabulary). While it trains, the process holds a lock on the
+    folder (another process refuses with :class:`RunBusy`). ``resume`` continues from the newest
+    checkpoint, or from step ``resume_from``'s (the checkpoints after it are then removed: the
+    resumed run writes them again); a checkpoint that does not verify stops it with a
+    :class:`CheckpointError` naming the file, and nothing is changed."""
     out = Path(out_dir)
-    cfg = _resolve_run(out, cfg, resume)
+    check_folder_path(out, "the run folder")
+    if resume_from is not None and not resume:
+        raise ValueError("resume_from needs resume=True (--from needs --resume)")
+    cfg = _planned_run(out, cfg, resume)
     tc = cfg.train
-    device = torch.device(tc.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available; use --device cpu")
+    device = check_device(tc.device)
     if corpus is None:
         fitted, corpus = prepare_run(cfg, progress=progress)
         if fitted != cfg:  # a stored run whose corpus no longer gives the vocabulary it trained with
@@ -201,31 +238,55 @@ def train(
             f"model vocab_size={cfg.model.vocab_size} but the {cfg.data.tokenizer} tokenizer has {corpus.vocab_size}; "
             "fit the run to its corpus first (sparseroute.train.prepare_run)"
         )
+    check_splits(corpus, tc)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = file_lock(out / ".lock", timeout=0)
+    except LockBusy:
+        raise RunBusy(f"{out} is being trained by another process; wait for it to finish or stop it") from None
+    with lock:
+        return _train_locked(cfg, out, resume, resume_from, corpus, device, progress, on_log)
+
+
+def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | None, corpus: TokenizedCorpus,
+                  device: torch.device, progress: bool, on_log: Callable[[dict], None] | None) -> dict[str, Any]:
+    tc = cfg.train
+    cfg_path = out / "config.json"
+    if not resume:
+        if cfg_path.exists():  # another process started a run here since the check
+            raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        write_json_atomic(cfg_path, cfg.to_dict())
+    remove_temporary(out)  # unfinished checkpoint writes of killed processes (none is alive: the lock)
+    ckpt = find_checkpoint(out, resume_from) if resume else None
+    if resume and ckpt is None and (out / "final.json").exists():
+        raise RunDirError(f"{out} holds a finished run (final.json) but no checkpoint; nothing to resume")
 
     torch.manual_seed(tc.seed)
     model = TransformerLM(cfg.model).to(device)
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
     acc = _Accum()
-    start, elapsed_before = 0, 0.0
+    start, elapsed_before, saved = 0, 0.0, None
     metrics_path = out / "metrics.jsonl"
-    ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
-        model_t, optim_sd, rng, meta = load_checkpoint(ckpt)
+        model_t, optim_sd, rng, meta = load_checkpoint(ckpt.path)
         try:
             model.load_state_dict(model_t, strict=True)
             optimizer.load_state_dict(optim_sd)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {ckpt} does not fit this run's model: {e}") from None
+            raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run's model: {e}") from None
         _restore_schedule(scheduler, meta, tc)
         restore_rng(rng)
-        start = int(meta["step"])
+        start = saved = int(meta["step"])
         st = meta["state"]
         acc = _Accum(**st["accum"])
         elapsed_before = float(st.get("elapsed_s", 0.0))
         offset = int(st["metrics_offset"])
+        for later in list_checkpoints(out):  # only with resume_from: the continuation it replaces
+            if later.step > ckpt.step:
+                shutil.rmtree(later.path)
     else:
-        offset = 0
+        offset = 0  # a fresh run, or one killed before its first checkpoint: its log starts over
     # the metrics log continues exactly where the checkpoint left it (nothing counted twice)
     with open(metrics_path, "a+b") as f:
         f.truncate(offset)
@@ -261,15 +322,15 @@ def train(
         x, y = x.to(device), y.to(device)
         out_ = model(x)
         ce = F.cross_entropy(out_.logits.reshape(-1, out_.logits.shape[-1]).float(), y.reshape(-1))
-        _check_finite(step, "the loss (cross-entropy)", ce)
+        _check_finite(step, "the loss (cross-entropy)", ce, saved)
         for name, value in out_.aux_losses.items():
-            _check_finite(step, f"the auxiliary loss {name!r}", value)
+            _check_finite(step, f"the auxiliary loss {name!r}", value, saved)
         aux = out_.aux_loss()
         loss = ce + aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = clip_grad_norm(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        _check_finite(step, "the gradient norm", gnorm)
+        _check_finite(step, "the gradient norm", gnorm, saved)
         optimizer.step()
         scheduler.step()
         model.after_optimizer_step()
@@ -291,6 +352,7 @@ def train(
             log(rec)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != steps:
             save_checkpoint(out, done, model, optimizer, state_now(done))
+            saved = done
     if bar is not None:
         bar.close()
 
@@ -317,9 +379,13 @@ def _diagnostics(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, 
         "expert_specialisation": expert_specialisation(model, corpus.val, top=5, **kw),
     }
     if out is not None:
-        earlier = sorted(p for p in (out / "checkpoints").glob("step-*") if int(p.name.split("-")[1]) < tc.steps)
-        if earlier:
-            model_t, _, _, meta = load_checkpoint(earlier[-1])
+        earlier = [c for c in list_checkpoints(out) if c.step < tc.steps]
+        try:
+            model_t, _, _, meta = load_checkpoint(earlier[-1].path) if earlier else (None, None, None, None)
+        except CheckpointError as e:  # a diagnostic is not worth losing the run's end for
+            print(f"routing fluctuation skipped: {e}", file=sys.stderr)
+            model_t = None
+        if model_t is not None:
             before = TransformerLM(cfg.model).to(next(model.parameters()).device)
             before.load_state_dict(model_t, strict=True)
             res["routing_fluctuation"] = {
@@ -364,17 +430,17 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
     }
 
 
-def evaluate_run(out_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
-    """Validation and test perplexity of the latest checkpoint of a run."""
+def evaluate_run(out_dir: str | Path, *, step: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Validation and test perplexity of the newest checkpoint of a run (or of ``step``'s)."""
     out = Path(out_dir)
     cfg_path = out / "config.json"
     if not cfg_path.exists():
         raise RunDirError(f"{out} holds no run (no config.json)")
-    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-    ckpt = latest_checkpoint(out)
+    cfg = read_run_config(cfg_path)
+    ckpt = find_checkpoint(out, step)
     if ckpt is None:
         raise RunDirError(f"{out} has no checkpoint yet")
-    model_t, _, _, meta = load_checkpoint(ckpt)
+    model_t, _, _, meta = load_checkpoint(ckpt.path)
     device = torch.device(cfg.train.device if torch.cuda.is_available() else "cpu")
     model = TransformerLM(cfg.model)
     model.load_state_dict(model_t, strict=True)
