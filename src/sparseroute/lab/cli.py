@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_STORE = "runs/lab.sqlite"
+PROG = "sparseroute"
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -52,8 +53,8 @@ def add_lab_commands(sub) -> None:
     p.add_argument("--margin", type=float, default=None, help="TOST equivalence margin in PPL (default: the spec's, 1.0)")
     p.add_argument("--relative-margin", action="store_true", default=None,
                    help="read --margin as a fraction of the reference variant's mean test PPL (e.g. 0.02)")
-    p.add_argument("--new", action="store_true", help="start a new sweep even if an unfinished one with the same spec "
-                   "exists (default: resume it)")
+    p.add_argument("--new", action="store_true", help="start a new sweep even if one with the same runs exists "
+                   "(default: resume it, or extend it with the variants and seeds the spec adds)")
     p.add_argument("--retry-failed", action="store_true", help="train the runs that diverged again")
     p.add_argument("--dry-run", action="store_true", help="validate the spec and print the planned runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -97,21 +98,27 @@ def cmd_compare(args) -> int:
 
     if args.preset is None and args.spec is None:
         raise ValueError("compare needs --preset NAME or --spec FILE.toml (try --preset quick)")
+    if args.jobs < 1:  # before anything is created
+        raise ValueError(f"--jobs must be 1 or more (runs trained at the same time); got {args.jobs}")
     spec = sweep_preset(args.preset) if args.preset else load_spec(args.spec)
     settings = list(args.settings or [])
     if args.tokens is not None:
         settings.append(f"train.tokens={args.tokens}")
+    given = spec
     spec = spec.with_changes(
         seeds=_seeds(args.seeds) if args.seeds else None, settings=settings,
         margin=args.margin, relative_margin=args.relative_margin,
     )
     plan = spec.plan()  # validates every run before anything is trained
+    for item in given.ineffective_settings(settings):
+        print(f"{PROG}: warning: --set {item} changes no run: every variant sets {item.partition('=')[0].strip()} "
+              "itself", file=sys.stderr)
     if args.dry_run:
         _print_plan(spec, plan)
         return 0
-    ensure_built(progress=not args.quiet)  # before the workers start, not inside a forward
-    store = Store(args.store)
+    store = Store(args.store)  # a store path that cannot be used fails here, before the kernels' build
     try:
+        ensure_built(progress=not args.quiet)  # before the workers start, not inside a forward
         sweep_id, created = register_sweep(store, spec, new=args.new, progress=not args.quiet)
         sweep = store.sweep(sweep_id)
         print(f"sweep {sweep_id} ({spec.name}, {len(plan)} runs) {'created' if created else 'resumed'} in "
@@ -147,14 +154,15 @@ def _print_plan(spec, plan) -> None:
 
 
 def _summarise(store, sweep_id: int, out: str | None, margin: float | None, relative: bool | None) -> Path | None:
-    from sparseroute.lab.report import comparison_of, print_summary, write_report
+    from sparseroute.lab.report import check_report_path, comparison_of, print_summary, write_report
 
+    path = Path(out) if out else store.path.parent / store.sweep(sweep_id)["dir"] / "report.html"
+    check_report_path(path)  # a path that cannot take the file is refused before anything is printed
     results = store.results(sweep_id)
     margin = results.spec.get("margin", 1.0) if margin is None else margin
     relative = bool(results.spec.get("relative_margin", False)) if relative is None else relative
     comparison = comparison_of(results, margin=margin, relative=relative)
     print_summary(results, comparison)
-    path = Path(out) if out else store.path.parent / store.sweep(sweep_id)["dir"] / "report.html"
     write_report(results, path, margin=margin, relative=relative)
     print(f"report: {path}")
     return path

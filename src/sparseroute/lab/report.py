@@ -70,7 +70,7 @@ from sparseroute.lab.summary import (
     summary_table,
 )
 
-__all__ = ["comparison_of", "summary_table", "print_summary", "write_report"]
+__all__ = ["comparison_of", "summary_table", "print_summary", "write_report", "check_report_path"]
 
 # ---------------------------------------------------------------- HTML
 def _verdict_html(verdict: str) -> Cell:
@@ -221,13 +221,28 @@ def _render_html(
     )
 
 
+def check_report_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path if the report can be written there; ValueError (naming the path) when it
+    is a folder or lies under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; the report is a file, e.g. {path / 'report.html'}")
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ValueError(f"cannot write the report {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
 def write_report(
     results: SweepResults, path: str | os.PathLike[str], *, margin: float = 1.0, relative: bool = False,
     alpha: float = 0.05,
 ) -> Path:
     """Write the HTML report of ``results`` to ``path`` (its folder is created if needed) and
-    return the path. The file is self-contained and replaced atomically."""
-    path = Path(path)
+    return the path. The file is self-contained and replaced atomically. A ``path`` that is a
+    folder or lies under a file raises ValueError before anything is written."""
+    path = check_report_path(path)
     comparison = comparison_of(results, margin=margin, relative=relative, alpha=alpha)
     document = _render_html(results, comparison, margin=margin, relative=relative, alpha=alpha)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,13 @@
 """What a finished (or partly finished) sweep looks like once read back from the store: the plain
-data the statistics and the report work on. Nothing here touches SQLite or torch."""
+data the statistics and the report work on, and the dotted-path view of a run configuration that
+the spec's checks and the report share. Nothing here touches SQLite or torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+__all__ = ["RunResult", "SweepResults", "config_leaves", "covered"]
 
 
 @dataclass
@@ -67,3 +70,19 @@ class SweepResults:
             if vals:
                 out[v] = vals
         return out
+
+
+def config_leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    """The leaves of a nested dict by dotted path, in order (``{"train": {"lr": 3e-3}}`` ->
+    ``{"train.lr": 3e-3}``); a list, ``None`` or an empty table is a leaf."""
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(config_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def covered(path: str, allowed) -> bool:
+    """Whether the dotted ``path`` is one of ``allowed`` or lies under one of them."""
+    return any(path == a or path.startswith(a + ".") for a in allowed)

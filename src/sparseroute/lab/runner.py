@@ -5,15 +5,23 @@ store, resuming any run that was interrupted from its last checkpoint.
 A run that diverges (non-finite loss or gradient) is a result, not a crash: it is stored as
 ``failed`` with the message and the sweep goes on. Anything else (a missing GPU, a full disk, ^C)
 stops the sweep; the interrupted run stays ``running`` and resumes on the next start.
+
+The worker processes of a ``jobs > 1`` sweep die with the process that started them, even when it
+is killed with SIGKILL (Linux's parent-death signal, and a watchdog thread everywhere), so a sweep
+started again never trains a run next to a leftover worker.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -67,10 +75,14 @@ def _environment() -> dict[str, Any]:
 
 
 def register_sweep(store: Store, spec: SweepSpec, *, new: bool = False, progress: bool = True,
-                   corpora: dict | None = None) -> tuple[int, bool]:
+                   corpora: dict | None = None, say: Callable[[str], None] | None = None) -> tuple[int, bool]:
     """Validate every run, prepare the corpora, and find or create the sweep; returns
-    ``(sweep_id, created)``. The unfinished sweep with the same name and resolved runs is reused
-    unless ``new``."""
+    ``(sweep_id, created)``. Unless ``new``, the latest sweep of this name whose runs are all runs
+    of ``spec`` with the same resolved configurations is reused, finished or not: the runs the spec
+    adds (variants, seeds) are added to it, and its stored spec, fingerprint and run positions
+    become the new spec's, so that the table and the report show every variant (``say`` is told
+    what changed in the spec, in one line)."""
+    say = say or (lambda msg: print(msg, file=sys.stderr))
     plan = spec.plan()  # every (variant, seed) validated before anything trains
     corpora = {} if corpora is None else corpora
     runs = []
@@ -83,18 +95,51 @@ def register_sweep(store: Store, spec: SweepSpec, *, new: bool = False, progress
         if found is None:
             found = _same_runs_sweep(store, spec.name, runs)
         if found is not None:
-            store.ensure_runs(found, runs)
+            stored = json.loads(store.sweep(found)["spec_json"])
+            store.update_sweep(found, fingerprint, spec.to_dict(), runs)
+            change = _spec_change(stored, spec.to_dict())
+            if change:
+                say(f"sweep {found}: spec changed: {change}; stored spec updated")
             return found, False
     return store.create_sweep(spec.name, fingerprint, spec.to_dict(), f"{spec.name}-{{id}}", runs), True
 
 
+def _spec_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two stored specs, in words ("" when nothing does)."""
+    try:  # both as this version writes them, so that a field added since is no change
+        old = SweepSpec.from_dict(old).to_dict()
+    except (ValueError, TypeError, KeyError):
+        pass
+    old_variants = {v.get("name"): v for v in old.get("variants", []) if isinstance(v, dict)}
+    new_variants = {v.get("name"): v for v in new.get("variants", []) if isinstance(v, dict)}
+    parts = []
+    added = [n for n in new_variants if n not in old_variants]
+    if added:
+        parts.append(f"added variant(s) {', '.join(map(str, added))}")
+    seeds = [s for s in new.get("seeds", []) if s not in old.get("seeds", [])]
+    if seeds:
+        parts.append(f"added seed(s) {', '.join(map(str, seeds))}")
+    changed = sorted(k for k in set(old) | set(new) if k not in ("variants", "seeds") and old.get(k) != new.get(k))
+    kept_old = [v for n, v in old_variants.items() if n in new_variants]
+    kept_new = [v for n, v in new_variants.items() if n in old_variants]
+    if kept_old != kept_new:  # a variant written differently (same runs), or the order
+        changed.append("variants")
+    if [s for s in old.get("seeds", []) if s in new.get("seeds", [])] != \
+            [s for s in new.get("seeds", []) if s in old.get("seeds", [])]:
+        changed.append("seeds")
+    if changed:
+        parts.append(f"changed {', '.join(changed)}")
+    return ", ".join(parts)
+
+
 def _same_runs_sweep(store: Store, name: str, runs) -> int | None:
-    """An unfinished sweep of this name whose stored runs resolve to the same configurations: a
-    sweep started by an earlier sparseroute whose configs lacked fields added since (with their
-    defaults) is still the same sweep."""
+    """The latest sweep of this name (finished or not) whose stored runs are all among ``runs``
+    with the same resolved configurations: a sweep that ``runs`` extends by variants or seeds, or
+    one started by an earlier sparseroute whose configs lacked fields added since (with their
+    defaults)."""
     want = {(v, s, json.dumps(RunConfig.from_dict(c).to_dict(), sort_keys=True, default=list)) for v, s, c in runs}
     for sw in reversed(store.sweeps()):
-        if sw["name"] != name or sw["finished_at"] is not None:
+        if sw["name"] != name:
             continue
         try:
             have = {(r["variant"], int(r["seed"]),
@@ -140,6 +185,36 @@ def execute_run(store: Store, run_id: int, *, progress: bool = True, corpora: di
     return "done"
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_WATCH_SECONDS = 0.5
+
+
+def _init_worker(parent_pid: int) -> None:
+    """Runs first in each worker process of a ``jobs > 1`` sweep: the worker dies with the process
+    that started it. Without this, a compare killed with SIGKILL would leave its workers training,
+    and a compare started again would train the same runs next to them. On Linux the kernel sends
+    SIGKILL when the parent dies (PR_SET_PDEATHSIG: it fires when the parent *thread* that spawned
+    the worker ends; run_sweep spawns them from the thread that stays in the pool's ``with`` block
+    until they are done); a daemon thread checking the parent every half second covers other
+    systems and the moment before the signal was set."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watchdog alone
+    if os.getppid() != parent_pid:  # the parent died before the signal was set
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="sparseroute-watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(_WATCH_SECONDS)
+        if os.getppid() != parent_pid:  # reparented: the compare process is gone
+            os._exit(1)  # at once: no cleanup may write to the store or the run folder now
+
+
 def _worker(store_path: str, run_id: int, threads: int) -> tuple[int, str]:
     torch.set_num_threads(threads)
     with Store(store_path, create=False) as store:
@@ -177,7 +252,9 @@ def run_sweep(store: Store, sweep_id: int, *, jobs: int = 1, retry_failed: bool 
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
             say(f"sweep {sweep_id}: {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            # the spawn context starts the workers inside submit(), in this thread (see _init_worker)
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(_worker, str(store.path), int(r["id"]), threads): r for r in todo}
                 finished = done_before
                 try:

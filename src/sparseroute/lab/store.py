@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from sparseroute.fileio import check_folder_path
 from sparseroute.lab.results import RunResult, SweepResults
 
 __all__ = ["Store", "StoreError", "STATUSES"]
@@ -89,8 +90,15 @@ class Store:
             raise StoreError(f"no results store at {self.path} (run `sparseroute compare` first)")
         if self.path.exists() and self.path.is_dir():
             raise StoreError(f"{self.path} is a folder; the store is a file such as runs/lab.sqlite")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
+        try:
+            check_folder_path(self.path.parent, "the results store's folder")
+        except ValueError as e:
+            raise StoreError(f"cannot create the results store {self.path}: {e}") from None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open the results store {self.path}: {e}") from None
         self.conn.row_factory = sqlite3.Row
         try:
             self.conn.execute("PRAGMA foreign_keys = ON")
@@ -149,10 +157,22 @@ class Store:
             self._insert_runs(c, sweep_id, sweep_dir, runs)
         return sweep_id
 
-    def ensure_runs(self, sweep_id: int, runs: list[tuple[str, int, dict[str, Any]]]) -> int:
-        """Add the planned runs that are missing (deleted with ``runs delete``); returns how many."""
+    def update_sweep(self, sweep_id: int, fingerprint: str, spec: dict[str, Any],
+                     runs: list[tuple[str, int, dict[str, Any]]]) -> int:
+        """Make a stored sweep the sweep of ``spec``, whose ``runs`` include all of its own: add the
+        missing runs (pending), renumber every run's position to its place in ``runs``, store the
+        spec and its fingerprint, and reopen a finished sweep that gained runs; one transaction.
+        Returns the count of runs added."""
         with self.transaction() as c:
-            return self._insert_runs(c, sweep_id, self.sweep(sweep_id)["dir"], runs)
+            added = self._insert_runs(c, sweep_id, self.sweep(sweep_id)["dir"], runs)
+            for pos, (variant, seed, _) in enumerate(runs):
+                c.execute("UPDATE runs SET position = ? WHERE sweep_id = ? AND variant = ? AND seed = ?",
+                          (pos, sweep_id, variant, seed))
+            c.execute("UPDATE sweeps SET fingerprint = ?, spec_json = ? WHERE id = ?",
+                      (fingerprint, json.dumps(spec, sort_keys=True), sweep_id))
+            if added:
+                c.execute("UPDATE sweeps SET finished_at = NULL WHERE id = ?", (sweep_id,))
+        return added
 
     @staticmethod
     def _insert_runs(c, sweep_id: int, sweep_dir: str, runs) -> int:

@@ -19,11 +19,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sparseroute.lab.results import RunResult, SweepResults
+from sparseroute.lab.results import RunResult, SweepResults, config_leaves, covered
 from sparseroute.lab.stats import Comparison, PairResult, compare
 
 __all__ = ["comparison_of", "summary_table", "print_summary", "halting_summary", "hop_collinearity",
-           "HALTING_PPL_LIMIT_PCT"]
+           "deliberate_differences", "HALTING_PPL_LIMIT_PCT"]
 
 _RICH_STYLE = {
     "equivalent": "bold green",
@@ -357,6 +357,35 @@ def summary_table(results: SweepResults, comparison: Comparison | None) -> Table
 
 
 # ---------------------------------------------------------------- notes and pair lines
+def deliberate_differences(results: SweepResults) -> list[str]:
+    """One line per configuration field in which the variants differ because the spec's
+    ``allow_differences`` lets them (``"train.lr — linear 0.003, cosine 0.001"``), from the runs'
+    stored configurations; empty when the spec allows none."""
+    allowed = results.spec.get("allow_differences") or []
+    if not isinstance(allowed, list) or not allowed:
+        return []
+    leaves = {}
+    for v in results.variants:
+        cfg = _variant_config(results, v)
+        if isinstance(cfg, dict):
+            leaves[v] = config_leaves(cfg)
+    paths = dict.fromkeys(p for lv in leaves.values() for p in lv if covered(p, allowed) and p != "train.seed")
+    lines = []
+    for path in paths:
+        values = {v: lv.get(path) for v, lv in leaves.items()}
+        if len({repr(x) for x in values.values()}) > 1:
+            lines.append(f"{path} — " + ", ".join(f"{v} {_value_text(x)}" for v, x in values.items()))
+    return lines
+
+
+def _value_text(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:g}"
+    if isinstance(x, str):
+        return x
+    return "none" if x is None else str(x)
+
+
 def _report_notes(results: SweepResults, comparison: Comparison | None) -> list[str]:
     """What the reader must know: unfinished runs, variants left out, single seeds, fallbacks."""
     notes: list[str] = []
@@ -370,6 +399,7 @@ def _report_notes(results: SweepResults, comparison: Comparison | None) -> list[
             f"{sum(statuses.values())} of {len(results.runs)} runs are not finished ({detail}); "
             "the statistics use finished runs only."
         )
+    notes.extend(f"Deliberate difference (allow_differences): {line}." for line in deliberate_differences(results))
     if comparison is None:
         notes.append("No run has finished yet: there is nothing to compare.")
         return notes
