@@ -107,12 +107,16 @@ def test_a_lost_latest_json_loses_nothing(tmp_path, cache, reference, damage):
     assert_same_outcome(reference, run)
 
 
-def test_an_edited_checkpoint_is_refused_and_an_earlier_one_can_be_chosen(tmp_path, cache, reference):
+@pytest.mark.parametrize("damage", ["edited step", "garbage"])
+def test_an_edited_checkpoint_is_refused_and_an_earlier_one_can_be_chosen(tmp_path, cache, reference, damage):
     run = killed_run(tmp_path, cache)
     state = run / "checkpoints" / "step-000010" / "state.json"
-    meta = json.loads(state.read_text())
-    meta["step"] = 12
-    state.write_text(json.dumps(meta))
+    if damage == "garbage":
+        state.write_bytes(b"\xff\xfe\x00garbage\x80")
+    else:
+        meta = json.loads(state.read_text())
+        meta["step"] = 12
+        state.write_text(json.dumps(meta))
     before = tree(run)
     err = one_line_error(cli(["train", "--out", run, "--resume", "--quiet"], cache, check=False))
     assert "step-000010" in err and "state.json" in err and "--from 5" in err
