@@ -479,7 +479,7 @@ def test_stolen_pieces_give_the_same_results_to_the_bit_in_the_kernel(threads, s
     alone, _ = _run(stealing, inp, backends(bk))
     assert stealing._steals() == before
     stealing._set_stealing(True)
-    stealing._set_owner_delay_us(3000)
+    stealing._set_owner_delay_us(500_000)
     shared, _ = _run(stealing, inp, backends(bk))
     assert stealing._steals() >= before + 2  # in the forward and in the backward
     assert all(torch.equal(a, b) for a, b in zip(alone, shared))
@@ -488,7 +488,7 @@ def test_stolen_pieces_give_the_same_results_to_the_bit_in_the_kernel(threads, s
 @pytest.mark.parametrize("threads", [2], indirect=True)
 def test_an_error_in_a_stolen_piece_reaches_the_caller_of_the_kernel(threads, stealing):
     inp = _fine_grained(T=300)
-    stealing._set_owner_delay_us(3000)
+    stealing._set_owner_delay_us(500_000)
     stealing._set_fail_stolen(True)
     with pytest.raises(RuntimeError, match="stolen piece failed"):
         _run(stealing, inp, backends("aten"))
@@ -542,7 +542,7 @@ def test_stolen_pieces_give_the_same_results_to_the_bit(threads, stealing, activ
     alone = _train_step(moe, x, g, "parallel")
     assert stealing._steals() == before
     stealing._set_stealing(True)
-    stealing._set_owner_delay_us(3000)
+    stealing._set_owner_delay_us(500_000)
     shared = _train_step(moe, x, g, "parallel")
     assert stealing._steals() >= before + 2  # in the forward and in the backward
     for a, b in zip(alone, shared):
@@ -556,7 +556,7 @@ def test_an_error_in_a_stolen_piece_reaches_the_caller(threads, stealing):
     torch.manual_seed(0)
     moe = MoE(32, 24, 16, 2)
     x, g = torch.randn(300, 32), torch.randn(300, 32)
-    stealing._set_owner_delay_us(3000)
+    stealing._set_owner_delay_us(500_000)
     stealing._set_fail_stolen(True)
     with pytest.raises(RuntimeError, match="stolen piece failed"):
         _train_step(moe, x, g, "parallel")

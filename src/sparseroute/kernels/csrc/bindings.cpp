@@ -63,7 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_steals", []() { return sharing_switches().steals.load(); }, "tests: pieces stolen since load");
   m.def("_set_fail_stolen", [](bool on) { sharing_switches().fail_stolen.store(on); }, "tests: a stolen piece raises");
   m.def("_set_owner_delay_us", [](int64_t us) { sharing_switches().owner_delay_us.store(us); },
-        "tests: part 0's thread waits this long before each of its pieces");
+        "tests: part 0's thread waits up to this long before each of its pieces, until one is stolen");
   m.def("_row_gemm", &testing::row_gemm, "tests: A[idx] @ B[:, :N] by the kernel's own row products");
   m.def("_row_gemm_tn", &testing::row_gemm_tn, "tests: A[ia]^T B[ib] by the kernel's own sums over rows");
   m.def("_transpose", &testing::transpose, "tests: x^T by the kernel's own transpose");

@@ -99,7 +99,8 @@ struct Plan {
 struct SharingSwitches {
   std::atomic<bool> stealing{true};          // threads may take pieces of other parts
   std::atomic<int64_t> steals{0};            // pieces stolen since the module was loaded
-  std::atomic<int64_t> owner_delay_us{0};    // part 0's owner waits this long before each piece
+  std::atomic<int64_t> owner_delay_us{0};    // part 0's owner waits up to this long before each
+                                             // piece, until a piece of the call has been stolen
   std::atomic<bool> fail_stolen{false};      // a stolen piece raises
 };
 SharingSwitches& sharing_switches();
@@ -161,6 +162,7 @@ template <class MakeScratch, class Compute>
 void run_parts(const std::vector<std::vector<Piece>>& parts, const MakeScratch& scratch, const Compute& compute) {
   const int64_t P = static_cast<int64_t>(parts.size());
   Sharing sharing(parts);
+  const int64_t steals_before = kTesting ? sharing_switches().steals.load() : 0;
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto buffers = scratch();
@@ -168,13 +170,31 @@ void run_parts(const std::vector<std::vector<Piece>>& parts, const MakeScratch& 
       sharing.start(p);
       for (int64_t i; (i = sharing.own(p)) >= 0;) {
         if constexpr (kTesting) {
+          // hold part 0's owner back until another thread has stolen (bounded): on a loaded
+          // machine a fixed pause may end before the other thread is even scheduled
           const int64_t us = sharing_switches().owner_delay_us.load();
-          if (p == 0 && us > 0) std::this_thread::sleep_for(std::chrono::microseconds(us));
+          const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+          while (p == 0 && sharing_switches().steals.load() == steals_before && std::chrono::steady_clock::now() < until)
+            std::this_thread::sleep_for(std::chrono::microseconds(50));
         }
         compute(buffers, parts[p][i]);
       }
     }
-    for (auto [q, i] = sharing.steal(); q >= 0; std::tie(q, i) = sharing.steal()) {
+    // tests: while part 0's owner is held back and nothing has been stolen yet, a thread with no
+    // work keeps looking (bounded) instead of leaving before part 0 has even started
+    const auto give_up = std::chrono::steady_clock::now() +
+                         std::chrono::microseconds(kTesting ? sharing_switches().owner_delay_us.load() : 0);
+    for (;;) {
+      auto [q, i] = sharing.steal();
+      if (q < 0) {
+        if constexpr (kTesting) {
+          if (sharing_switches().steals.load() == steals_before && std::chrono::steady_clock::now() < give_up) {
+            std::this_thread::sleep_for(std::chrono::microseconds(50));
+            continue;
+          }
+        }
+        break;
+      }
       if constexpr (kTesting) TORCH_CHECK(!sharing_switches().fail_stolen.load(), "expert_parallel: a stolen piece failed (test)");
       compute(buffers, parts[q][i]);
     }
