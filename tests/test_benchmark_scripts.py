@@ -211,5 +211,6 @@ def test_halting_json(capsys, tmp_path, monkeypatch):
     assert bench.main(["--tokens", "2048", "--eval-tokens", "1k", "--repeats", "1", "--quantiles", "0.3,0.5"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["benchmark"] == "halting" and out["hops"] == 2
+    assert out["chosen_on"] == "validation" and out["reported_on"] == "test"
     assert [row["tau"] for row in out["curve"]] == sorted(row["tau"] for row in out["curve"])
     assert out["curve"][0]["tau"] == 0.0 and out["curve"][0]["hops_per_token"] == 2.0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparseroute.data import epoch_permutation, eval_batches, get_batch, num_windows, unigram_entropy
+from sparseroute.data import epoch_permutation, eval_batches, eval_windows, get_batch, num_windows, unigram_entropy
 
 S, B = 7, 5
 W = S + 1
@@ -120,14 +120,45 @@ def test_eval_batches_cover_every_target_once_in_order():
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
 
 
-def test_eval_batches_max_tokens_and_errors():
-    toks = np.arange(1000, dtype=np.uint16)
-    ys = torch.cat([y for _, y in eval_batches(toks, 3, S, max_tokens=50)]).flatten()
-    assert torch.equal(ys, torch.arange(1, 7 * S + 1))  # (50 - 1) // 7 = 7 windows
+def test_eval_batches_max_tokens_spread_over_the_split_and_errors():
+    toks = np.arange(1000, dtype=np.uint16)  # (1000 - 1) // 7 = 142 windows
+    batches = list(eval_batches(toks, 3, S, max_tokens=50))  # room for (50 - 1) // 7 = 7 of them
+    xs = torch.cat([x for x, _ in batches])
+    ys = torch.cat([y for _, y in batches])
+    starts = xs[:, 0].tolist()
+    assert len(starts) == 7 and starts == [i * S for i in eval_windows(1000, S, 50) // S]
+    assert starts[0] == 0 and starts[-1] == 141 * S  # the first and the last window of the split
+    gaps = np.diff(np.array(starts) // S)
+    assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1  # evenly spread, no window twice
+    assert torch.equal(ys, xs + 1)  # each row: S consecutive targets
+    assert torch.equal(xs, torch.stack([torch.arange(s0, s0 + S) for s0 in starts]))
+    # a budget of the whole split (or more) scores every window
+    assert eval_windows(1000, S, 10_000).tolist() == [i * S for i in range(142)]
     with pytest.raises(ValueError, match="seq_len\\+1"):
         eval_batches(toks[:S], 2, S)  # raised at the call, not at the first next()
     with pytest.raises(ValueError, match="max_tokens"):
         eval_batches(toks, 2, S, max_tokens=0)
+
+
+def test_evaluation_windows_represent_every_part_of_a_split(tmp_path):
+    """A split stored file by file: the evaluated windows reach its first and its last file, and
+    they are the same whoever asks (no seed enters)."""
+    from sparseroute.data import DataConfig, prepare
+
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for k in range(26):  # file k is one letter, repeated
+        (folder / f"{k:02d}.txt").write_text(chr(ord("a") + k) * 400)
+    corpus = prepare(DataConfig(corpus=f"text:{folder}", cache_dir=str(tmp_path / "c"), val_fraction=0.3,
+                                test_fraction=0.3), progress=False)
+    for split in (corpus.val, corpus.test):
+        letters = [t for t in dict.fromkeys(int(v) for v in split) if chr(t).isalpha()]
+        assert len(letters) >= 4  # several files in the split
+        seen = {int(v) for x, y in eval_batches(split, 4, 16, max_tokens=16 * 8 + 1) for v in torch.cat([x, y]).flatten()}
+        assert letters[0] in seen and letters[-1] in seen
+        again = [x for x, _ in eval_batches(split, 4, 16, max_tokens=16 * 8 + 1)]
+        first = [x for x, _ in eval_batches(split, 4, 16, max_tokens=16 * 8 + 1)]
+        assert all(torch.equal(a, b) for a, b in zip(again, first))
 
 
 # -- unigram_entropy -----------------------------------------------------------------------------

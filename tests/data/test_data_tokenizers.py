@@ -120,3 +120,12 @@ def test_bpe_without_tokenizers_says_so(monkeypatch, tmp_path, text_dir):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ValueError, match="`tokenizers` package"):
         prepare(DataConfig(corpus=f"text:{text_dir}", tokenizer="bpe", bpe_vocab_size=300, cache_dir=str(tmp_path)))
+
+
+def test_another_bpe_vocabulary_is_another_cache_entry(bpe, tmp_path):
+    root, _ = bpe
+    small, large = _prepare_bpe(root, tmp_path, vocab=290), _prepare_bpe(root, tmp_path, vocab=310)
+    assert small.directory != large.directory and (small.vocab_size, large.vocab_size) == (290, 310)
+    mtime = (small.directory / "tokenizer.json").stat().st_mtime_ns
+    again = _prepare_bpe(root, tmp_path, vocab=290)  # the first entry is still there, and reused
+    assert again.directory == small.directory and (again.directory / "tokenizer.json").stat().st_mtime_ns == mtime

@@ -10,6 +10,7 @@ import torch
 
 from sparseroute.evaluation.diagnostics import (
     expert_specialisation,
+    halting_choice,
     halting_curve,
     router_expert_coupling,
     routing_fluctuation,
@@ -60,6 +61,25 @@ def test_halting_curve_saves_expert_work_and_starts_at_the_baseline(text):
     with pytest.raises(ValueError, match="MoE"):
         dense = TransformerLM(preset("tiny", d_model=64, n_layers=1, n_heads=2, d_ff=128))
         halting_curve(dense, text, [0.1], batch_size=4, seq_len=32, max_tokens=512)
+
+
+def test_halting_tau_is_chosen_on_validation_only(text):
+    m = model(hops=3)
+    kw = {"batch_size": 4, "seq_len": 32, "max_tokens": 512}
+    taus = [1e-3, 0.3, 1.0, 3.0, 1e9]
+    other_test = np.random.default_rng(1).integers(0, 256, size=4096).astype(np.uint16)
+    a = halting_choice(m, text, text[::-1].copy(), taus, max_ppl_change_pct=5.0, **kw)
+    b = halting_choice(m, text, other_test, taus, max_ppl_change_pct=5.0, **kw)
+    assert a["tau"] == b["tau"] > 0.0  # some halting fits the budget, and the test text does not move it
+    assert [(r["tau"], r["ppl"]) for r in a["validation"]] == [(r["tau"], r["ppl"]) for r in b["validation"]]
+    assert a["chosen_on"] == "validation" and a["test"]["tau"] == a["tau"]
+    assert a["test"]["ppl"] != b["test"]["ppl"]  # the test text is what the reported figures come from
+    # the choice: the largest saving within the budget on validation
+    ok = [r for r in a["validation"] if r["ppl_change_pct"] <= 5.0]
+    assert a["tau"] == max(ok, key=lambda r: (r["moe_flops_saved"], -r["tau"]))["tau"]
+    # a budget nothing meets keeps tau = 0: no halting, nothing saved on test
+    none = halting_choice(m, text, other_test, [1e9], max_ppl_change_pct=-1.0, **kw)
+    assert none["tau"] == 0.0 and none["test"]["moe_flops_saved"] == 0.0
 
 
 def test_routing_fluctuation(text):

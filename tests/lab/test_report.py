@@ -576,3 +576,80 @@ def test_report_command_from_a_fixture_database(diag, tmp_path):
     assert back.test_ppl() == diag.test_ppl()
     assert [len(r.metrics) for r in back.runs] == [len(r.metrics) for r in diag.runs]
     assert main(["report", str(db), "--sweep", str(sid + 1)]) == 2  # unknown sweep: one-line error
+
+
+# ---------------------------------------------------------------- multiple comparisons and the seeds planner
+def test_holm_correction_in_the_table_the_pairs_and_the_report(full, tmp_path):
+    c = report.comparison_of(full)
+    assert c.correction == "holm" and c.family_size == 3
+    pair = c.pair("topk", "cosine")
+    text = _render(full, c)
+    assert "TOST verdicts from Holm-adjusted p over 3 pairs" in text
+    assert "TOST p (Holm)" in text and "verdicts from Holm-adjusted p over 3 pairs):" in text  # table, pair lines
+    cosine = _line(text, "cosine")
+    assert summary._fmt_p(pair.tost.p) in cosine and summary._fmt_p(pair.tost_p_adjusted) in cosine
+    assert f"TOST p={summary._fmt_p(pair.tost.p)} (Holm {summary._fmt_p(pair.tost_p_adjusted)})" in text
+    doc = report.write_report(full, tmp_path / "holm.html").read_text(encoding="utf-8")
+    head = re.search(r'<table id="summary-table"><thead>.*?</thead>', doc).group(0)
+    assert "<th>TOST p</th><th>TOST p (Holm)</th><th>vs topk</th>" in head
+    pairs = re.search(r'<table id="tost-table">.*?</table>', doc).group(0)
+    assert "<th>TOST p</th><th>TOST p (Holm)</th><th>Welch p</th><th>Welch p (Holm)</th>" in pairs
+    row = re.search(r"<tr><td>topk</td><td>cosine</td>.*?</tr>", pairs).group(0)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", row)
+    assert cells[6:10] == [summary._fmt_p(x) for x in (pair.tost.p, pair.tost_p_adjusted, pair.welch.p,
+                                                       pair.welch_p_adjusted)]
+    assert "· verdicts from Holm-adjusted p over 3 pairs ·" in doc
+    assert "The verdicts use the Holm-adjusted p-values over the 3 testable pairs" in doc
+
+    raw = report.comparison_of(full, correction=None)
+    text = _render(full, raw)
+    assert "(Holm" not in text and "TOST verdicts from raw p (no multiple-comparison correction)" in text
+    doc = report.write_report(full, tmp_path / "raw.html", correction=None).read_text(encoding="utf-8")
+    assert "(Holm)" not in doc and "No multiple-comparison correction" in doc
+    assert "verdicts from raw p (no multiple-comparison correction)" in doc
+
+
+def test_report_with_seed_plans(full, partial, tmp_path):
+    from sparseroute.lab.stats import plan_seeds
+
+    c = report.comparison_of(full)
+    plans = plan_seeds(c)
+    assert [(p.a, p.b) for p in plans] == [("topk", "cosine"), ("topk", "dense")]
+    console = Console(record=True, width=250)
+    report.print_seed_plans(plans, c, console=console)
+    text = console.export_text()
+    p = plans[0]
+    assert (f"topk vs cosine: sd {p.sd:.3g} PPL, margin 1 PPL -> {p.needed} seeds per variant for 80% power "
+            f"(have 3); {p.needed_corrected} with Holm over 3 pairs (at α/3)") in text
+    doc = report.write_report(full, tmp_path / "plan.html", plans=plans).read_text(encoding="utf-8")
+    assert doc.index('id="tost-pairs"') < doc.index('<section id="seed-plan">') < doc.index('id="loss-curves"')
+    assert _section_numbers(doc) == list(range(1, 7))  # not numbered among the plots
+    assert 'id="seed-plan-table"' in doc and "<td>topk</td><td>dense</td>" in doc
+    # a single finished seed: the pooled sd is the other variant's, the counts differ
+    cp = report.comparison_of(partial)
+    plan = {q.b: q for q in plan_seeds(cp)}["cosine"]
+    assert plan.have == (3, 1) and plan.sd == pytest.approx(cp.summaries["topk"].sd)
+    console = Console(record=True, width=250)
+    report.print_seed_plans(plan_seeds(cp), cp, console=console)
+    assert "(have 3 and 1)" in console.export_text()
+    console = Console(record=True, width=250)
+    report.print_seed_plans([], None, console=console)
+    assert "no pair to plan" in console.export_text()
+
+
+def test_title_names_the_vocabulary_and_notes_flag_runs_still_falling(full):
+    assert summary.vocabulary(full) == "bytes (256)"
+    bpe = [dataclasses.replace(r, config={**r.config, "data": {**r.config.get("data", {}), "tokenizer": "bpe"},
+                                           "model": {**r.config["model"], "vocab_size": 8192}}) for r in full.runs]
+    falling = dataclasses.replace(bpe[0], final={**bpe[0].final, "convergence": {
+        "still_falling": True, "relative_change": -0.034, "relative_slope": -0.2, "points": [], "window": 0.2}})
+    settled = dataclasses.replace(bpe[1], final={**bpe[1].final, "convergence": {
+        "still_falling": False, "relative_change": -0.002, "relative_slope": -0.01, "points": [], "window": 0.2}})
+    results = dataclasses.replace(full, runs=[falling, settled, *bpe[2:]])
+    assert summary.vocabulary(results) == "BPE 8192"
+    comparison = report.comparison_of(results, margin=1.0)
+    assert "vocabulary BPE 8192" in summary._title(results, comparison, "±1 PPL")
+    assert summary.still_falling(results) == [f"{falling.variant} seed {falling.seed} (-3.4%)"]
+    notes = summary._report_notes(results, comparison)
+    assert any("Still falling" in n and f"{falling.variant} seed {falling.seed}" in n for n in notes)
+    assert not any("Still falling" in n for n in summary._report_notes(full, report.comparison_of(full, margin=1.0)))

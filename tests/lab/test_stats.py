@@ -3,11 +3,16 @@ computed once with scipy/statsmodels (so a change on both sides is caught)."""
 
 from __future__ import annotations
 
+import gc
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
 from scipy import stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import CompareMeans, DescrStatsW, ttost_ind
 
 from sparseroute.lab.stats import (
@@ -18,6 +23,7 @@ from sparseroute.lab.stats import (
     TOSTResult,
     WelchResult,
     compare,
+    holm,
     margin_for,
     mean_ci,
     median_ratio_ci,
@@ -346,3 +352,110 @@ def test_median_ratio_ci_matches_scipy_bootstrap() -> None:
 def test_median_ratio_ci_bad_inputs(a, b, kwargs, needle) -> None:
     with pytest.raises(ValueError, match=needle):
         median_ratio_ci(a, b, **kwargs)
+
+
+# ------------------------------------------------------------------------- Holm correction
+def _holm_reference(p) -> list[float]:
+    # multipletests runs gc.collect() on every call, which takes ~0.1 s in a process with torch
+    # loaded; it has no bearing on the result
+    with mock.patch.object(gc, "collect", lambda *args: 0):
+        return multipletests(np.asarray(p, dtype=float), method="holm")[1].tolist()
+
+
+def test_holm_matches_statsmodels_on_random_vectors() -> None:
+    rng = np.random.default_rng(2025)
+    for trial in range(2000):
+        m = int(rng.integers(1, 60))
+        p = rng.random(m)
+        kind = trial % 5
+        if kind == 1:
+            p = np.round(p, 1)  # many ties, and 0 and 1 themselves
+        elif kind == 2:
+            p[rng.random(m) < 0.4] = 1.0
+        elif kind == 3:
+            p = p ** 12  # tiny values, some adjusted far below 1
+        elif kind == 4:
+            p = np.repeat(p[: max(1, m // 3)], 3)  # every value three times
+        ours = holm(p.tolist())
+        ref = _holm_reference(p)
+        assert len(ours) == len(ref)
+        assert np.allclose(ours, ref, rtol=1e-14, atol=0), (p, ours, ref)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=1, max_size=40))
+def test_holm_property(p: list[float]) -> None:
+    adj = holm(p)
+    assert np.allclose(adj, _holm_reference(p), rtol=1e-14, atol=0)
+    m = len(p)
+    for raw, a in zip(p, adj):
+        assert raw <= a <= min(1.0, m * raw) or a == 1.0
+    for i in range(m):  # the adjustment keeps the order of the p-values
+        for j in range(m):
+            if p[i] <= p[j]:
+                assert adj[i] <= adj[j]
+
+
+def test_holm_small_cases_and_bad_inputs() -> None:
+    assert holm([]) == []
+    assert holm([0.03]) == [0.03]
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm((0.5, 0.5)) == [1.0, 1.0]
+    for bad in ([0.1, math.nan], [-0.01], [1.5]):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            holm(bad)
+
+
+# linear vs cosine: raw TOST p 0.032 (equivalent), Holm over the 3 pairs 0.095 (inconclusive)
+HOLM_A = [30.0, 30.8, 29.2, 30.5, 29.5]
+HOLM_B = [30.1, 30.6, 29.3, 30.9, 29.4]
+
+
+def test_compare_adjusts_tost_and_welch_separately_over_the_testable_pairs() -> None:
+    groups = {"topk": EQ_A, "cosine": EQ_B, "hash": FAR, "relu": WIDE_A, "one": [30.0]}
+    c = compare(groups)
+    assert c.correction == "holm"
+    tested = [p for p in c.pairs if p.tost is not None]
+    assert c.family_size == len(tested) == 6  # the pairs of "one" are not tested
+    assert [p.tost_p_adjusted for p in tested] == holm([p.tost.p for p in tested])
+    assert [p.welch_p_adjusted for p in tested] == holm([p.welch.p for p in tested])
+    assert all(p.correction == "holm" for p in tested)
+    for p in c.pairs:
+        if p.tost is None:
+            assert (p.tost_p_adjusted, p.welch_p_adjusted, p.tost_p_used, p.verdict) == (None, None, None, "no test")
+    # the raw results stay as they were
+    assert c.pair("topk", "cosine").tost == tost(EQ_A, EQ_B, 1.0)
+    assert c.pair("topk", "cosine").welch == welch(EQ_A, EQ_B)
+    raw = compare(groups, correction=None)
+    assert raw.correction is None and raw.family_size == 6
+    assert all(p.tost_p_adjusted is None and p.welch_p_adjusted is None for p in raw.pairs)
+    assert [p.tost for p in raw.pairs] == [p.tost for p in c.pairs]
+    with pytest.raises(ValueError, match="correction"):
+        compare(groups, correction="bonferroni")
+
+
+def test_holm_turns_a_raw_equivalence_inconclusive() -> None:
+    groups = {"linear": HOLM_A, "cosine": HOLM_B, "far": FAR}
+    pair = compare(groups).pair("linear", "cosine")
+    assert pair.tost.p < 0.05 and pair.tost.equivalent  # the raw TOST concludes
+    assert pair.tost_p_adjusted == pytest.approx(3 * pair.tost.p) and pair.tost_p_adjusted >= 0.05
+    assert pair.verdict == "inconclusive" and pair.raw_verdict == "equivalent"
+    assert compare(groups).pair("linear", "far").verdict == "different"
+    raw = compare(groups, correction=None).pair("linear", "cosine")
+    assert raw.verdict == raw.raw_verdict == "equivalent"
+    # alone, the pair is a family of one: Holm changes nothing
+    alone = compare({"linear": HOLM_A, "cosine": HOLM_B}).pairs[0]
+    assert alone.tost_p_adjusted == alone.tost.p and alone.verdict == "equivalent"
+
+
+def test_verdict_uses_the_adjusted_p_values() -> None:
+    w = WelchResult(diff=0.0, t=0.0, df=4.0, p=0.02)
+    t_eq = TOSTResult(0.0, -1.0, 1.0, 0.01, 0.01, 0.01, 4.0, -0.5, 0.5, 0.05, True)
+    t_no = TOSTResult(0.0, -1.0, 1.0, 0.2, 0.2, 0.2, 4.0, -1.5, 1.5, 0.05, False)
+    p = PairResult("a", "b", w, t_eq, "", tost_p_adjusted=0.06, welch_p_adjusted=0.04, correction="holm")
+    assert p.verdict == "different" and p.raw_verdict == "equivalent" and p.tost_p_used == 0.06
+    p = PairResult("a", "b", w, t_no, "", tost_p_adjusted=0.6, welch_p_adjusted=0.06, correction="holm")
+    assert p.verdict == "inconclusive" and p.raw_verdict == "different" and p.welch_p_used == 0.06
+    p = PairResult("a", "b", w, t_eq, "", tost_p_adjusted=0.03, welch_p_adjusted=0.06, correction="holm")
+    assert p.verdict == p.raw_verdict == "equivalent"
+    assert PairResult("a", "b", w, t_eq, "").tost_p_used == 0.01  # no correction: the raw p

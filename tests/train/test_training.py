@@ -62,6 +62,10 @@ def test_loss_falls_below_unigram_entropy(tmp_path, cache):
     assert final["flops_per_token"]["total"] > 0
     metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == final["steps"]
+    conv = final["convergence"]  # validation loss at 80%, 90% and the end of training
+    assert [s for s, _ in conv["points"]] == [round(0.8 * final["steps"]), round(0.9 * final["steps"]), final["steps"]]
+    assert conv["points"][-1][1] == final["val_loss"] and isinstance(conv["still_falling"], bool)
+    assert final["eval_windows"]["val"] == 4096 // 64 - (1 if 4096 % 64 == 0 else 0)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 

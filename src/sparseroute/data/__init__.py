@@ -8,7 +8,14 @@ The default corpus, ``"stdlib"``, is the running Python's standard library, so t
 no download. See :mod:`sparseroute.data.corpus` for how splits are cut.
 """
 
-from sparseroute.data.batches import epoch_permutation, eval_batches, get_batch, num_windows, unigram_entropy
+from sparseroute.data.batches import (
+    epoch_permutation,
+    eval_batches,
+    eval_windows,
+    get_batch,
+    num_windows,
+    unigram_entropy,
+)
 from sparseroute.data.cache import CacheWarning, TokenizedCorpus, prepare
 from sparseroute.data.config import DataConfig
 from sparseroute.data.sources import stdlib_files
@@ -24,6 +31,7 @@ __all__ = [
     "prepare",
     "get_batch",
     "eval_batches",
+    "eval_windows",
     "unigram_entropy",
     "num_windows",
     "epoch_permutation",

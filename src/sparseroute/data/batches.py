@@ -1,4 +1,5 @@
-"""Batches from a token array: shuffled training windows, sequential evaluation windows, entropy.
+"""Batches from a token array: shuffled training windows, evaluation windows spread over a split,
+entropy.
 
 Legend: B batch, S sequence length, W = S + 1 window length.
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["get_batch", "eval_batches", "unigram_entropy", "num_windows", "epoch_permutation"]
+__all__ = ["get_batch", "eval_batches", "eval_windows", "unigram_entropy", "num_windows", "epoch_permutation"]
 
 
 def _int(name: str, value: object, low: int) -> int:
@@ -74,28 +75,45 @@ def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, step: int, seed
     return chunk_BW[:, :-1].contiguous(), chunk_BW[:, 1:].contiguous()
 
 
+def eval_windows(n_tokens: int, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
+    """The start offsets of the evaluation windows of a split of ``n_tokens`` tokens.
+
+    The split is cut into ``N = (n_tokens - 1) // S`` consecutive windows of ``S + 1`` tokens
+    (window ``i`` is ``tokens[i*S : i*S + S + 1]``: consecutive windows share one token, so every
+    target is scored once). When ``max_tokens`` allows fewer windows, ``m = (min(n_tokens,
+    max_tokens) - 1) // S``, the ``m`` windows are spread evenly over the whole split (the first,
+    the last, and equal steps between), not taken from its start: a split stored file by file is
+    then represented by all of its files. The choice depends only on the sizes, never on a seed,
+    so every run and seed is scored on the same text."""
+    S = _int("seq_len", seq_len, 1)
+    n_tok = _int("n_tokens", n_tokens, 0)
+    N = (n_tok - 1) // S if n_tok > S else 0
+    m = N if max_tokens is None else min(N, max(0, (min(n_tok, _int("max_tokens", max_tokens, 1)) - 1) // S))
+    if m < 1:
+        offered = n_tok if max_tokens is None else min(n_tok, max_tokens)
+        raise ValueError(f"evaluation needs at least seq_len+1 = {S + 1} tokens; the split offers {offered}"
+                         f"{'' if max_tokens is None else f' (max_tokens={max_tokens})'}; use a smaller seq_len")
+    if m == N:
+        return np.arange(N, dtype=np.int64) * S
+    # m evenly spaced window indices from 0 to N-1 (distinct, since m < N), in order
+    idx = (np.arange(m, dtype=np.int64) * (N - 1)) // max(1, m - 1) if m > 1 else np.zeros(1, dtype=np.int64)
+    return idx * S
+
+
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
                  max_tokens: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Sequential evaluation batches over ``tokens[:max_tokens]``, in order.
-
-    Window ``i`` is ``tokens[i*S : i*S + S + 1]`` (consecutive windows share one token), so every
-    token after the first is a target exactly once, up to a final partial window, which is
-    dropped. The last batch may have fewer than B rows. Raises ValueError at the call when not
-    even one window fits.
-    """
+    """Evaluation batches over the windows of :func:`eval_windows` (all of them, or up to
+    ``max_tokens`` tokens' worth spread over the whole split), in order. The last batch may have
+    fewer than B rows. Raises ValueError at the call when not even one window fits."""
     tokens = _tokens_1d(tokens)
     B = _int("batch_size", batch_size, 1)
     S = _int("seq_len", seq_len, 1)
-    n_tok = len(tokens) if max_tokens is None else min(len(tokens), _int("max_tokens", max_tokens, 1))
-    n = (n_tok - 1) // S if n_tok > S else 0
-    if n < 1:
-        raise ValueError(f"evaluation needs at least seq_len+1 = {S + 1} tokens; the split offers {n_tok}"
-                         f"{'' if max_tokens is None else f' (max_tokens={max_tokens})'}; use a smaller seq_len")
+    starts = eval_windows(len(tokens), S, max_tokens)
 
     def gen() -> Iterator[tuple[Tensor, Tensor]]:
         offs_W = np.arange(S + 1, dtype=np.int64)
-        for first in range(0, n, B):
-            starts_B = np.arange(first, min(first + B, n), dtype=np.int64) * S
+        for first in range(0, len(starts), B):
+            starts_B = starts[first:first + B]
             chunk_BW = torch.from_numpy(np.asarray(tokens[starts_B[:, None] + offs_W[None, :]]).astype(np.int64))
             yield chunk_BW[:, :-1].contiguous(), chunk_BW[:, 1:].contiguous()
 

@@ -7,7 +7,8 @@ Legend: B batch, S sequence, T tokens, D model dim, E experts, F expert hidden.
   taken per token.
 - :func:`halting_curve`: relative-norm halting swept over thresholds τ (eval mode, zero-shot):
   loss and perplexity, the routed-expert work actually dispatched, the share of it saved against
-  τ = 0, and the wall-clock time of the evaluation.
+  τ = 0, and the wall-clock time of the evaluation; :func:`halting_choice` picks τ on validation
+  text and reports its effect on test text.
 - :func:`routing_fluctuation`: the share of tokens whose top-1 expert differs between two models
   (e.g. two checkpoints of one run) on the same text, per MoE layer.
 - :func:`router_expert_coupling`: per expert, |cos| between its router direction (the linear
@@ -34,7 +35,7 @@ from sparseroute.data import eval_batches
 from sparseroute.evaluation.evaluate import evaluate
 from sparseroute.models import TransformerLM
 
-__all__ = ["routing_profile", "halting_taus", "halting_curve", "routing_fluctuation", "router_expert_coupling",
+__all__ = ["routing_profile", "halting_taus", "halting_curve", "halting_choice", "routing_fluctuation", "router_expert_coupling",
            "expert_specialisation", "set_halting"]
 
 
@@ -120,6 +121,33 @@ def halting_curve(model: TransformerLM, tokens, taus: Sequence[float], *, batch_
         r["moe_flops_saved"] = 1.0 - r["expert_pairs_per_token"] / base["expert_pairs_per_token"]
         r["time_saved"] = 1.0 - r["seconds"] / base["seconds"]
     return rows
+
+
+#: the default budget of halting: the largest saving whose perplexity is within this many percent
+#: of no halting
+HALTING_MAX_PPL_PCT = 0.5
+
+
+def halting_choice(model: TransformerLM, val_tokens, test_tokens, taus: Sequence[float], *,
+                   max_ppl_change_pct: float = HALTING_MAX_PPL_PCT, batch_size: int = 8, seq_len: int = 256,
+                   max_tokens: int = 32_768, repeats: int = 1) -> dict[str, Any]:
+    """Halting with its threshold chosen on validation text and its effect measured on test text,
+    so the reported saving is not the optimistic one of the text it was tuned on.
+
+    The curve of :func:`halting_curve` over ``taus`` is evaluated on ``val_tokens``; the chosen τ
+    is the one with the largest share of MoE work saved whose validation perplexity is at most
+    ``max_ppl_change_pct`` percent above τ = 0 (τ = 0 when none is; ties go to the smaller τ).
+    That τ is then evaluated on ``test_tokens`` against τ = 0 there. Returns ``{"tau",
+    "max_ppl_change_pct", "chosen_on": "validation", "validation": [rows], "test": row}``, where the
+    test row (as in :func:`halting_curve`) holds the test perplexity change, the MoE work saved and
+    the wall-clock saved at the chosen τ."""
+    kw = {"batch_size": batch_size, "seq_len": seq_len, "max_tokens": max_tokens, "repeats": repeats}
+    val_rows = halting_curve(model, val_tokens, taus, **kw)
+    within = [r for r in val_rows if r["ppl_change_pct"] <= max_ppl_change_pct]
+    chosen = max(within, key=lambda r: (r["moe_flops_saved"], -r["tau"])) if within else val_rows[0]
+    test_rows = halting_curve(model, test_tokens, [chosen["tau"]], **kw)
+    return {"tau": chosen["tau"], "max_ppl_change_pct": max_ppl_change_pct, "chosen_on": "validation",
+            "validation": val_rows, "test": test_rows[-1], "test_baseline_ppl": test_rows[0]["ppl"]}
 
 
 @torch.no_grad()

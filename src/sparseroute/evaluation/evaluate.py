@@ -20,12 +20,14 @@ __all__ = ["evaluate"]
 
 @torch.no_grad()
 def evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_tokens: int, device) -> dict[str, Any]:
-    """Mean cross-entropy (nats/token) and perplexity over up to ``max_tokens`` of ``tokens``; for MoE
-    models also ``routing``: per MoE layer, token-weighted means of the scalar routing statistics
+    """Mean cross-entropy (nats/token) and perplexity over up to ``max_tokens`` of ``tokens``, in
+    windows spread over the whole split (:func:`sparseroute.data.eval_windows`: the same text for
+    every run and seed), with the counts of scored tokens and windows; for MoE models also
+    ``routing``: per MoE layer, token-weighted means of the scalar routing statistics
     in eval mode (entropy, imbalance, active experts, hop collinearity, hops taken, ...)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, windows = 0.0, 0, 0
     layers: list[dict[str, float]] = []
     for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens=max_tokens):
         x, y = x.to(device), y.to(device)
@@ -33,6 +35,7 @@ def evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_to
         logits = out.logits
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
         count += y.numel()
+        windows += y.shape[0]
         if not layers:
             layers = [{} for _ in out.routings]
         for lay, r in zip(layers, out.routings):  # token-weighted means of the scalar routing stats
@@ -43,7 +46,7 @@ def evaluate(model: TransformerLM, tokens, batch_size: int, seq_len: int, max_to
     if count == 0:
         raise ValueError("evaluation split is shorter than one sequence; use a larger corpus or a shorter seq_len")
     loss = total / count
-    res: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+    res: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count, "windows": windows}
     if layers:
         res["routing"] = [{k: v / count for k, v in sorted(lay.items())} for lay in layers]
     return res

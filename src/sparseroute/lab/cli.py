@@ -53,6 +53,8 @@ def add_lab_commands(sub) -> None:
     p.add_argument("--margin", type=float, default=None, help="TOST equivalence margin in PPL (default: the spec's, 1.0)")
     p.add_argument("--relative-margin", action="store_true", default=None,
                    help="read --margin as a fraction of the reference variant's mean test PPL (e.g. 0.02)")
+    p.add_argument("--no-correction", action="store_true", help="verdicts from the raw p-values of each pair "
+                   "(default: Holm-adjusted over all tested pairs)")
     p.add_argument("--new", action="store_true", help="start a new sweep even if one with the same runs exists "
                    "(default: resume it, or extend it with the variants and seeds the spec adds)")
     p.add_argument("--retry-failed", action="store_true", help="train the runs that diverged again")
@@ -67,6 +69,13 @@ def add_lab_commands(sub) -> None:
     r.add_argument("--margin", type=float, default=None, help="TOST margin (default: the sweep spec's)")
     r.add_argument("--relative-margin", action="store_true", default=None, help="--margin is a fraction of the "
                    "reference variant's mean test PPL")
+    r.add_argument("--no-correction", action="store_true", help="verdicts from the raw p-values of each pair "
+                   "(default: Holm-adjusted over all tested pairs)")
+    r.add_argument("--plan-seeds", action="store_true", help="print (and add to the report) how many seeds per "
+                   "variant TOST needs to conclude equivalence against the reference, from the sweep's seed spread")
+    r.add_argument("--plan-power", type=float, default=0.8, help="the power --plan-seeds aims at (default: 0.8)")
+    r.add_argument("--plan-observed-diff", action="store_true", help="--plan-seeds assumes the observed difference "
+                   "of the means is the true one (default: 0)")
 
     runs = sub.add_parser("runs", help="list, show or delete sweeps and runs in the store",
                           description="Inspect the results store.")
@@ -124,7 +133,8 @@ def cmd_compare(args) -> int:
         print(f"sweep {sweep_id} ({spec.name}, {len(plan)} runs) {'created' if created else 'resumed'} in "
               f"{store.path}; run folders under {store.path.parent / sweep['dir']}", file=sys.stderr)
         counts = run_sweep(store, sweep_id, jobs=args.jobs, retry_failed=args.retry_failed, progress=not args.quiet)
-        _summarise(store, sweep_id, None, spec.margin, spec.relative_margin)
+        _summarise(store, sweep_id, None, spec.margin, spec.relative_margin,
+                   correction=None if args.no_correction else "holm")
         if counts.get("failed"):
             print(f"{counts['failed']} run(s) diverged (status failed); see `sparseroute runs list --store {store.path} "
                   f"--sweep {sweep_id}`; --retry-failed trains them again", file=sys.stderr)
@@ -153,17 +163,32 @@ def _print_plan(spec, plan) -> None:
     Console(stderr=False).print(t)
 
 
-def _summarise(store, sweep_id: int, out: str | None, margin: float | None, relative: bool | None) -> Path | None:
-    from sparseroute.lab.report import check_report_path, comparison_of, print_summary, write_report
+def _summarise(store, sweep_id: int, out: str | None, margin: float | None, relative: bool | None, *,
+               correction: str | None = "holm", plan_power: float | None = None,
+               plan_observed_diff: bool = False) -> Path | None:
+    """Print the summary (and, with ``plan_power``, the seeds each pair needs for that power) and
+    write the report."""
+    from sparseroute.lab.report import (
+        check_report_path,
+        comparison_of,
+        print_seed_plans,
+        print_summary,
+        write_report,
+    )
+    from sparseroute.lab.stats import plan_seeds
 
     path = Path(out) if out else store.path.parent / store.sweep(sweep_id)["dir"] / "report.html"
     check_report_path(path)  # a path that cannot take the file is refused before anything is printed
     results = store.results(sweep_id)
     margin = results.spec.get("margin", 1.0) if margin is None else margin
     relative = bool(results.spec.get("relative_margin", False)) if relative is None else relative
-    comparison = comparison_of(results, margin=margin, relative=relative)
+    comparison = comparison_of(results, margin=margin, relative=relative, correction=correction)
     print_summary(results, comparison)
-    write_report(results, path, margin=margin, relative=relative)
+    plans = None
+    if plan_power is not None:
+        plans = plan_seeds(comparison, power=plan_power, observed_diff=plan_observed_diff) if comparison else []
+        print_seed_plans(plans, comparison)
+    write_report(results, path, margin=margin, relative=relative, correction=correction, plans=plans)
     print(f"report: {path}")
     return path
 
@@ -171,10 +196,15 @@ def _summarise(store, sweep_id: int, out: str | None, margin: float | None, rela
 def cmd_report(args) -> int:
     from sparseroute.lab.store import Store
 
+    if not 0.0 < args.plan_power < 1.0:
+        raise ValueError(f"--plan-power must be between 0 and 1 (e.g. 0.8), got {args.plan_power:g}")
     with Store(args.store, create=False) as store:
         sweep_id = args.sweep if args.sweep is not None else store.latest_sweep()
         store.sweep(sweep_id)
-        _summarise(store, sweep_id, args.out, args.margin, args.relative_margin)
+        _summarise(store, sweep_id, args.out, args.margin, args.relative_margin,
+                   correction=None if args.no_correction else "holm",
+                   plan_power=args.plan_power if args.plan_seeds else None,
+                   plan_observed_diff=args.plan_observed_diff)
     return 0
 
 

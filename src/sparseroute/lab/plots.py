@@ -150,8 +150,8 @@ def _plot_tost_matrix(results: SweepResults, comparison: Comparison | None) -> F
                 continue
             pair = comparison.pair(a, b)
             if pair.tost is not None:
-                p[i, j] = pair.tost.p
-                labels[i][j] = f"p={pair.tost.p:.2g}\n{pair.verdict}"
+                p[i, j] = pair.tost_p_used  # the p-value the verdict uses (adjusted with a correction)
+                labels[i][j] = f"p={p[i, j]:.2g}\n{pair.verdict}"
             else:
                 labels[i][j] = "no test"
     size = max(4.5, 1.25 * n + 2.0)
@@ -165,8 +165,12 @@ def _plot_tost_matrix(results: SweepResults, comparison: Comparison | None) -> F
             ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(n), names, rotation=30 if n > 3 else 0, ha="right" if n > 3 else "center")
     ax.set_yticks(range(n), names)
-    ax.set_title(f"TOST p-value (margin ±{comparison.margin:.3g} PPL; equivalent if p < {comparison.alpha:g})")
-    fig.colorbar(im, ax=ax, label="TOST p (max of the two one-sided p)", shrink=0.8)
+    which = "TOST p-value"
+    if comparison.correction is not None:
+        which = f"{comparison.correction.capitalize()}-adjusted TOST p-value over {comparison.family_size} pairs"
+    ax.set_title(f"{which}\n(margin ±{comparison.margin:.3g} PPL; equivalent if p < {comparison.alpha:g})")
+    fig.colorbar(im, ax=ax, label="TOST p (max of the two one-sided p)"
+                 + (", adjusted" if comparison.correction is not None else ""), shrink=0.8)
     return fig
 
 

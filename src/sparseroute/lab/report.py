@@ -1,12 +1,15 @@
 """The report of a sweep: a terminal summary (a rich table) and one self-contained HTML file.
 
 * :func:`comparison_of` runs the statistics (:func:`sparseroute.lab.stats.compare`) on the test
-  perplexity of the finished runs, against the sweep's reference variant.
+  perplexity of the finished runs, against the sweep's reference variant; the verdicts use
+  Holm-adjusted p-values over the testable pairs unless ``correction=None``.
 * :func:`summary_table` / :func:`print_summary`: one row per variant (spec order) with its router,
-  runs done, mean test PPL ± CI half-width, val PPL, expert FLOPs per token, routing parameters
-  and the TOST verdict against the reference; then the notes and every tested pair.
+  runs done, mean test PPL ± CI half-width, val PPL, expert FLOPs per token, routing parameters,
+  the raw and adjusted TOST p-values and the verdict against the reference; then the notes and
+  every tested pair. :func:`print_seed_plans`: the seeds each pair needs (``report --plan-seeds``).
 * :func:`write_report`: a single HTML file (inline CSS, plots as base64 PNG data URIs, nothing
-  loaded from elsewhere), written atomically: loss curves, test PPL with CIs, the TOST p-value
+  loaded from elsewhere), written atomically: the summary, every pair's raw and adjusted p-values,
+  the seeds each pair needs when plans are given, loss curves, test PPL with CIs, the TOST p-value
   matrix, expert-load heatmaps, PPL vs expert FLOPs, routing parameters, the tables, the notes,
   the per-run table and the sweep spec; when finished runs carry them, also the routing profile,
   the halting trade-off of multi-hop variants and the experts' favourite tokens. The sections
@@ -22,12 +25,13 @@ same results give the same file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from sparseroute.fileio import atomic_write_text
 from sparseroute.lab.results import SweepResults
-from sparseroute.lab.stats import Comparison
+from sparseroute.lab.stats import Comparison, SeedPlan
 
 from sparseroute.lab.plots import (
     _expert_load,
@@ -56,21 +60,28 @@ from sparseroute.lab.summary import (
     _DASH,
     _HTML_COLOR,
     _ci_label,
+    _correction_name,
+    _correction_text,
     _fmt,
     _fmt_p,
     _get,
+    _have_text,
     _headers,
     _margin_text,
     _num,
+    _plan_heading,
     _report_notes,
+    _row_values,
     _summary_rows,
     _title,
     comparison_of,
+    print_seed_plans,
     print_summary,
     summary_table,
 )
 
-__all__ = ["comparison_of", "summary_table", "print_summary", "write_report", "check_report_path"]
+__all__ = ["comparison_of", "summary_table", "print_summary", "print_seed_plans", "write_report",
+           "check_report_path"]
 
 # ---------------------------------------------------------------- HTML
 def _verdict_html(verdict: str) -> Cell:
@@ -80,18 +91,24 @@ def _verdict_html(verdict: str) -> Cell:
 
 
 def _summary_table(results: SweepResults, comparison: Comparison | None) -> Table:
-    rows = [[r.variant, r.router, r.runs, r.test, r.val, r.delta, r.flops, r.routing, r.p, _verdict_html(r.verdict)]
-            for r in _summary_rows(results, comparison)]
-    return _table(_headers(comparison), rows, numeric={2, 3, 4, 5, 6, 7, 8}, table_id="summary-table")
+    headers = _headers(comparison)
+    rows = [[*_row_values(r, comparison), _verdict_html(r.verdict)] for r in _summary_rows(results, comparison)]
+    return _table(headers, rows, numeric=range(2, len(headers) - 1), table_id="summary-table")
 
 
 def _pairs_table(comparison: Comparison | None) -> Table | None:
-    """Every tested pair with both one-sided p-values and the CI of diff; ``None`` with no pair."""
+    """Every tested pair with both one-sided p-values, the CI of diff, the raw and (with a
+    correction) adjusted TOST and Welch p-values; ``None`` with no pair."""
     if comparison is None or not comparison.pairs:
         return None
+    adjusted = comparison.correction is not None
     rows = []
     for pr in comparison.pairs:
         t, w = pr.tost, pr.welch
+        note = pr.note
+        if pr.raw_verdict != pr.verdict:
+            note = f"{note}; " if note else ""
+            note += f"{pr.raw_verdict} from the raw p"
         rows.append(
             [
                 pr.a,
@@ -101,13 +118,40 @@ def _pairs_table(comparison: Comparison | None) -> Table | None:
                 _fmt_p(t.p_lower) if t is not None else _DASH,
                 _fmt_p(t.p_upper) if t is not None else _DASH,
                 _fmt_p(t.p) if t is not None else _DASH,
+                *([_fmt_p(pr.tost_p_adjusted)] if adjusted else []),
                 _fmt_p(w.p) if w is not None else _DASH,
+                *([_fmt_p(pr.welch_p_adjusted)] if adjusted else []),
                 _verdict_html(pr.verdict),
-                pr.note,
+                note,
             ]
         )
-    return _table(["a", "b", "diff", _ci_label(comparison), "p_lower", "p_upper", "TOST p", "Welch p", "verdict", "note"],
-                  rows, numeric={2, 3, 4, 5, 6, 7}, table_id="tost-table")
+    name = _correction_name(comparison)
+    headers = ["a", "b", "diff", _ci_label(comparison), "p_lower", "p_upper", "TOST p",
+               *([f"TOST p ({name})"] if adjusted else []), "Welch p", *([f"Welch p ({name})"] if adjusted else []),
+               "verdict", "note"]
+    return _table(headers, rows, numeric=range(2, len(headers) - 2), table_id="tost-table")
+
+
+def _plans_table(plans: list[SeedPlan] | None) -> Table | None:
+    """One row per planned pair: pooled sd, margin, assumed difference, seeds now and needed."""
+    if not plans:
+        return None
+    holm = any(p.needed_corrected is not None for p in plans)
+    m = plans[0].family_size
+    rows = []
+    for p in plans:
+        known = math.isfinite(p.sd)
+        rows.append([
+            p.a, p.b, _fmt(p.sd, 3) if known else _DASH, f"{p.margin:.3g}", f"{p.diff:+.3f}",
+            _have_text(p.have).removeprefix("have "),
+            str(p.needed) if p.needed is not None else _DASH,
+            *([str(p.needed_corrected) if p.needed_corrected is not None else _DASH] if holm else []),
+            p.note,
+        ])
+    headers = ["a", "b", "pooled sd (PPL)", "margin (PPL)", "assumed diff (PPL)", "seeds now",
+               f"seeds needed ({plans[0].power:.0%} power)", *([f"with Holm over {m} pairs (α/{m})"] if holm else []),
+               "note"]
+    return _table(headers, rows, numeric=range(2, len(headers) - 1), table_id="seed-plan-table")
 
 
 def _sections(results: SweepResults, comparison: Comparison | None) -> list[Section]:
@@ -142,8 +186,8 @@ def _sections(results: SweepResults, comparison: Comparison | None) -> list[Sect
         _plot_section(
             "tost-matrix",
             "TOST matrix",
-            "TOST p-value of each pair of variants (symmetric), with the verdict; grey cells: no test "
-            "(a single seed, or no spread).",
+            "TOST p-value of each pair of variants (symmetric) that the verdict uses (adjusted for the number "
+            "of pairs unless --no-correction), with the verdict; grey cells: no test (a single seed, or no spread).",
             _plot_tost_matrix(results, comparison),
         ),
         _plot_section(
@@ -196,9 +240,11 @@ def _runs_table(results: SweepResults) -> Table:
 
 
 def _render_html(
-    results: SweepResults, comparison: Comparison | None, *, margin: float, relative: bool, alpha: float
+    results: SweepResults, comparison: Comparison | None, *, margin: float, relative: bool, alpha: float,
+    plans: list[SeedPlan] | None = None,
 ) -> str:
     margin_text = _margin_text(comparison, margin, relative)
+    correction = _correction_text(comparison)
     name = f"{results.name} (sweep {results.sweep_id})"
     return render(
         "report.html.j2",
@@ -210,11 +256,16 @@ def _render_html(
         alpha=f"{comparison.alpha if comparison is not None else alpha:g}",
         n_done=len(results.done()),
         n_runs=len(results.runs),
-        summary_caption=_title(results, comparison, margin_text),
+        summary_caption=_title(results, comparison, margin_text) + (f"; TOST {correction}" if correction else ""),
+        correction_text=correction,
+        correction_name=_correction_name(comparison) if comparison is not None and comparison.correction else "",
         summary=_summary_table(results, comparison),
         notes=_report_notes(results, comparison),
         ci_label=_ci_label(comparison) if comparison is not None else "",
+        n_tested=comparison.family_size if comparison is not None else 0,
         pairs=_pairs_table(comparison),
+        plans=_plans_table(plans),
+        plan_heading=_plan_heading(plans, comparison) if plans and comparison is not None else "",
         sections=_sections(results, comparison),
         runs=_runs_table(results),
         spec=json.dumps(results.spec, indent=2, sort_keys=False, ensure_ascii=False, default=str),
@@ -237,14 +288,16 @@ def check_report_path(path: str | os.PathLike[str]) -> Path:
 
 def write_report(
     results: SweepResults, path: str | os.PathLike[str], *, margin: float = 1.0, relative: bool = False,
-    alpha: float = 0.05,
+    alpha: float = 0.05, correction: str | None = "holm", plans: list[SeedPlan] | None = None,
 ) -> Path:
     """Write the HTML report of ``results`` to ``path`` (its folder is created if needed) and
     return the path. The file is self-contained and replaced atomically. A ``path`` that is a
-    folder or lies under a file raises ValueError before anything is written."""
+    folder or lies under a file raises ValueError before anything is written. ``correction``: as
+    :func:`comparison_of`; ``plans`` (:func:`sparseroute.lab.stats.plan_seeds` of the same
+    comparison) adds the "Seeds needed" section."""
     path = check_report_path(path)
-    comparison = comparison_of(results, margin=margin, relative=relative, alpha=alpha)
-    document = _render_html(results, comparison, margin=margin, relative=relative, alpha=alpha)
+    comparison = comparison_of(results, margin=margin, relative=relative, alpha=alpha, correction=correction)
+    document = _render_html(results, comparison, margin=margin, relative=relative, alpha=alpha, plans=plans)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, document)
     return path

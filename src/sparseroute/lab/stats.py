@@ -19,6 +19,16 @@ Each variant is trained over several seeds; its finished seeds give one test PPL
 A pair's verdict is "equivalent" (TOST), "different" (not equivalent and Welch p < alpha),
 "inconclusive" (neither) or "no test" (a variant has a single seed, or both have zero spread).
 
+* ``holm``: the Holm–Bonferroni step-down adjustment of a family of p-values. :func:`compare`
+  applies it (``correction="holm"``, the default) across the testable pairs of a sweep, once to
+  the TOST p-values and once to the Welch p-values; each :class:`PairResult` keeps the raw
+  p-values (``tost.p``, ``welch.p``) and carries the adjusted ones, and its verdict uses the
+  adjusted ones (``correction=None``: the raw ones).
+* ``tost_power`` / ``seeds_needed`` / ``plan_seeds``: the power of this TOST for two variants of
+  ``n`` seeds each with a common between-seed sd, and the number of seeds per variant it takes to
+  reach a power (80% by default) at the margin; :func:`plan_seeds` does it per pair of a
+  comparison from the pooled sd of the pair's seeds.
+
 The Student-t distribution is SciPy's (:data:`scipy.stats.t`): tail probabilities are taken
 on the side they are small (``sf`` / ``cdf`` of the negated argument, never ``1 - cdf``), so tiny
 p-values keep their relative accuracy. The Welch statistic is computed here rather than with
@@ -34,11 +44,12 @@ import math
 import random
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from scipy import stats
+from scipy import integrate, special, stats
 
 _t = stats.t
+CORRECTIONS = ("holm", None)  # the multiple-comparison corrections compare() knows
 
 
 class NotTestable(ValueError):
@@ -218,29 +229,86 @@ def margin_for(margin: float, *, relative: bool, reference_mean: float | None) -
     return float(margin) * float(reference_mean)
 
 
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the order given.
+
+    With the ``m`` p-values sorted ascending, ``p_(0) <= … <= p_(m-1)``, the adjusted value of
+    ``p_(i)`` is ``max over j <= i of min(1, (m - j) · p_(j))`` (the step-down is made monotone), the
+    same as ``statsmodels.stats.multitest.multipletests(method="holm")[1]``. Rejecting where the
+    adjusted value is < alpha keeps the chance of any false rejection in the family at most alpha,
+    whatever the dependence between the tests. Ties get the same adjusted value."""
+    ps = [float(p) for p in pvalues]
+    bad = [p for p in ps if not 0.0 <= p <= 1.0]  # also rejects nan
+    if bad:
+        raise ValueError(f"p-values must be in [0, 1], got {bad}")
+    m = len(ps)
+    out = [0.0] * m
+    running = 0.0
+    for j, i in enumerate(sorted(range(m), key=ps.__getitem__)):
+        running = max(running, min(1.0, (m - j) * ps[i]))
+        out[i] = running
+    return out
+
+
 @dataclass(frozen=True)
 class PairResult:
-    """Both tests for one pair of variants (``None`` with a plain ``note`` when not testable)."""
+    """Both tests for one pair of variants (``None`` with a plain ``note`` when not testable).
+
+    ``welch.p`` and ``tost.p`` (and ``tost.equivalent``) are the raw, per-pair values. With a
+    multiple-comparison ``correction`` ("holm"), ``tost_p_adjusted`` and ``welch_p_adjusted`` are
+    the adjusted p-values over the comparison's testable pairs and the verdict uses them; without
+    (``None``, the adjusted fields ``None`` too) the verdict uses the raw ones."""
 
     a: str
     b: str
     welch: WelchResult | None
     tost: TOSTResult | None
     note: str
+    tost_p_adjusted: float | None = None
+    welch_p_adjusted: float | None = None
+    correction: str | None = None
+
+    @property
+    def tost_p_used(self) -> float | None:
+        """The TOST p-value the verdict uses: adjusted with a correction, else raw."""
+        if self.tost is None:
+            return None
+        return self.tost_p_adjusted if self.tost_p_adjusted is not None else self.tost.p
+
+    @property
+    def welch_p_used(self) -> float | None:
+        """The Welch p-value the verdict uses: adjusted with a correction, else raw."""
+        if self.welch is None:
+            return None
+        return self.welch_p_adjusted if self.welch_p_adjusted is not None else self.welch.p
 
     @property
     def verdict(self) -> str:
-        """One of "equivalent", "different", "inconclusive" or "no test"."""
+        """One of "equivalent", "different", "inconclusive" or "no test": equivalent when the TOST
+        p-value (adjusted, with a correction) is < alpha; different when not equivalent and the
+        Welch p-value (adjusted likewise) is < alpha."""
         if self.welch is None or self.tost is None:
             return "no test"
-        if self.tost.equivalent:
-            return "equivalent"
-        return "different" if self.welch.p < self.tost.alpha else "inconclusive"
+        return _verdict(self.tost_p_used, self.welch_p_used, self.tost.alpha)
+
+    @property
+    def raw_verdict(self) -> str:
+        """The verdict from the raw p-values, as without a correction."""
+        if self.welch is None or self.tost is None:
+            return "no test"
+        return _verdict(self.tost.p, self.welch.p, self.tost.alpha)
+
+
+def _verdict(tost_p: float, welch_p: float, alpha: float) -> str:
+    if tost_p < alpha:
+        return "equivalent"
+    return "different" if welch_p < alpha else "inconclusive"
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Per-variant summaries and every pairwise test of one sweep."""
+    """Per-variant summaries and every pairwise test of one sweep; ``correction`` is the
+    multiple-comparison correction the pairs' verdicts use ("holm", or ``None``: raw p-values)."""
 
     summaries: dict[str, MeanCI]
     pairs: list[PairResult]
@@ -249,6 +317,12 @@ class Comparison:
     reference: str
     alpha: float
     confidence: float
+    correction: str | None = None
+
+    @property
+    def family_size(self) -> int:
+        """The number of testable pairs: the family a correction adjusts over."""
+        return sum(p.tost is not None for p in self.pairs)
 
     def pair(self, a: str, b: str) -> PairResult:
         """The pair (a, b) in either order, as stored."""
@@ -268,8 +342,14 @@ class Comparison:
 
 
 def compare(groups: dict[str, Sequence[float]], *, margin: float = 1.0, relative: bool = False,
-            alpha: float = 0.05, confidence: float = 0.95, reference: str | None = None) -> Comparison:
-    """Summarize each variant (test PPL of its finished seeds) and test every pair of variants."""
+            alpha: float = 0.05, confidence: float = 0.95, reference: str | None = None,
+            correction: str | None = "holm") -> Comparison:
+    """Summarize each variant (test PPL of its finished seeds) and test every pair of variants.
+
+    ``correction="holm"`` adjusts the TOST p-values of the testable pairs with :func:`holm`, and
+    separately their Welch p-values; the verdicts use the adjusted values. ``None``: raw p-values."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
     if not groups:
         raise ValueError("no variants to compare")
     empty = [name for name, vals in groups.items() if len(vals) == 0]
@@ -302,5 +382,208 @@ def compare(groups: dict[str, Sequence[float]], *, margin: float = 1.0, relative
                 continue
             pairs.append(PairResult(na, nb, _welch(diff, se, df),
                                     _tost(diff, se, df, absolute, alpha), ""))
+    if correction == "holm":
+        tested = [i for i, p in enumerate(pairs) if p.tost is not None]
+        tost_adj = holm([pairs[i].tost.p for i in tested])
+        welch_adj = holm([pairs[i].welch.p for i in tested])
+        for i, pt, pw in zip(tested, tost_adj, welch_adj):
+            pairs[i] = replace(pairs[i], tost_p_adjusted=pt, welch_p_adjusted=pw, correction=correction)
     return Comparison(summaries, pairs, absolute, float(margin) if relative else None, reference,
-                      alpha, confidence)
+                      alpha, confidence, correction)
+
+
+# ---------------------------------------------------------------- how many seeds
+DF_KINDS = ("welch", "pooled")  # the degrees of freedom tost_power can assume
+
+
+def _between(lo: float, hi: float) -> float:
+    """P(lo < Z < hi) for a standard normal Z, from the small tails (no cancellation near 1)."""
+    if hi <= lo:
+        return 0.0
+    if lo > 0.0:
+        return float(special.ndtr(-lo) - special.ndtr(-hi))
+    return float(special.ndtr(hi) - special.ndtr(lo))
+
+
+def _check_plan(sd: float, margin: float, alpha: float, diff: float, df: str) -> None:
+    if not (sd > 0 and math.isfinite(sd)):  # also rejects nan
+        raise ValueError(f"the between-seed sd must be a finite number > 0, got {sd}")
+    _check_margin(margin, alpha)
+    if not math.isfinite(diff):
+        raise ValueError(f"the assumed difference must be finite, got {diff}")
+    if df not in DF_KINDS:
+        raise ValueError(f"df must be one of {DF_KINDS}, got {df!r}")
+
+
+def tost_power(n: int, sd: float, margin: float, alpha: float = 0.05, diff: float = 0.0, *,
+               df: str = "welch") -> float:
+    """The probability that :func:`tost` concludes equivalence within ``±margin`` at ``alpha``, for
+    two variants of ``n`` seeds each drawn from normal distributions with the common sd ``sd``
+    whose means differ by ``diff``.
+
+    With equal ``n`` the Welch standard error is the pooled one, ``se = s·sqrt(2/n)`` with
+    ``s² = (s²_a + s²_b)/2``, so ``se = sd·sqrt(X / (n(n-1)))`` with ``X ~ χ²(2n-2)``, and the estimate
+    ``d`` of the difference is ``N(diff, 2·sd²/n)``, independent of ``X``. TOST concludes equivalence
+    iff ``|d| < margin - t_c·se`` (its (1-2α) interval lies inside the margin), where ``t_c`` is the
+    upper-``alpha`` point of Student's t. Given ``se`` and ``t_c`` that is a normal probability;
+    the power is its expectation, computed exactly (up to quadrature error, ~1e-9) with adaptive
+    quadrature (:func:`scipy.integrate.quad`) over the quantiles of ``X``.
+
+    ``df="welch"`` (default) is the test the lab runs: the Welch–Satterthwaite df
+    ``(n-1)/(r² + (1-r)²)``, where ``r = s²_a/(s²_a + s²_b)`` is ``Beta((n-1)/2, (n-1)/2)`` and
+    independent of ``X``, lies between ``n-1`` and ``2n-2``; the power is integrated over ``r`` too.
+    ``df="pooled"``: Student's t with ``2n-2`` df (the pooled-variance TOST). At small ``n`` the two
+    differ noticeably (n = 3, sd = 0.3·margin: 0.85 against 0.90), which is why the default is
+    Welch. The noncentral-t formula ``P(T₁ > t_c) + P(T₂ < -t_c) - 1`` is not used: it leaves out
+    the chance that both one-sided tests fail together (large ``se``), so it is a lower bound that
+    can go negative, and it has no form for the Welch df, which varies with the data."""
+    if isinstance(n, bool) or int(n) != n or n < 2:
+        raise ValueError(f"n must be an integer >= 2 (seeds per variant), got {n}")
+    n = int(n)
+    sd, margin, alpha, diff = float(sd), float(margin), float(alpha), float(diff)
+    _check_plan(sd, margin, alpha, diff, df)
+    nu = 2 * n - 2  # s = sqrt(X) has the chi distribution with nu df
+    log_norm = (nu / 2.0 - 1.0) * math.log(2.0) + math.lgamma(nu / 2.0)
+    sd_diff = sd * math.sqrt(2.0 / n)  # sd of d
+    se_unit = sd / math.sqrt(n * (n - 1.0))  # se = se_unit·s
+    # the chi density is negligible (< 1e-40 of its peak) outside sqrt(nu) ± 10
+    s_lo, s_hi = max(0.0, math.sqrt(nu) - 10.0), math.sqrt(nu) + 10.0
+
+    def given_tc(tc: float) -> float:
+        # d must lie within ±h(s), h = margin - tc·se_unit·s > 0, i.e. s < s_max
+        top = min(s_hi, margin / (tc * se_unit))
+        if not top > s_lo:
+            return 0.0
+
+        def at(x: float) -> float:  # the conditional power times the chi density at s = x
+            if x <= 0.0:
+                return 0.0
+            h = margin - tc * se_unit * x
+            dens = math.exp((nu - 1) * math.log(x) - x * x / 2.0 - log_norm)
+            return _between((-h - diff) / sd_diff, (h - diff) / sd_diff) * dens if h > 0.0 else 0.0
+
+        return integrate.quad(at, s_lo, top, epsabs=1e-11, epsrel=1e-10, limit=200)[0]
+
+    if df == "pooled":
+        power = given_tc(float(_t.isf(alpha, nu)))
+    else:
+        # r = sin²(φ/2) with φ in (0, π) of density ∝ sin^(n-2) φ, symmetric about π/2:
+        # r² + (1-r)² = 1 - sin²(φ)/2, so the Welch df is (n-1)/(1 - sin²(φ)/2)
+        log_w = 0.5 * math.log(math.pi) + math.lgamma((n - 1) / 2.0) - math.lgamma(n / 2.0) - math.log(2.0)
+
+        def at_angle(phi: float) -> float:
+            sin = math.sin(phi)
+            if n > 2 and sin <= 0.0:
+                return 0.0
+            weight = math.exp((n - 2) * math.log(sin) - log_w) if n > 2 else math.exp(-log_w)
+            return weight * given_tc(float(_t.isf(alpha, (n - 1) / (1.0 - sin * sin / 2.0))))
+
+        power = integrate.quad(at_angle, 0.0, math.pi / 2.0, epsabs=1e-10, epsrel=1e-9, limit=100)[0]
+    return min(1.0, max(0.0, power))
+
+
+def seeds_needed(sd: float, margin: float, alpha: float = 0.05, power: float = 0.8, diff: float = 0.0,
+                 max_n: int = 1000, *, df: str = "welch") -> int:
+    """The smallest number of seeds per variant ``n >= 2`` for which TOST reaches ``power`` (see
+    :func:`tost_power`): ``tost_power(n) >= power > tost_power(n - 1)``. ValueError with a plain
+    reason when ``sd`` is not a finite number > 0, when ``|diff| >= margin`` (no ``n`` reaches it)
+    or when even ``max_n`` seeds do not."""
+    _check_plan(float(sd), float(margin), float(alpha), float(diff), df)
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be in (0, 1), got {power}")
+    if isinstance(max_n, bool) or int(max_n) != max_n or max_n < 2:
+        raise ValueError(f"max_n must be an integer >= 2, got {max_n}")
+    max_n = int(max_n)
+    if abs(diff) >= margin:
+        raise ValueError(f"the assumed difference {diff:+.3g} PPL is not inside the margin ±{margin:.3g} PPL: "
+                         f"no number of seeds gives {power:.0%} power")
+
+    def reaches(n: int) -> bool:
+        return tost_power(n, sd, margin, alpha, diff, df=df) >= power
+
+    if reaches(2):
+        return 2
+    lo, hi = 2, min(4, max_n)  # lo does not reach the power; grow hi until it does, then bisect
+    while not reaches(hi):
+        if hi == max_n:
+            raise ValueError(f"more than {max_n} seeds per variant "
+                             f"({max_n} give {tost_power(max_n, sd, margin, alpha, diff, df=df):.0%} power)")
+        lo, hi = hi, min(2 * hi, max_n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """How many seeds per variant the pair (a, b) needs for TOST to conclude equivalence with
+    ``power``: ``needed`` at the comparison's alpha; ``needed_corrected`` at ``alpha / family_size``
+    (Holm's strictest step; a raw p below it stays below alpha after Holm's adjustment, so this
+    many suffice whatever the other pairs give), ``None`` without a correction or with one pair.
+    ``sd`` is the pooled between-seed sd of the two variants, ``diff`` the assumed true difference
+    (0, or the observed one), ``have`` the finished seeds of a and b. ``needed`` is ``None`` with a
+    ``note`` saying why when there is no answer."""
+
+    a: str
+    b: str
+    sd: float
+    margin: float
+    diff: float
+    alpha: float
+    power: float
+    have: tuple[int, int]
+    needed: int | None
+    needed_corrected: int | None
+    family_size: int
+    note: str = ""
+
+
+def pooled_sd(x: MeanCI, y: MeanCI) -> float:
+    """The pooled sd of two variants' seeds, ``sqrt(((nₐ-1)s²ₐ + (nᵦ-1)s²ᵦ) / (nₐ + nᵦ - 2))``; a
+    single seed adds nothing (nan when neither variant has two seeds)."""
+    dof = x.n + y.n - 2
+    if dof < 1:
+        return math.nan
+    ss = math.fsum((s.n - 1) * s.sd ** 2 for s in (x, y) if s.n > 1)
+    return math.sqrt(ss / dof)
+
+
+def plan_seeds(comparison: Comparison, *, power: float = 0.8, observed_diff: bool = False,
+               every_pair: bool = False, max_n: int = 1000) -> list[SeedPlan]:
+    """A :class:`SeedPlan` per pair: the reference against every other variant (``every_pair``:
+    every pair), from the pooled sd of the pair's seeds, at the comparison's margin and alpha; the
+    true difference is taken to be 0, or the observed difference of the means with
+    ``observed_diff``."""
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be in (0, 1), got {power}")
+    s, ref = comparison.summaries, comparison.reference
+    if every_pair:
+        names = list(s)
+        pairs = [(x, y) for i, x in enumerate(names) for y in names[i + 1:]]
+    else:
+        pairs = [(ref, v) for v in s if v != ref]
+    m = comparison.family_size
+    plans = []
+    for a, b in pairs:
+        sd = pooled_sd(s[a], s[b])
+        diff = s[a].mean - s[b].mean if observed_diff else 0.0
+        needed = corrected = None
+        note = ""
+        if not math.isfinite(sd):
+            note = "1 seed of each: no spread to plan from"
+        elif sd == 0.0:
+            note = "no spread between the seeds (sd 0): nothing to plan from"
+        else:
+            try:
+                needed = seeds_needed(sd, comparison.margin, comparison.alpha, power, diff, max_n)
+            except ValueError as e:
+                note = str(e)
+            if needed is not None and comparison.correction is not None and m > 1:
+                try:
+                    corrected = seeds_needed(sd, comparison.margin, comparison.alpha / m, power, diff, max_n)
+                except ValueError as e:
+                    note = f"with {comparison.correction.capitalize()} over {m} pairs: {e}"
+        plans.append(SeedPlan(a, b, sd, comparison.margin, diff, comparison.alpha, power, (s[a].n, s[b].n),
+                              needed, corrected, m, note))
+    return plans

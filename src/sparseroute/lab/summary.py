@@ -1,7 +1,9 @@
 """The terminal summary of a sweep and the helpers the report shares: :func:`comparison_of` runs
-the statistics on the finished runs' test perplexity against the reference variant;
-:func:`summary_table` / :func:`print_summary` show one row per variant, the notes, every tested
-pair and, for multi-hop variants, hop collinearity and the best halting threshold.
+the statistics on the finished runs' test perplexity against the reference variant (verdicts from
+Holm-adjusted p-values unless ``correction=None``); :func:`summary_table` / :func:`print_summary`
+show one row per variant, the notes, every tested pair (raw and adjusted p) and, for multi-hop
+variants, hop collinearity and the best halting threshold; :func:`print_seed_plans` prints the
+seeds each pair needs for TOST to reach a power (:func:`sparseroute.lab.stats.plan_seeds`).
 :func:`halting_summary` and :func:`hop_collinearity` condense the runs' ``final["halting"]`` and
 ``final["routing_profile"]`` (also used by the benchmark scripts)."""
 
@@ -20,10 +22,10 @@ from rich.table import Table
 from rich.text import Text
 
 from sparseroute.lab.results import RunResult, SweepResults, config_leaves, covered
-from sparseroute.lab.stats import Comparison, PairResult, compare
+from sparseroute.lab.stats import Comparison, PairResult, SeedPlan, compare
 
-__all__ = ["comparison_of", "summary_table", "print_summary", "halting_summary", "hop_collinearity",
-           "deliberate_differences", "HALTING_PPL_LIMIT_PCT"]
+__all__ = ["comparison_of", "summary_table", "print_summary", "print_seed_plans", "halting_summary",
+           "hop_collinearity", "deliberate_differences", "HALTING_PPL_LIMIT_PCT"]
 
 _RICH_STYLE = {
     "equivalent": "bold green",
@@ -46,16 +48,18 @@ HALTING_PPL_LIMIT_PCT = 0.5  # halting target: the PPL may grow by at most this 
 
 # ---------------------------------------------------------------- statistics
 def comparison_of(
-    results: SweepResults, *, margin: float = 1.0, relative: bool = False, alpha: float = 0.05
+    results: SweepResults, *, margin: float = 1.0, relative: bool = False, alpha: float = 0.05,
+    correction: str | None = "holm",
 ) -> Comparison | None:
     """The statistics of the sweep's finished runs (test PPL per variant), against the reference:
     ``results.reference`` when it has finished runs, else the first variant that has. ``None``
-    when no run is finished yet."""
+    when no run is finished yet. ``correction``: as :func:`sparseroute.lab.stats.compare`."""
     groups = results.test_ppl()
     if not groups:
         return None
     reference = _reference_of(results, groups)
-    return compare(groups, margin=margin, relative=relative, alpha=alpha, reference=reference)
+    return compare(groups, margin=margin, relative=relative, alpha=alpha, reference=reference,
+                   correction=correction)
 
 
 def _reference_of(results: SweepResults, groups: dict[str, Any]) -> str:
@@ -178,6 +182,26 @@ def _ci_label(comparison: Comparison) -> str:
     return f"{(1 - 2 * comparison.alpha) * 100:g}% CI"
 
 
+_CORRECTION_NAME = {"holm": "Holm"}
+
+
+def _correction_name(comparison: Comparison) -> str:
+    return _CORRECTION_NAME.get(comparison.correction or "", str(comparison.correction))
+
+
+def _pairs_word(n: int) -> str:
+    return f"{n} pair{'s' if n != 1 else ''}"
+
+
+def _correction_text(comparison: Comparison | None) -> str:
+    """Which p-values the verdicts use: "verdicts from Holm-adjusted p over 3 pairs" or raw."""
+    if comparison is None:
+        return ""
+    if comparison.correction is None:
+        return "verdicts from raw p (no multiple-comparison correction)"
+    return f"verdicts from {_correction_name(comparison)}-adjusted p over {_pairs_word(comparison.family_size)}"
+
+
 def _variant_colors(results: SweepResults) -> dict[str, Any]:
     cmap = matplotlib.colormaps["tab10" if len(results.variants) <= 10 else "tab20"]
     return {v: cmap(i % cmap.N) for i, v in enumerate(results.variants)}
@@ -258,7 +282,8 @@ class _Row:
     delta: str
     flops: str
     routing: str
-    p: str
+    p: str  # the raw TOST p against the reference
+    p_adjusted: str  # the adjusted one (the verdict's), or a dash
     verdict: str  # a PairResult verdict, "reference", or "" when nothing is compared
 
 
@@ -277,7 +302,7 @@ def _summary_rows(results: SweepResults, comparison: Comparison | None) -> list[
             test = f"{_mean(test_values):.2f}"
         else:
             test = _DASH
-        delta, p, verdict = _DASH, _DASH, ""
+        delta, p, p_adjusted, verdict = _DASH, _DASH, _DASH, ""
         if comparison is not None:
             if v == ref:
                 verdict = "reference"
@@ -289,6 +314,7 @@ def _summary_rows(results: SweepResults, comparison: Comparison | None) -> list[
                 verdict = pair.verdict
                 if pair.tost is not None:
                     p = _fmt_p(pair.tost.p)
+                    p_adjusted = _fmt_p(pair.tost_p_adjusted)
         routing = _final_values(done, "parameter_counts", "routing")
         rows.append(
             _Row(
@@ -301,15 +327,28 @@ def _summary_rows(results: SweepResults, comparison: Comparison | None) -> list[
                 flops=_si(_mean(_final_values(done, "flops_per_token", "experts"))),
                 routing=_count(routing[0]) if routing else _DASH,
                 p=p,
+                p_adjusted=p_adjusted,
                 verdict=verdict,
             )
         )
     return rows
 
 
+def _adjusted_column(comparison: Comparison | None) -> bool:
+    """Whether the tables have a column of adjusted p-values (with a correction)."""
+    return comparison is not None and comparison.correction is not None
+
+
+def _row_values(row: _Row, comparison: Comparison | None) -> list[str]:
+    """The cells of a summary row before the verdict, in :func:`_headers`' order."""
+    cells = [row.variant, row.router, row.runs, row.test, row.val, row.delta, row.flops, row.routing, row.p]
+    return cells + [row.p_adjusted] * _adjusted_column(comparison)
+
+
 def _headers(comparison: Comparison | None) -> list[str]:
     conf = f"{comparison.confidence * 100:g}% CI" if comparison is not None else "CI"
     ref = comparison.reference if comparison is not None else "reference"
+    adjusted = [f"TOST p ({_correction_name(comparison)})"] if _adjusted_column(comparison) else []
     return [
         "variant",
         "router",
@@ -320,12 +359,29 @@ def _headers(comparison: Comparison | None) -> list[str]:
         "expert FLOPs/tok",
         "routing params",
         "TOST p",
+        *adjusted,
         f"vs {ref}",
     ]
 
 
+def vocabulary(results: SweepResults) -> str:
+    """The runs' vocabulary in words ("BPE 8192", "bytes (256)"; several when they differ), so that
+    a table says which regime its perplexities come from."""
+    seen = []
+    for r in results.runs:
+        data = r.config.get("data", {})
+        if data.get("tokenizer") == "bpe":
+            said = f"BPE {r.config.get('model', {}).get('vocab_size', data.get('bpe_vocab_size'))}"
+        else:
+            said = "bytes (256)"
+        if said not in seen:
+            seen.append(said)
+    return " / ".join(seen)
+
+
 def _title(results: SweepResults, comparison: Comparison | None, margin_text: str) -> str:
-    head = f"Sweep {results.name!r} (id {results.sweep_id})"
+    vocab = vocabulary(results)
+    head = f"Sweep {results.name!r} (id {results.sweep_id}{', vocabulary ' + vocab if vocab else ''})"
     if comparison is None:
         return f"{head} — no finished run yet"
     return f"{head} — test PPL equivalence (TOST, α={comparison.alpha:g}), margin {margin_text}"
@@ -333,24 +389,20 @@ def _title(results: SweepResults, comparison: Comparison | None, margin_text: st
 
 def summary_table(results: SweepResults, comparison: Comparison | None) -> Table:
     """One row per variant (spec order): router, runs done/total, mean test PPL ± CI half-width,
-    val PPL, difference to the reference, expert FLOPs per token (forward), routing parameters
-    and the TOST p-value and verdict against the reference variant."""
+    val PPL, difference to the reference, expert FLOPs per token (forward), routing parameters,
+    the raw TOST p-value against the reference variant, the adjusted one (with a correction) and
+    the verdict; the caption says which p-values the verdicts use."""
     margin_text = _margin_text(comparison, 1.0, False) if comparison is not None else ""
+    caption = _correction_text(comparison)
     table = Table(title=Text(_title(results, comparison, margin_text)), title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
+                  pad_edge=False, caption=Text(f"TOST {caption}") if caption else None, caption_justify="left")
     for i, h in enumerate(_headers(comparison)):
         table.add_column(Text(h), justify="left" if i < 2 else "right", no_wrap=i == 0)
     for row in _summary_rows(results, comparison):
+        cells = _row_values(row, comparison)
         table.add_row(
-            Text(row.variant, style="bold"),
-            Text(row.router),
-            Text(row.runs),
-            Text(row.test),
-            Text(row.val),
-            Text(row.delta),
-            Text(row.flops),
-            Text(row.routing),
-            Text(row.p),
+            Text(cells[0], style="bold"),
+            *(Text(c) for c in cells[1:]),
             Text(row.verdict or _DASH, style=_RICH_STYLE.get(row.verdict, "")),
         )
     return table
@@ -386,6 +438,17 @@ def _value_text(x: Any) -> str:
     return "none" if x is None else str(x)
 
 
+def still_falling(results: SweepResults) -> list[str]:
+    """The finished runs whose convergence check (``final["convergence"]``, stored by the training
+    loop) flags them as still falling, as "variant seed N (-x.x%)"."""
+    out = []
+    for r in results.runs:
+        conv = (r.final or {}).get("convergence") if r.status == "done" else None
+        if conv and conv.get("still_falling"):
+            out.append(f"{r.variant} seed {r.seed} ({100 * conv['relative_change']:+.1f}%)")
+    return out
+
+
 def _report_notes(results: SweepResults, comparison: Comparison | None) -> list[str]:
     """What the reader must know: unfinished runs, variants left out, single seeds, fallbacks."""
     notes: list[str] = []
@@ -400,6 +463,12 @@ def _report_notes(results: SweepResults, comparison: Comparison | None) -> list[
             "the statistics use finished runs only."
         )
     notes.extend(f"Deliberate difference (allow_differences): {line}." for line in deliberate_differences(results))
+    falling = still_falling(results)
+    if falling:
+        notes.append(
+            "Still falling at the end (validation loss down by more than 1% over the last 20% of training): "
+            + ", ".join(falling) + "; equivalence at this budget says little about where these runs end up."
+        )
     if comparison is None:
         notes.append("No run has finished yet: there is nothing to compare.")
         return notes
@@ -421,19 +490,28 @@ def _pair_line(pair: PairResult, comparison: Comparison) -> str:
     if pair.tost is None or pair.welch is None:
         return f"{pair.a} vs {pair.b}: no test ({pair.note})" if pair.note else f"{pair.a} vs {pair.b}: no test"
     t = pair.tost
+    name = _correction_name(comparison)
+    tost_adj = f" ({name} {_fmt_p(pair.tost_p_adjusted)})" if pair.tost_p_adjusted is not None else ""
+    welch_adj = f" ({name} {_fmt_p(pair.welch_p_adjusted)})" if pair.welch_p_adjusted is not None else ""
+    raw = f" (raw p: {pair.raw_verdict})" if pair.raw_verdict != pair.verdict else ""
     return (
         f"{pair.a} vs {pair.b}: diff {t.diff:+.3f} PPL, {_ci_label(comparison)} [{t.ci_low:+.3f}, {t.ci_high:+.3f}] "
         f"within ±{comparison.margin:.4g}? p_lower={_fmt_p(t.p_lower)}, p_upper={_fmt_p(t.p_upper)}, "
-        f"TOST p={_fmt_p(t.p)}, Welch p={_fmt_p(pair.welch.p)} -> {pair.verdict}"
+        f"TOST p={_fmt_p(t.p)}{tost_adj}, Welch p={_fmt_p(pair.welch.p)}{welch_adj} -> {pair.verdict}{raw}"
     )
 
 
-def print_summary(results: SweepResults, comparison: Comparison | None, console: Console | None = None) -> None:
-    """Print the summary table, the notes and one line per tested pair."""
+def _console(console: Console | None) -> Console:
     if console is None:
         console = Console()
         if not console.is_terminal:  # a file or a pipe: no terminal to wrap for, keep rows on one line
             console = Console(width=max(console.width, 140))
+    return console
+
+
+def print_summary(results: SweepResults, comparison: Comparison | None, console: Console | None = None) -> None:
+    """Print the summary table, the notes and one line per tested pair."""
+    console = _console(console)
     console.print(summary_table(results, comparison))
     notes = _report_notes(results, comparison)
     if notes:
@@ -441,7 +519,8 @@ def print_summary(results: SweepResults, comparison: Comparison | None, console:
         for n in notes:
             console.print(Text(f"  • {n}"))
     if comparison is not None and comparison.pairs:
-        console.print(Text(f"TOST pairs (margin {_margin_text(comparison, 1.0, False)}, α={comparison.alpha:g}):", style="bold"))
+        console.print(Text(f"TOST pairs (margin {_margin_text(comparison, 1.0, False)}, α={comparison.alpha:g}; "
+                           f"{_correction_text(comparison)}):", style="bold"))
         for pair in comparison.pairs:
             console.print(Text(f"  {_pair_line(pair, comparison)}", style=_RICH_STYLE.get(pair.verdict, "")))
     lines = [f"{v}: cos(Δh0, Δh1) = {c:.2f} (mean over layers and seeds)" for v, c in hop_collinearity(results).items()]
@@ -450,3 +529,48 @@ def print_summary(results: SweepResults, comparison: Comparison | None, console:
         console.print(Text("Multi-hop routing:", style="bold"))
         for line in lines:
             console.print(Text(f"  {line}"))
+
+
+# ---------------------------------------------------------------- seeds planner
+def _have_text(have: tuple[int, int]) -> str:
+    return f"have {have[0]}" if have[0] == have[1] else f"have {have[0]} and {have[1]}"
+
+
+def _plan_heading(plans: Sequence[SeedPlan], comparison: Comparison) -> str:
+    power = plans[0].power if plans else 0.8
+    diffs = "as observed" if plans and any(p.diff != 0.0 for p in plans) else "0"
+    return (f"Seeds per variant for TOST to conclude equivalence with {power:.0%} power (α={comparison.alpha:g}, "
+            f"margin {_margin_text(comparison, 1.0, False)}, true difference {diffs}; normal seeds with the "
+            f"pair's pooled sd)")
+
+
+def _plan_line(plan: SeedPlan) -> str:
+    """``"topk vs cosine: sd 0.42 PPL, margin 1 PPL -> 5 seeds per variant for 80% power (have 3); 7
+    with Holm over 3 pairs (at α/3)"``; the reason instead when there is no answer."""
+    head = f"{plan.a} vs {plan.b}: "
+    if not math.isfinite(plan.sd) or plan.sd == 0.0:
+        return f"{head}{plan.note} ({_have_text(plan.have)})"
+    head += f"sd {plan.sd:.3g} PPL, margin {plan.margin:.3g} PPL"
+    if plan.diff != 0.0:
+        head += f", assumed difference {plan.diff:+.3g} PPL"
+    if plan.needed is None:
+        return f"{head} -> {plan.note} ({_have_text(plan.have)})"
+    line = f"{head} -> {plan.needed} seeds per variant for {plan.power:.0%} power ({_have_text(plan.have)})"
+    if plan.needed_corrected is not None:
+        m = plan.family_size
+        line += f"; {plan.needed_corrected} with Holm over {m} pairs (at α/{m})"
+    elif plan.note:
+        line += f"; {plan.note}"
+    return line
+
+
+def print_seed_plans(plans: Sequence[SeedPlan], comparison: Comparison | None, console: Console | None = None) -> None:
+    """Print one line per planned pair (:func:`sparseroute.lab.stats.plan_seeds`) under a heading
+    that says what the plan assumes."""
+    console = _console(console)
+    if comparison is None or not plans:
+        console.print(Text("Seeds needed: no pair to plan (fewer than two variants have finished runs)."))
+        return
+    console.print(Text(f"{_plan_heading(plans, comparison)}:", style="bold"))
+    for plan in plans:
+        console.print(Text(f"  {_plan_line(plan)}"))

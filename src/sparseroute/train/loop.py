@@ -19,7 +19,7 @@ from sparseroute.data import TokenizedCorpus, get_batch
 from sparseroute.evaluation import evaluate
 from sparseroute.evaluation.diagnostics import (
     expert_specialisation,
-    halting_curve,
+    halting_choice,
     halting_taus,
     router_expert_coupling,
     routing_fluctuation,
@@ -92,6 +92,7 @@ class _Accum:
     layers: list | None = None  # per MoE layer: {"load": [...], scalar sums...}
     active_sum: list | None = None  # whole-run sums of active experts per token, per MoE layer
     active_n: int = 0
+    val_points: list | None = None  # [step, validation loss] at the convergence check's steps
 
     def add_routings(self, routings) -> None:
         if not routings:
@@ -315,6 +316,7 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
             "tokens_seen": step * tokens_per_step,
         }
 
+    check_steps = convergence_steps(steps)
     model.train()
     for step in range(start, steps):
         lr = optimizer.param_groups[0]["lr"]
@@ -350,6 +352,9 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
             if tc.eval_every and done % tc.eval_every == 0 and done != steps:
                 rec["val"] = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
             log(rec)
+        if done in check_steps:  # before the checkpoint of this step, so that it holds the point
+            loss = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_tokens, device)["loss"]
+            acc.val_points = [*(acc.val_points or []), [done, loss]]
         if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != steps:
             save_checkpoint(out, done, model, optimizer, state_now(done))
             saved = done
@@ -395,6 +400,41 @@ def _diagnostics(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, 
     return res
 
 
+#: the convergence check looks at the last this share of training
+CONVERGENCE_WINDOW = 0.2
+#: a run whose validation loss fell by more than this share of itself over the window is flagged
+#: as still falling: equivalence at such a point says little about where the runs end up (a 3%
+#: PPL margin is about 1% of a loss near 3 nats)
+CONVERGENCE_FLAG = 0.01
+
+
+def convergence_steps(steps: int) -> list[int]:
+    """The steps before the end at which validation loss is measured for the convergence check:
+    the start and the middle of the last :data:`CONVERGENCE_WINDOW` of training (the end is the
+    final evaluation)."""
+    start = round(steps * (1 - CONVERGENCE_WINDOW))
+    return sorted({s for s in (start, round(steps * (1 - CONVERGENCE_WINDOW / 2))) if 0 < s < steps})
+
+
+def convergence(points: list, final_step: int, final_loss: float) -> dict[str, Any] | None:
+    """The convergence check of a run from its validation losses over the last part of training:
+    ``relative_slope``, the least-squares slope of the loss against the share of training done,
+    divided by the final loss (per whole run: -0.05 means falling at 5% of the loss per run length);
+    ``relative_change``, the change over the window as a share of the loss at its start; and
+    ``still_falling`` when that fall exceeds :data:`CONVERGENCE_FLAG`. None when fewer than two
+    distinct steps were measured (a run of a handful of steps)."""
+    pts = sorted({int(s): float(v) for s, v in [*(points or []), [final_step, final_loss]]}.items())
+    if len(pts) < 2:
+        return None
+    xs = [s / final_step for s, _ in pts]
+    ys = [v for _, v in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    change = (ys[-1] - ys[0]) / ys[0]
+    return {"points": [[s, v] for s, v in pts], "window": CONVERGENCE_WINDOW, "relative_slope": slope / ys[-1],
+            "relative_change": change, "still_falling": change < -CONVERGENCE_FLAG}
+
+
 def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _Accum, device,
            out: Path | None = None) -> dict[str, Any]:
     tc = cfg.train
@@ -414,7 +454,9 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
         taus = list(tc.halting_taus)
         if tc.halting_quantiles:
             taus += halting_taus(model, corpus.val, tc.halting_quantiles, **kw)
-        extra["halting"] = halting_curve(model, corpus.val, sorted(set(taus)), **kw)
+        choice = halting_choice(model, corpus.val, corpus.test, sorted(set(taus)), **kw)
+        extra["halting"] = choice["validation"]  # the curve, on validation text
+        extra["halting_test"] = {k: v for k, v in choice.items() if k != "validation"}
     return {**extra, 
         "steps": tc.steps,
         "tokens": tc.steps * tc.batch_size * tc.seq_len,
@@ -423,6 +465,8 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
         "test_loss": test["loss"],
         "test_ppl": test["ppl"],
         "eval_tokens": val["tokens"],
+        "eval_windows": {"val": val["windows"], "test": test["windows"]},
+        "convergence": convergence(acc.val_points or [], tc.steps, val["loss"]),
         "flops_per_token": flops,
         "active_experts_per_layer": active,
         "parameters": sum(p.numel() for p in model.parameters()),
