@@ -1,5 +1,5 @@
-"""BlockFFN training objectives of the relu router: activation locality, chunk sparsification and
-the adaptive λ_cs schedule.
+"""BlockFFN training objectives of the relu router: activation locality, chunk sparsification, the
+adaptive λ_cs schedule, the sparsity-target schedule with its warmup, and the load-entropy statistic.
 
 Legend: T tokens, D model dim, E experts, B sequences, S sequence length.
 """
@@ -7,6 +7,7 @@ Legend: T tokens, D model dim, E experts, B sequences, S sequence length.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch.testing import assert_close
 from sparseroute.kernels import gemm
 from sparseroute.moe import MoE, build_router
 from sparseroute.moe.losses import activation_locality_loss, chunk_sparsity_loss
-from sparseroute.moe.routers.relu import ReLUConfig, chunk_level_sparsity, token_level_sparsity
+from sparseroute.moe.routers.relu import ReLUConfig, chunk_level_sparsity, load_entropy, token_level_sparsity
 
 # -- slow references: python loops over tokens, chunks and experts -------------------------------
 
@@ -204,7 +205,7 @@ def test_coefficients_zero_leave_the_router_unchanged(z_loss_coef):
         assert torch.equal(r.indices, idx) and torch.equal(r.weights, w)
         assert set(r.losses) == ({"z"} if z_loss_coef else set())
         assert set(r.stats) == {"tokens_per_expert", "imbalance", "entropy", "dropped_fraction",
-                                "active_per_token", "tls", "cls4"}
+                                "active_per_token", "tls", "cls4", "load_entropy"}
         assert_close(r.stats["tls"], token_level_sparsity(active))
     assert_close(plain(x).stats["cls4"], chunk_level_sparsity(active, 4))
     # through the layer: same output, same (empty) losses
@@ -386,7 +387,11 @@ def test_schedule_state_is_float64_buffers_and_records_only_training_forwards():
     [("al_coef", -1e-3), ("al_coef", float("nan")), ("al_coef", float("inf")), ("al_alpha", 0.0),
      ("al_alpha", -1.0), ("cs_coef", -0.1), ("cs_coef", "0.1"), ("cs_chunk", 0), ("cs_chunk", 2.0),
      ("cs_chunk", True), ("cs_adapt_every", 0), ("cs_adapt_after", -1), ("cs_max_factor", 0.5),
-     ("cs_max_factor", float("nan")), ("cs_min_ratio", 0.99), ("cs_adaptive", 1), ("cs_adapt_ramp", "yes")],
+     ("cs_max_factor", float("nan")), ("cs_min_ratio", 0.99), ("cs_adaptive", 1), ("cs_adapt_ramp", "yes"),
+     ("cs_target", 0.0), ("cs_target", 1.0), ("cs_target", 1.5), ("cs_target", "0.75"), ("cs_target", True),
+     ("cs_target", float("nan")), ("cs_target_stat", "cls8"), ("cs_target_stat", None), ("cs_target_rate", 1.0),
+     ("cs_target_rate", 0.5), ("cs_target_rate", float("inf")), ("cs_min_factor", -0.1), ("cs_min_factor", 1.5),
+     ("cs_warmup_steps", -1), ("cs_warmup_steps", 2.5), ("cs_warmup_steps", True)],
 )
 def test_bad_objective_options_name_the_field(field, value):
     options = {"cs_coef": 0.1, field: value}
@@ -399,3 +404,242 @@ def test_bad_objective_options_name_the_field(field, value):
 def test_adaptive_needs_a_coefficient():
     with pytest.raises(ValueError, match="cs_coef"):
         ReLUConfig(cs_adaptive=True)
+
+
+def test_target_and_warmup_need_a_coefficient_and_exclude_the_loss_ratio_rule():
+    with pytest.raises(ValueError, match="cs_target needs cs_coef"):
+        ReLUConfig(cs_target=0.75)
+    with pytest.raises(ValueError, match="cs_warmup_steps needs cs_coef"):
+        ReLUConfig(cs_warmup_steps=10)
+    with pytest.raises(ValueError, match="cs_target and cs_adaptive"):
+        ReLUConfig(cs_coef=0.1, cs_target=0.75, cs_adaptive=True)
+    with pytest.raises(ValueError, match="cs_target"):
+        MoE(D, 16, E, 1, router="relu", router_options={"cs_coef": 0.1, "cs_target": 0.75, "cs_adaptive": True})
+    with pytest.raises(ValueError, match="unknown option.*cs_targets"):
+        build_router("relu", D, E, 1, cs_coef=0.1, cs_targets=0.75)
+
+
+# -- warmup of λ_cs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [{}, {"cs_adaptive": True, "cs_adapt_every": 2, "cs_adapt_after": 0},
+                                   {"cs_target": 0.9, "cs_adapt_every": 2, "cs_adapt_after": 0}])
+def test_warmup_ramps_the_coefficient_linearly_from_zero(extra):
+    W = 4
+    torch.manual_seed(3)
+    router = build_router("relu", D, E, 1, cs_coef=0.1, cs_warmup_steps=W, **extra).train()
+    x = torch.randn(16, D)
+    got = []
+    for _ in range(W + 3):
+        r = router(x, seq_len=8)
+        got.append(float(r.stats["cs_coef"]))
+        a1 = torch.relu(F.linear(x, router.weight)).detach()
+        rms = torch.sqrt(a1.square().mean(dim=-1, keepdim=True) + router.config.eps)
+        l_cs = chunk_sparsity_loss(a1 / rms, 8, router.config.cs_chunk)
+        assert_close(r.losses["chunk_sparsity"].detach(), got[-1] * l_cs, rtol=1e-5, atol=1e-9)
+        router.after_optimizer_step()
+    # step n uses (n - 1) / W of λ: 0 at step 1, the full λ from step W + 1; no adaptation before
+    # step W (the stat is float32)
+    assert got[:W] == pytest.approx([0.1 * k / W for k in range(W)], rel=1e-6, abs=0)
+    assert got[0] == 0.0
+    if not extra:
+        assert got[W:] == pytest.approx([0.1] * 3, rel=1e-6)
+    else:  # adapted from step W on: the ramp then moves from the full λ
+        assert 0.1 * 0.9 < got[W] < 0.1 * 1.3
+    # eval forwards see the same coefficient and record nothing
+    router.eval()
+    pending = router.cs_pending.clone()
+    assert float(router(x, seq_len=8).stats["cs_coef"]) == pytest.approx(float(router.cs_coef_now))
+    assert torch.equal(router.cs_pending, pending)
+
+
+def test_no_warmup_keeps_the_fixed_coefficient_stateless():
+    router = build_router("relu", D, E, 1, cs_coef=0.1, cs_warmup_steps=0)
+    assert set(router.state_dict()) == {"weight", "gain"}
+    r = router(torch.randn(8, D))
+    assert float(r.stats["cs_coef"]) == pytest.approx(0.1)
+
+
+# -- the sparsity-target schedule ------------------------------------------------------------------
+
+TARGET = dict(cs_coef=0.1, cs_target=0.75, cs_adapt_every=5, cs_adapt_after=10, cs_target_rate=1.5,
+              cs_max_factor=4.0, cs_min_factor=0.25)
+
+
+def reference_target_lambdas(sparsity, lam0, every, after, target, rate, lo, hi, warmup=0, ramp=True):
+    """λ_n (before warmup) of the forwards of steps 1..n, written from the rule: at step u (a
+    multiple of every, u >= after, u >= warmup) with s = mean(sparsity[u-every+1..u]): r = rate
+    below the target, 1/rate above; λ_u·r clamped to [lo·λ0, hi·λ0]; λ goes linearly to λ_u·r
+    by u + every."""
+    lam = [lam0]
+    target_lam, start, start_lam = lam0, 0, lam0
+    for u in range(1, len(sparsity) + 1):
+        if u % every == 0 and u >= after and u >= warmup:
+            s = sum(sparsity[u - every:u]) / every
+            r = rate if s < target else 1 / rate if s > target else 1.0
+            new = min(max(lam[u - 1] * r, lo * lam0), hi * lam0)
+            start, start_lam, target_lam = u, lam[u - 1], new
+        k = (u + 1 - start) / every if ramp else 1.0
+        lam.append(start_lam + (target_lam - start_lam) * min(1.0, k))
+    return lam[:-1]
+
+
+def _drive_sparsity(router, values):
+    out = []
+    for s in values:
+        out.append(float(router.cs_coef_now))
+        router.record_sparsity(torch.tensor(s - 0.01, dtype=torch.float64))  # two forwards per step: mean s
+        router.record_sparsity(torch.tensor(s + 0.01, dtype=torch.float64))
+        router.after_optimizer_step()
+    return out
+
+
+# per window of 5 steps: too dense (x1.5) four times -> capped at 4x, then too sparse (/1.5) until the
+# floor of 0.25x, then exactly on target (unchanged)
+TARGET_WINDOWS = [0.5, 0.6, 0.7, 0.74, 0.7, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.75, 0.75]
+
+
+@pytest.mark.parametrize("ramp", [True, False])
+def test_target_schedule_follows_the_rule_and_stays_in_bounds(ramp):
+    values = [v for v in TARGET_WINDOWS for _ in range(5)]
+    router = build_router("relu", D, E, 1, cs_adapt_ramp=ramp, **TARGET)
+    got = _drive_sparsity(router, values)
+    want = reference_target_lambdas(values, 0.1, 5, 10, 0.75, 1.5, 0.25, 4.0, ramp=ramp)
+    assert got == pytest.approx(want, rel=1e-12, abs=0)
+    lam = lambda step: got[step - 1]  # noqa: E731
+    assert lam(10) == pytest.approx(0.1)  # nothing before cs_adapt_after
+    assert lam(15) == pytest.approx(0.15)  # window 6..10 too dense: up by 1.5
+    assert lam(20) == pytest.approx(0.225)
+    assert lam(25) == pytest.approx(0.3375)
+    assert lam(30) == pytest.approx(0.4)  # 0.50625 capped at cs_max_factor x 0.1
+    assert lam(35) == pytest.approx(0.4 / 1.5)  # window 26..30 too sparse: down
+    assert min(got) == pytest.approx(0.025) and lam(70) == pytest.approx(0.025)  # the floor 0.25 x 0.1
+    assert lam(75) == pytest.approx(0.025)  # on target: unchanged
+    assert 0.025 - 1e-15 <= min(got) and max(got) <= 0.4 + 1e-15
+    # the direction: λ never falls while too dense, never rises while too sparse
+    for u in range(15, 75, 5):
+        s = sum(values[u - 5:u]) / 5
+        assert (got[u + 4] >= got[u - 1]) if s < 0.75 else (got[u + 4] <= got[u - 1])
+
+
+def test_target_schedule_waits_for_the_warmup():
+    values = [0.1] * 30  # far too dense all along
+    router = build_router("relu", D, E, 1, **{**TARGET, "cs_adapt_after": 0, "cs_warmup_steps": 12})
+    got = _drive_sparsity(router, values)
+    want = reference_target_lambdas(values, 0.1, 5, 0, 0.75, 1.5, 0.25, 4.0, warmup=12)
+    assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert got[:15] == [0.1] * 15  # the first adaptation is at step 15 (the first multiple of 5 >= 12)
+    assert got[15] == pytest.approx(0.11) and got[19] == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("stat", ["tls", "cls"])
+def test_target_records_the_measured_sparsity_of_training_forwards(stat):
+    torch.manual_seed(4)
+    router = build_router("relu", D, E, 1, cs_coef=0.1, cs_target=0.5, cs_target_stat=stat, cls_window=2)
+    x1, x2 = torch.randn(16, D), torch.randn(16, D)
+    router.eval()(x1, seq_len=8)
+    assert float(router.cs_pending[1]) == 0
+    router.train()
+    r1, r2 = router(x1, seq_len=8), router(x2, seq_len=8)
+    key = "tls" if stat == "tls" else "cls2"
+    assert router.cs_pending.tolist() == pytest.approx([float(r1.stats[key]) + float(r2.stats[key]), 2.0])
+    router.after_optimizer_step()
+    assert router.cs_window[1].tolist() == pytest.approx([(float(r1.stats[key]) + float(r2.stats[key])) / 2, 1.0])
+
+
+def test_target_schedule_survives_a_state_dict_round_trip():
+    values = [v + 0.003 * i for i, v in enumerate(v for v in TARGET_WINDOWS for _ in range(5))]
+    options = {**TARGET, "cs_warmup_steps": 7, "cs_adapt_after": 5}
+    want = _drive_sparsity(build_router("relu", D, E, 1, **options), values)
+    first = build_router("relu", D, E, 1, **options)
+    head = _drive_sparsity(first, values[:23])
+    lam24 = float(first.cs_coef_now)
+    first.record_sparsity(torch.tensor(values[23] - 0.01, dtype=torch.float64))  # mid-step
+    resumed = build_router("relu", D, E, 1, **options)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    for name in ("cs_coef_now", "cs_ramp", "cs_step", "cs_pending", "cs_window"):
+        assert torch.equal(getattr(resumed, name), getattr(first, name)), name
+    resumed.record_sparsity(torch.tensor(values[23] + 0.01, dtype=torch.float64))
+    resumed.after_optimizer_step()
+    tail = _drive_sparsity(resumed, values[24:])
+    assert head + [lam24] + tail == want  # exactly
+    assert len(set(want)) > 8
+    # and the warmup factor of the forwards resumes too
+    x = torch.randn(8, D)
+    fresh = build_router("relu", D, E, 1, **options)
+    fresh.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert torch.equal(fresh.eval()(x).stats["cs_coef"], first.eval()(x).stats["cs_coef"])
+
+
+def test_target_pushes_sparsity_towards_it_in_training():
+    """End to end on the toy task of :func:`_toy_sparsity`: a target above the plain router's TLS
+    raises λ and TLS, a target below it lowers λ."""
+    def run(target):
+        torch.manual_seed(0)
+        Dm, Em, B, S = 16, 8, 4, 32
+        m = MoE(Dm, 16, Em, 1, router="relu", activation="silu",
+                router_options={"cs_coef": 0.5, "cs_target": target, "cs_adapt_every": 2, "cs_adapt_after": 0,
+                                "cs_target_rate": 1.5, "cs_chunk": 8, "cs_max_factor": 8.0})
+        teacher = torch.nn.Sequential(torch.nn.Linear(Dm, 32), torch.nn.Tanh(), torch.nn.Linear(32, Dm))
+        opt = torch.optim.Adam(m.parameters(), lr=3e-2)
+        g = torch.Generator().manual_seed(1)
+        tls = []
+        for _ in range(30):
+            x = torch.randn(B, S, Dm, generator=g)
+            x[..., 0] = 2.0
+            with torch.no_grad():
+                y = teacher(x)
+            out, r = m(x)
+            loss = F.mse_loss(out, y) + sum(r.losses.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            m.after_optimizer_step()
+            tls.append(float(r.stats["tls"]))
+        return float(m.router.cs_coef_now), sum(tls[-6:]) / 6
+
+    lam_hi, tls_hi = run(0.95)
+    lam_lo, tls_lo = run(0.05)
+    assert lam_hi > 0.5 and lam_lo < 0.5, (lam_hi, lam_lo)
+    assert tls_hi > tls_lo, (tls_hi, tls_lo)
+
+
+# -- load entropy ----------------------------------------------------------------------------------
+
+
+def test_load_entropy_hand_values():
+    assert float(load_entropy(torch.tensor([5, 5, 5, 5]))) == pytest.approx(1.0)
+    assert float(load_entropy(torch.tensor([0, 12, 0, 0]))) == 0.0
+    assert float(load_entropy(torch.tensor([3, 3, 0, 0]))) == pytest.approx(0.5)  # log 2 / log 4
+    load = torch.tensor([1.0, 2.0, 3.0, 0.0, 4.0])
+    p = [0.1, 0.2, 0.3, 0.4]
+    want = -sum(q * math.log(q) for q in p) / math.log(5)
+    assert float(load_entropy(load)) == pytest.approx(want, rel=1e-6)
+    assert float(load_entropy(torch.zeros(4))) == 0.0  # nothing routed
+    assert float(load_entropy(torch.tensor([7]))) == 0.0  # one expert: no spread
+
+
+def _one_hot_router():
+    """A relu router whose score for expert e is feature e: token e_i activates expert i alone."""
+    router = build_router("relu", E, E, 1)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))
+    return router
+
+
+def test_load_entropy_of_a_constructed_routing():
+    router = _one_hot_router()
+    uniform = torch.eye(E).repeat(3, 1)  # 12 tokens, 3 per expert
+    r = router(uniform)
+    assert r.stats["tokens_per_expert"].tolist() == [3] * E
+    assert float(r.stats["load_entropy"]) == pytest.approx(1.0)
+    collapsed = torch.zeros(12, E)
+    collapsed[:, 2] = 1.0  # every token on expert 2
+    r = router(collapsed)
+    assert float(r.stats["load_entropy"]) == 0.0
+    assert float(r.stats["tls"]) == pytest.approx(0.75) and float(r.stats[f"cls{router.config.cls_window}"]) == 0.75
+    mixed = torch.cat([torch.eye(E)[[0, 0, 0, 1]], torch.tensor([[1.0, 1.0, 0.0, 0.0]])])  # loads 4, 2, 0, 0
+    r = router(mixed)
+    assert r.stats["tokens_per_expert"].tolist() == [4, 2, 0, 0]
+    want = -(4 / 6 * math.log(4 / 6) + 2 / 6 * math.log(2 / 6)) / math.log(E)
+    assert float(r.stats["load_entropy"]) == pytest.approx(want, rel=1e-6)
