@@ -159,16 +159,21 @@ def _hop_base(tokens: str) -> dict:
 def hops() -> SweepSpec:
     """Multi-hop routing (*Equifinality in MoE*, section on hops): the cosine-routed ``tiny`` MoE
     with 1, 2 or 3 hops through the same experts and router (h <- h + MoE(h)), and 1 hop scaled
-    by a learned scalar, 3 seeds, 1M tokens each. Multi-hop variants cost 2-3x the expert FLOPs;
-    the report shows cos(dh_0, dh_1) and each multi-hop run's halting curve."""
+    by a learned scalar, 3 seeds, 1M tokens each; the 2- and 3-hop models also with an RMSNorm of
+    their own on the input of every hop after the first (``hop_norm="per_hop"``, as LoopMoE's
+    iteration-conditioned norms): without it hop updates grow larger than the state. Multi-hop
+    variants cost 2-3x the expert FLOPs; the report shows cos(dh_0, dh_1) and each multi-hop run's
+    halting curve."""
     return _science(
         name="hops",
-        description="1/2/3 hops vs a learned scalar on one hop (cosine router, tiny MoE)",
+        description="1/2/3 hops, with and without per-hop norms, vs a learned scalar on one hop (cosine router)",
         base=_hop_base("1M"),
         variants=(
             Variant("hops-1", _moe(hops=1)),
             Variant("hops-2", _moe(hops=2)),
             Variant("hops-3", _moe(hops=3)),
+            Variant("hops-2-norm", _moe(hops=2, hop_norm="per_hop")),
+            Variant("hops-3-norm", _moe(hops=3, hop_norm="per_hop")),
             Variant("scalar", _moe(hops=1, hop_scale=True)),
         ),
         reference="hops-1",

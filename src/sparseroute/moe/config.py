@@ -17,10 +17,16 @@ from sparseroute.moe.experts import check_activation
 from sparseroute.moe.routers import ROUTERS
 from sparseroute.moe.routers.base import check_top_k, make_config
 
-__all__ = ["MoEConfig", "check_halt_threshold", "LAYER_PATTERNS"]
+__all__ = ["MoEConfig", "check_halt_threshold", "LAYER_PATTERNS", "HOP_NORMS", "HOP_NORM_EPS"]
 
 #: the named choices of :attr:`MoEConfig.layers`
 LAYER_PATTERNS = ("all", "every_other")
+
+#: the choices of :attr:`MoEConfig.hop_norm`
+HOP_NORMS = ("none", "shared", "per_hop")
+
+#: epsilon of the hop norms (the LM's default ``norm_eps``)
+HOP_NORM_EPS = 1e-5
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -68,9 +74,16 @@ class MoEConfig:
     hop_routers: hop i > 0 has its own router (same type and options) instead of hop 0's.
     hop_scale: each hop's output is scaled by a learned scalar (initialised to 1): with H = 1 this
         is h + alpha·MoE(h), the variant of *Equifinality in MoE* that matches multi-hop quality.
+    hop_norm: a learnable RMSNorm (weight initialised to 1, eps ``HOP_NORM_EPS``) on the input of
+        every hop i >= 1: h_{i+1} = h_i + MoE_i(RMSNorm_i(h_i)) (router, routed and shared experts
+        all see the normalised state; the residual adds to the raw h_i). Hop 0 keeps its input
+        as given (in the LM it is already the block's pre-FFN RMSNorm). ``"none"`` (default): no
+        norm, the plain recursion; ``"shared"``: one norm for all hops >= 1; ``"per_hop"``: H - 1
+        separate norms (iteration-conditioned, as in LoopMoE). No effect with H = 1.
     halt_threshold: relative-norm halting, tau (0 = off), applied in eval mode only (zero-shot):
-        after hop i a token stops once ||MoE_i(h_i)|| / ||h_i|| < tau; later hops dispatch only
-        the tokens still active. Not available with sequence-aware routers (a halted subset is no
+        after hop i a token stops once ||dh_i|| / ||h_i|| < tau, dh_i the hop's update (with
+        ``hop_norm``, MoE_i(RMSNorm_i(h_i))) and h_i the raw state it is added to; later hops
+        dispatch only the tokens still active. Not available with sequence-aware routers (a halted subset is no
         longer whole sequences).
     layers: where a model places this layer (the LM reads it; a standalone MoE ignores it):
         ``"all"``, ``"every_other"`` (1, 3, 5, ...: the first layer stays dense, as in
@@ -91,6 +104,7 @@ class MoEConfig:
     hops: int = 1
     hop_routers: bool = False
     hop_scale: bool = False
+    hop_norm: str = "none"
     halt_threshold: float = 0.0
     layers: str | tuple[int, ...] = "all"
 
@@ -119,6 +133,8 @@ class MoEConfig:
         for name in ("hop_routers", "hop_scale", "shared_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
+        if not isinstance(self.hop_norm, str) or self.hop_norm not in HOP_NORMS:
+            raise ValueError(f"hop_norm must be one of {', '.join(map(repr, HOP_NORMS))}; got {self.hop_norm!r}")
         check_halt_threshold(self.halt_threshold)
         if self.halt_threshold > 0 and router_cls.sequence_aware:
             raise ValueError(

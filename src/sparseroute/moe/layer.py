@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import sparseroute.moe.reference  # noqa: F401  (registers the "reference" executor)
-from sparseroute.moe.config import MoEConfig, check_halt_threshold, check_int
+from sparseroute.moe.config import HOP_NORM_EPS, MoEConfig, check_halt_threshold, check_int
 from sparseroute.moe.dispatch import EXECUTORS
 from sparseroute.moe.experts import Experts, SharedExpert
 from sparseroute.moe.routers import ROUTERS, Router
@@ -69,6 +69,9 @@ class MoE(nn.Module):
             for _ in range(cfg.hops - 1 if cfg.hop_routers else 0)
         )
         self.hop_scale = nn.Parameter(torch.ones(cfg.hops)) if cfg.hop_scale else None
+        #: RMSNorms of the inputs of hops >= 1 (``hop_norm``): none, one shared, or one per hop
+        n_norms = 0 if cfg.hops == 1 else {"none": 0, "shared": 1, "per_hop": cfg.hops - 1}[cfg.hop_norm]
+        self.hop_norms = nn.ModuleList(nn.RMSNorm(d_model, eps=HOP_NORM_EPS) for _ in range(n_norms))
         #: relative-norm halting threshold used in eval mode (mutable: see :meth:`set_halting`)
         self.halt_threshold = float(cfg.halt_threshold)
 
@@ -86,6 +89,13 @@ class MoE(nn.Module):
 
     def router_for_hop(self, hop: int) -> Router:
         return self.router if hop == 0 or not len(self.hop_routers) else self.hop_routers[hop - 1]
+
+    def hop_input(self, h_TD: Tensor, hop: int) -> Tensor:
+        """What hop ``hop`` routes and computes on: ``h`` itself for hop 0 or ``hop_norm="none"``,
+        else its RMSNorm (the shared one, or hop ``hop``'s own)."""
+        if hop == 0 or not len(self.hop_norms):
+            return h_TD
+        return self.hop_norms[min(hop, len(self.hop_norms)) - 1](h_TD)
 
     def _check_input(self, x: Tensor, token_ids: Tensor | None) -> None:
         if not isinstance(x, Tensor) or x.dim() not in (2, 3):
@@ -152,7 +162,8 @@ class MoE(nn.Module):
     def _multi_hop(
         self, x_TD: Tensor, ids_T: Tensor | None, seq_len: int | None, executor, token_mixing: Tensor | None = None
     ) -> tuple[Tensor, Routing]:
-        """h_{i+1} = h_i + MoE_i(h_i) over H hops, halting tokens in eval mode. Returns h_H - x and
+        """h_{i+1} = h_i + MoE_i(n_i) over H hops, n_i = :meth:`hop_input` (h_i, or RMSNorm_i(h_i) for
+        i >= 1 with ``hop_norm``), halting tokens in eval mode. Returns h_H - x and
         hop 0's Routing with the losses summed over hops and the statistics of all hops.
         ``token_mixing`` (like ``seq_len``) goes to every hop's routing while no token has halted
         (it describes whole sequences); once halting has removed tokens, later hops get None."""
@@ -176,14 +187,15 @@ class MoE(nn.Module):
                 if active_A.numel() == 0:
                     break
                 h_AD, ids_A, sl, mix_A = h_TD[active_A], None if ids_T is None else ids_T[active_A], None, None
-            routing = self.route(h_AD, ids_A, sl, hop=hop, token_mixing=mix_A)
+            n_AD = self.hop_input(h_AD, hop)
+            routing = self.route(n_AD, ids_A, sl, hop=hop, token_mixing=mix_A)
             if first is None:
                 first = routing
             for name, value in routing.losses.items():
                 losses[name] = losses[name] + value if name in losses else value
             load_E = load_E + routing.stats["tokens_per_expert"].to(load_E.device)
             pairs = pairs + (routing.indices >= 0).sum()
-            d_AD = self._hop_output(h_AD, routing, executor, hop)
+            d_AD = self._hop_output(n_AD, routing, executor, hop)
             if active_A is None:
                 y_TD = d_AD if hop == 0 else y_TD + d_AD
                 h_TD = h_TD + d_AD
@@ -201,7 +213,9 @@ class MoE(nn.Module):
                     hop_cos = cos.mean() if cos.numel() else torch.zeros((), device=x_TD.device)
             halt_here = halting and hop < self.config.hops - 1
             if halt_here or (hop == 0 and not self.training):
-                with torch.no_grad():  # the relative update norm ||MoE_i(h_i)|| / ||h_i|| that halting compares with tau
+                # the relative update norm ||dh_i|| / ||h_i|| that halting compares with tau: the update
+                # against the raw state it is added to (not the normalised input n_i of hop_norm)
+                with torch.no_grad():
                     ratio_A = d_AD.detach().float().norm(dim=-1) / h_AD.detach().float().norm(dim=-1).clamp_min(1e-12)
                 if hop == 0:
                     ratio0_T = ratio_A
