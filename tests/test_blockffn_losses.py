@@ -237,6 +237,20 @@ def test_losses_in_routing_are_scaled_and_sequence_aware():
     assert float(r.stats["cs_coef"]) == pytest.approx(5e-2)
 
 
+def _imitation_step(m, teacher, opt, x):
+    """One optimizer step of ``m`` imitating ``teacher`` on ``x`` (MSE plus the routing losses),
+    with the router's after-step hook; returns the step's Routing."""
+    with torch.no_grad():
+        y = teacher(x)
+    out, r = m(x)
+    loss = F.mse_loss(out, y) + sum(r.losses.values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    m.after_optimizer_step()
+    return r
+
+
 def _toy_sparsity(cs_coef, seed, steps=40):
     """Train a relu-router MoE to imitate a fixed random MLP on sequences made of 8-token runs of
     nearby tokens (so a chunk could share experts); return CLS_8, TLS and L_cs on held-out data.
@@ -257,15 +271,7 @@ def _toy_sparsity(cs_coef, seed, steps=40):
 
     g = torch.Generator().manual_seed(100 + seed)
     for _ in range(steps):
-        x = batch(g)
-        with torch.no_grad():
-            y = teacher(x)
-        out, r = m(x)
-        loss = F.mse_loss(out, y) + sum(r.losses.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.after_optimizer_step()
+        _imitation_step(m, teacher, opt, batch(g))
     m.eval()
     with torch.no_grad():
         x_TD = batch(torch.Generator().manual_seed(999)).reshape(-1, Dm)
@@ -587,15 +593,7 @@ def test_target_pushes_sparsity_towards_it_in_training():
         for _ in range(30):
             x = torch.randn(B, S, Dm, generator=g)
             x[..., 0] = 2.0
-            with torch.no_grad():
-                y = teacher(x)
-            out, r = m(x)
-            loss = F.mse_loss(out, y) + sum(r.losses.values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            m.after_optimizer_step()
-            tls.append(float(r.stats["tls"]))
+            tls.append(float(_imitation_step(m, teacher, opt, x).stats["tls"]))
         return float(m.router.cs_coef_now), sum(tls[-6:]) / 6
 
     lam_hi, tls_hi = run(0.95)

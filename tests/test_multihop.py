@@ -42,6 +42,21 @@ def manual_hops(m: MoE, x, hops):
     return (h - h0).reshape(x.shape)
 
 
+def same_gradients(m, x, y, x_ref, y_ref) -> tuple:
+    """The gradients of (y · g) and (y_ref · g) for one random g, as to the inputs and every
+    parameter of ``m``, are equal (or both absent); returns the first set (input first)."""
+    g = torch.randn_like(y)
+    params = list(m.parameters())
+    got = torch.autograd.grad((y * g).sum(), [x, *params], allow_unused=True)
+    want = torch.autograd.grad((y_ref * g).sum(), [x_ref, *params], allow_unused=True)
+    for a, b in zip(got, want):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            assert_close(a, b, rtol=1e-5, atol=1e-4)
+    return got
+
+
 @pytest.mark.parametrize("router", ["topk", "cosine", "sigmoid"])
 def test_one_hop_is_the_plain_layer(router):
     m = layer(router=router)
@@ -65,15 +80,7 @@ def test_multi_hop_matches_the_definition_outputs_and_gradients(hops, hop_router
     x2 = x.detach().clone().requires_grad_(True)
     y_ref = manual_hops(m, x2, hops)
     assert_close(y, y_ref)
-    g = torch.randn_like(y)
-    params = [p for p in m.parameters()]
-    got = torch.autograd.grad((y * g).sum(), [x, *params], allow_unused=True)
-    want = torch.autograd.grad((y_ref * g).sum(), [x2, *params], allow_unused=True)
-    for a, b in zip(got, want):
-        if a is None or b is None:
-            assert a is None and b is None
-        else:
-            assert_close(a, b, rtol=1e-5, atol=1e-4)
+    same_gradients(m, x, y, x2, y_ref)
     assert float(r.stats["active_per_token"]) == pytest.approx(K * hops)
     assert int(r.stats["tokens_per_expert"].sum()) == x.shape[0] * x.shape[1] * K * hops
     assert -1.0 <= float(r.stats["hop_cos"]) <= 1.0
@@ -260,15 +267,7 @@ def test_hop_norm_matches_the_definition_outputs_and_gradients(hop_norm, hops, e
     assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     # the norm changes the result (hop >= 1 sees a rescaled state)
     assert not torch.allclose(y, manual_hops(m, x.detach(), hops), atol=1e-3)
-    g = torch.randn_like(y)
-    params = list(m.parameters())
-    got = torch.autograd.grad((y * g).sum(), [x, *params], allow_unused=True)
-    want = torch.autograd.grad((y_ref * g).sum(), [x2, *params], allow_unused=True)
-    for a, b in zip(got, want):
-        if a is None or b is None:
-            assert a is None and b is None
-        else:
-            assert_close(a, b, rtol=1e-5, atol=1e-4)
+    got = same_gradients(m, x, y, x2, y_ref)
     # every norm weight gets a (non-zero) gradient
     named = dict(zip([n for n, _ in m.named_parameters()], got[1:]))
     for i in range(n_norms):
