@@ -79,11 +79,11 @@ DENSE = Variant("dense", {"model": {"moe": False}})  # the dense FFN: the same a
 
 def quick() -> SweepSpec:
     """3 routers and the dense FFN x 2 seeds, MoE in every layer of the ``tiny`` byte-level LM (8
-    experts, top-2), 160k tokens each, evaluated on 16k tokens spread over each split."""
+    experts, top-2), 140k tokens each, evaluated on 16k tokens spread over each split."""
     return SweepSpec(
         name="quick",
         description="softmax top-2 vs cosine vs hash routing vs dense on the tiny byte LM, 2 seeds (minutes on a CPU)",
-        base=_tiny_base("160k", bpe=False, eval_tokens="16k", log_every=5, checkpoint_every=40),
+        base=_tiny_base("140k", bpe=False, eval_tokens="16k", log_every=5, checkpoint_every=40),
         variants=(
             Variant("linear", _moe(router="topk")),
             Variant("cosine", _moe(router="cosine")),
