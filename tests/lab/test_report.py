@@ -176,7 +176,7 @@ def _with_diagnostics(run: RunResult) -> RunResult:
         if v == "hops-2":  # cos(Δh0, Δh1): layer 0 0.80/0.81/0.82, layer 1 0.70/0.71/0.72 -> mean 0.76
             lay.update(active_per_token=4.0, hops_per_token=2.0, hop_cos=0.8 - 0.1 * layer + 0.01 * s)
         if v == "cosine":  # synthetic: the relu router's sparsity stats, to show their columns
-            lay.update(tls=0.25, cls8=0.5)
+            lay.update(tls=0.25, cls8=0.5, load_entropy=0.875)
         profile.append(lay)
     final = {**run.final, "routing_profile": profile}
     if v in ("topk", "hops-2"):
@@ -434,7 +434,7 @@ def test_report_routing_diagnostics_sections(diag, tmp_path):
 
     profile = re.search(r'<table id="routing-profile-table">.*?</table>', doc).group(0)
     for header in ("entropy", "imbalance", "active experts/token", "hop cos(Δh0, Δh1)", "hops/token", "TLS", "CLS8",
-                   "routing fluctuation", "router–expert |cos|"):
+                   "load entropy", "routing fluctuation", "router–expert |cos|"):
         assert f"<th>{header}</th>" in profile
     assert "<td>dense</td>" not in profile  # no routing profile: left out
     assert "1.960 <span" in profile and "(1.910 / 2.010)" in profile  # topk entropy, over layers then per layer

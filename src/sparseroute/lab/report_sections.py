@@ -142,6 +142,7 @@ _PROFILE_COLUMNS = (  # (statistic, header, digits, always shown)
     ("hop_cos", "hop cos(Δh0, Δh1)", 3, False),
     ("hops_per_token", "hops/token", 3, False),
     ("tls", "TLS", 3, False),
+    ("load_entropy", "load entropy", 3, False),  # low beside a high CLS8: collapse, not locality
 )
 
 
