@@ -437,6 +437,7 @@ def test_report_routing_diagnostics_sections(diag, tmp_path):
                    "load entropy", "routing fluctuation", "router–expert |cos|"):
         assert f"<th>{header}</th>" in profile
     assert "<td>dense</td>" not in profile  # no routing profile: left out
+    assert "0.875" in profile  # cosine's synthetic load entropy
     assert "1.960 <span" in profile and "(1.910 / 2.010)" in profile  # topk entropy, over layers then per layer
     assert "0.760" in profile and "(0.810 / 0.710)" in profile  # hops-2 hop cos
     assert "16.0% (steps 30→40)" in profile  # topk fluctuation
