@@ -155,7 +155,9 @@ def _print_plan(spec, plan) -> None:
     for v in spec.variants:
         cfg = next(p.config for p in plan if p.variant == v.name)
         moe = cfg.model.moe
-        pc = parameter_counts(cfg.model)
+        # a BPE corpus fits the vocabulary when the runs are registered: count at its nominal size
+        model = cfg.model.replace(vocab_size=cfg.data.bpe_vocab_size) if cfg.data.tokenizer == "bpe" else cfg.model
+        pc = parameter_counts(model)
         t.add_row(v.name, moe.router if moe else "dense", str(moe.top_k) if moe else "-",
                   f"{pc['total'] / 1e6:.2f}M / {pc['active'] / 1e6:.2f}M / {pc['routing']:,}",
                   f"{cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len:,}", str(cfg.train.steps),
