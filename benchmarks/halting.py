@@ -39,7 +39,7 @@ def load_run(run: Path) -> tuple[TransformerLM, RunConfig]:
     if ckpt is None:
         raise SystemExit(f"halting: {run} has no checkpoint")
     model = TransformerLM(cfg.model)
-    model.load_state_dict(load_checkpoint(ckpt.path)[0], strict=True)
+    model.load_state_dict(load_checkpoint(ckpt)[0], strict=True)
     return model, cfg
 
 
@@ -80,9 +80,8 @@ def main(argv=None) -> int:
         taus = [float(t) for t in args.taus.split(",") if t.strip()]
     else:
         taus = halting_taus(model, corpus.val, [float(q) for q in args.quantiles.split(",")], **kw)
-    choice = halting_choice(model, corpus.val, corpus.test, taus, max_ppl_change_pct=TARGET_PPL,
-                            batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, max_tokens=eval_tokens,
-                            repeats=args.repeats)
+    choice = halting_choice(model, corpus.val, corpus.test, taus, max_ppl_change_pct=TARGET_PPL, repeats=args.repeats,
+                            **kw)
     rows = choice["validation"]
     print("validation:", file=sys.stderr)
     print(f"{'tau':>6} {'ppl':>9} {'dPPL %':>8} {'MoE FLOPs saved':>16} {'time saved':>11} {'hops/token':>10}",

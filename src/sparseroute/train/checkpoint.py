@@ -63,8 +63,12 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A checkpoint folder of a run; ``meta`` is its state.json once verified (by
+    :func:`find_checkpoint`), so that loading it does not check every file a second time."""
+
     step: int
     path: Path
+    meta: dict | None = None
 
 
 def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -174,14 +178,7 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {ckpt} has format {manifest.get('format')!r}; this version reads {FORMAT}")
     digests = manifest.get("sha256", {})
-    for fname in _FILES:
-        path = ckpt / fname
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
-        if sha256_file(path) != digests.get(fname):
-            raise CheckpointError(
-                f"checkpoint {ckpt} is corrupt: {fname} does not match its recorded sha256 (truncated or modified)"
-            )
+    _check_digests(ckpt, {fname: digests.get(fname) for fname in _FILES})
     meta = _read_json(ckpt, "state.json", "incomplete: state.json is missing")
     m = _STEP_DIR.match(ckpt.name)
     if meta.get("step") != manifest.get("step") or (m is not None and int(m.group(1)) != manifest.get("step")):
@@ -197,7 +194,13 @@ def _verify_format_1(ckpt: Path) -> dict[str, Any]:
     meta = _read_json(ckpt, "state.json", "incomplete: state.json is missing")
     if meta.get("format") != 1:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: manifest.json is missing")
-    for fname, digest in meta.get("sha256", {}).items():
+    _check_digests(ckpt, meta.get("sha256", {}))
+    return meta
+
+
+def _check_digests(ckpt: Path, digests: dict[str, str | None]) -> None:
+    """Every named file of the checkpoint exists and has its recorded sha256."""
+    for fname, digest in digests.items():
         path = ckpt / fname
         if not path.exists():
             raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
@@ -205,7 +208,6 @@ def _verify_format_1(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"checkpoint {ckpt} is corrupt: {fname} does not match its recorded sha256 (truncated or modified)"
             )
-    return meta
 
 
 def _read_json(ckpt: Path, fname: str, missing: str) -> Any:
@@ -232,7 +234,7 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Checkpoint | None
         return None
     target = chosen[0] if step is not None else found[-1]
     try:
-        verify_checkpoint(target.path)
+        meta = verify_checkpoint(target.path)
     except CheckpointError as e:
         earlier = None
         for c in reversed([c for c in found if c.step < target.step]):
@@ -249,13 +251,17 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Checkpoint | None
             f"{e}; nothing was changed. The newest intact checkpoint is step {earlier.step}; choose it with "
             f"--from {earlier.step}"
         ) from None
-    return target
+    return Checkpoint(target.step, target.path, meta)
 
 
-def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor], dict]:
-    """Read and verify a checkpoint: (model tensors, optimizer state_dict, RNG tensors, state.json)."""
-    ckpt = Path(ckpt)
-    meta = verify_checkpoint(ckpt)
+def load_checkpoint(ckpt: Path | Checkpoint) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor], dict]:
+    """Read a checkpoint: (model tensors, optimizer state_dict, RNG tensors, state.json). A folder
+    is verified first; a :class:`Checkpoint` from :func:`find_checkpoint` already was."""
+    if isinstance(ckpt, Checkpoint) and ckpt.meta is not None:
+        ckpt, meta = ckpt.path, ckpt.meta
+    else:
+        ckpt = Path(ckpt.path if isinstance(ckpt, Checkpoint) else ckpt)
+        meta = verify_checkpoint(ckpt)
     # clone: safetensors hands out tensors at arbitrary byte offsets, and vectorised CPU kernels
     # can round differently on unaligned memory, which would break bit-identical resume
     model_t = {k: v.clone() for k, v in load_file(str(ckpt / "model.safetensors")).items()}

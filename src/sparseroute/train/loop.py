@@ -270,7 +270,7 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
     start, elapsed_before, saved = 0, 0.0, None
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
-        model_t, optim_sd, rng, meta = load_checkpoint(ckpt.path)
+        model_t, optim_sd, rng, meta = load_checkpoint(ckpt)
         try:
             model.load_state_dict(model_t, strict=True)
             optimizer.load_state_dict(optim_sd)
@@ -484,7 +484,7 @@ def evaluate_run(out_dir: str | Path, *, step: int | None = None, progress: bool
     ckpt = find_checkpoint(out, step)
     if ckpt is None:
         raise RunDirError(f"{out} has no checkpoint yet")
-    model_t, _, _, meta = load_checkpoint(ckpt.path)
+    model_t, _, _, meta = load_checkpoint(ckpt)
     device = torch.device(cfg.train.device if torch.cuda.is_available() else "cpu")
     model = TransformerLM(cfg.model)
     model.load_state_dict(model_t, strict=True)
