@@ -7,7 +7,11 @@ C query blocks processed together, BH = B·Hkv.
 
 Backends (``backend=``):
 
-- ``"gather"`` (CPU default, any device): an ``autograd.Function`` that, for a chunk of query
+- ``"kernel"`` (CPU default where the compiled kernels are built, float32/float64): the
+  ``sparseroute::block_attention`` op (:mod:`sparseroute.kernels.ops`): per query block, the
+  selected K/V blocks are copied together, softmax and products run in cache, and only the output
+  and the per-row log-sum-exp are kept; backward recomputes the probabilities per query block.
+- ``"gather"`` (any device, pure PyTorch): an ``autograd.Function`` that, for a chunk of query
   blocks at a time, gathers only the selected K/V blocks, takes the softmax over them, and saves
   only the output and the per-row log-sum-exp; backward recomputes the probabilities chunk by
   chunk (a flash-attention-style backward). Its memory is the inputs and outputs plus one
@@ -15,8 +19,8 @@ Backends (``backend=``):
 - ``"flex"`` (CUDA): the selection as a FlexAttention ``BlockMask``, run by the compiled
   ``flex_attention`` (:mod:`sparseroute.attention.flex`).
 - ``"reference"``: :func:`sparseroute.attention.masked_reference` (dense, for tests).
-- ``"auto"``: ``flex`` on CUDA when FlexAttention is available and there is no ``key_bias``,
-  else ``gather``.
+- ``"auto"``: ``flex`` on CUDA when FlexAttention is available and there is no ``key_bias``;
+  ``kernel`` on the CPU in float32/float64 when the compiled kernels are loaded; else ``gather``.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from torch import Tensor
 
 from sparseroute.attention.reference import masked_reference
 from sparseroute.attention.selection import check_selection, normalize_block_indices
+from sparseroute.kernels import ops
 
 __all__ = ["block_sparse_attention", "BACKENDS", "CHUNK_ELEMENTS"]
 
-BACKENDS = ("auto", "gather", "flex", "reference")
+BACKENDS = ("auto", "kernel", "gather", "flex", "reference")
 
 #: score-matrix elements one chunk of query blocks may hold (fp32: 4 bytes each); bounds the
 #: executor's working memory (scores, probability gradients, gathered K/V of a chunk)
@@ -180,6 +185,10 @@ class _BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, dbias, None, None
 
 
+def _kernel_usable(q: Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and ops.available()
+
+
 def _flex_available(q: Tensor) -> bool:
     if q.device.type != "cuda":
         return False
@@ -214,7 +223,12 @@ def block_sparse_attention(
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":
-        backend = "flex" if key_bias is None and _flex_available(q) else "gather"
+        if key_bias is None and _flex_available(q):
+            backend = "flex"
+        elif _kernel_usable(q):
+            backend = "kernel"
+        else:
+            backend = "gather"
     if backend == "reference":
         return masked_reference(q, k, v, block_indices, block_size, scale=scale, key_bias=key_bias)
     if backend == "flex":
@@ -226,4 +240,13 @@ def block_sparse_attention(
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
     idx = normalize_block_indices(block_indices)
+    if backend == "kernel":
+        if not _kernel_usable(q):
+            raise ValueError(
+                "backend='kernel' needs the compiled kernels (sparseroute kernels build) and float32/float64 "
+                f"CPU tensors; got {q.dtype} on {q.device.type}"
+            )
+        if key_bias is not None:
+            key_bias = key_bias.to(q.dtype)
+        return ops.block_attention(q, k, v, idx, key_bias, block_size, scale)
     return _BlockSparseAttention.apply(q, k, v, idx, key_bias, block_size, scale)

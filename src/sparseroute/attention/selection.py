@@ -119,7 +119,9 @@ def normalize_block_indices(block_indices: Tensor) -> Tensor:
     key = torch.where(valid, block_indices, N).sort(dim=-1).values
     dup = torch.zeros_like(valid)
     dup[..., 1:] = key[..., 1:] == key[..., :-1]
-    return torch.where((key < N) & ~dup, key, -1)
+    if bool(dup.any()):  # duplicates to the end too
+        key = torch.where(dup, N, key).sort(dim=-1).values
+    return torch.where(key < N, key, -1)
 
 
 def block_selected(block_indices: Tensor) -> Tensor:

@@ -8,6 +8,10 @@ Each is a ``torch.library`` custom op with a fake implementation (shapes only, s
                                             float32 products, :mod:`sparseroute.kernels.gemm`)
   sparseroute::softmax_topk(logits, k, renormalize) -> (probs, idx, w)
                                             the softmax routers' decision in one pass per token
+  sparseroute::block_attention(q, k, v, idx, key_bias, block_size, scale) -> (out, lse)
+                                            block-sparse causal attention over a normalised
+                                            selection (:mod:`sparseroute.attention`), its backward
+                                            ``sparseroute::block_attention_backward``
   sparseroute::expert_mlp(x, indices, weights, w_in, w_out, activation, threads, backends)
                                             the expert MLP of a routing, expert-parallel over the
                                             threads (its first output; the others are what its
@@ -30,7 +34,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from sparseroute.kernels import codes, extension, plan
 
-__all__ = ["available", "onednn_mm", "onednn_mm_is_direct", "softmax_topk", "expert_mlp"]
+__all__ = ["available", "block_attention", "onednn_mm", "onednn_mm_is_direct", "softmax_topk", "expert_mlp"]
 
 
 @torch.compiler.assume_constant_result
@@ -285,3 +289,63 @@ def expert_mlp(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, w_in: Tenso
     else:
         chosen = codes.backend_codes(backends)
     return torch.ops.sparseroute.expert_mlp(x_TD, indices_TK, weights_TK, w_in, w_out, act, threads, chosen)[0]
+
+
+# -- block-sparse attention ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparseroute::block_attention", mutates_args=())
+def _block_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, key_bias: Tensor | None, block_size: int,
+                     scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = _module().block_attention_forward(q, k, v, idx, key_bias, block_size, scale)
+    return out, lse
+
+
+@_block_attention.register_fake
+def _(q, k, v, idx, key_bias, block_size, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3])
+
+
+@torch.library.custom_op("sparseroute::block_attention_backward", mutates_args=())
+def _block_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, key_bias: Tensor | None,
+                              out: Tensor, lse: Tensor, block_size: int,
+                              scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dbias = _module().block_attention_backward(grad.contiguous(), q, k, v, idx, key_bias, out, lse,
+                                                           block_size, scale)
+    return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))
+
+
+@_block_attention_backward.register_fake
+def _(grad, q, k, v, idx, key_bias, out, lse, block_size, scale):
+    dbias = torch.empty_like(key_bias) if key_bias is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _block_attention_setup(ctx, inputs, output):
+    q, k, v, idx, key_bias, block_size, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, idx, key_bias, out, lse)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _block_attention_grad(ctx, grad, _grad_lse):
+    q, k, v, idx, key_bias, out, lse = ctx.saved_tensors
+    dq, dk, dv, dbias = torch.ops.sparseroute.block_attention_backward(
+        grad, q, k, v, idx, key_bias, out, lse, ctx.block_size, ctx.scale)
+    return dq, dk, dv, None, (dbias if key_bias is not None else None), None, None
+
+
+_block_attention.register_autograd(_block_attention_grad, setup_context=_block_attention_setup)
+
+
+def block_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, key_bias: Tensor | None, block_size: int,
+                    scale: float) -> Tensor:
+    """[B, H, S, Dh]: causal attention of float32/float64 CPU q [B, H, S, Dh] over the blocks of a
+    *normalised* selection ``idx`` [B, Hkv, ceil(S / block_size), K]
+    (:func:`sparseroute.attention.selection.normalize_block_indices`) of k, v [B, Hkv, S, Dh],
+    with an optional additive ``key_bias`` [B, Hkv, S]; differentiable in q, k, v and key_bias.
+    Keeps only the output and the per-row log-sum-exp for backward. Needs the compiled kernels."""
+    kb = key_bias.contiguous() if key_bias is not None else None
+    return torch.ops.sparseroute.block_attention(q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous(), kb,
+                                                 block_size, float(scale))[0]

@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 #include <torch/python.h>
 
+#include "block_attention.h"
 #include "mlp.h"
 #include "products.h"
 #include "row_gemm.h"
@@ -38,6 +39,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("k"), py::arg("renormalize"));
   m.def("softmax_topk_backward", &softmax_topk_backward, "softmax over experts, then the top k (backward)",
         py::arg("grad_probs"), py::arg("grad_w"), py::arg("probs"), py::arg("idx"), py::arg("w"), py::arg("renormalize"));
+  m.def("block_attention_forward", &block_attention_forward,
+        "block-sparse causal attention, forward: {out, lse}", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("idx"),
+        py::arg("key_bias"), py::arg("block_size"), py::arg("scale"));
+  m.def("block_attention_backward", &block_attention_backward,
+        "block-sparse causal attention, backward: {dq, dk, dv, dkey_bias}", py::arg("grad"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("idx"), py::arg("key_bias"), py::arg("out"), py::arg("lse"), py::arg("block_size"),
+        py::arg("scale"));
   m.def("onednn_mm", &onednn_mm, "out = a @ b on oneDNN's matmul (float32 CPU matrices, each dense or transposed)",
         py::arg("a"), py::arg("b"), py::arg("out"));
 
