@@ -3,10 +3,11 @@
 #   bash benchmarks/cuda_checks.sh [OUT_DIR]        (default: cuda-checks/)
 # 1. the tests marked gpu (tests/test_gpu.py and any others),
 # 2. benchmarks/moe_layer.py on cuda in fp32 and in bf16,
-# 3. benchmarks/train_throughput.py on cuda.
+# 3. benchmarks/train_throughput.py on cuda,
+# 4. benchmarks/attention.py on cuda with the FlexAttention backend.
 # It uses the Python in $PYTHON (default python3) with its own torch, and the source tree
 # through PYTHONPATH, so it needs no install. Each step's output goes to OUT_DIR (env.txt,
-# gpu_tests.log, moe_layer_fp32.log, moe_layer_bf16.log, train_throughput.log) and each
+# gpu_tests.log, moe_layer_fp32.log, moe_layer_bf16.log, train_throughput.log, attention_flex.log) and each
 # benchmark's JSON line also to OUT_DIR/results.jsonl. Exits non-zero when a step fails, after
 # running the others; a step that runs past its time limit counts as failed.
 set -uo pipefail
@@ -55,6 +56,7 @@ step gpu_tests 300 "$py" -m pytest -q -m gpu -p no:cacheprovider tests
 step moe_layer_fp32 150 "$py" benchmarks/moe_layer.py --device cuda --dtype fp32 --repeats 15
 step moe_layer_bf16 150 "$py" benchmarks/moe_layer.py --device cuda --dtype bf16 --repeats 15
 step train_throughput 150 "$py" benchmarks/train_throughput.py --device cuda
+step attention_flex 150 "$py" benchmarks/attention.py --device cuda --backend flex --repeats 10
 
 if [ ${#failed[@]} -ne 0 ]; then
     echo "failed: ${failed[*]}"
