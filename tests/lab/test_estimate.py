@@ -1,0 +1,80 @@
+"""The sweep cost estimate printed by ``compare --dry-run``: a run's seconds from a measured
+step, the plan placed on the workers, and finished runs' times taken from the store."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparseroute.lab import estimate
+from sparseroute.lab.estimate import Estimate, estimate_sweep, format_duration, measure_step_seconds, run_seconds
+from sparseroute.lab.spec import SweepSpec, Variant
+from sparseroute.lab.store import Store
+
+
+def _spec(name="est") -> SweepSpec:
+    base = {
+        "model": {"preset": "tiny", "d_model": 64, "n_layers": 1, "n_heads": 2, "d_ff": 128},
+        "data": {"corpus": "stdlib", "max_bytes": 200_000},
+        "train": {"tokens": 8 * 64 * 5, "batch_size": 8, "seq_len": 64, "eval_tokens": 8 * 64 * 2},
+    }
+    return SweepSpec(name=name, base=base, variants=[Variant("a", {}), Variant("b", {"model": {"moe": {"num_experts": 4}}})],
+                     seeds=[0, 1, 2], reference="a")
+
+
+def test_run_seconds_counts_steps_and_evaluations():
+    plan = _spec().plan()
+    cfg = plan[0].config
+    assert cfg.train.steps == 5
+    # 5 steps, and the final validation and test evaluations of 2 batches each at a third of a step
+    assert run_seconds(cfg, 1.0) == pytest.approx(5 + 2 * 2 / 3)
+
+
+def test_measured_step_is_positive_and_restores_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    s = measure_step_seconds(_spec().plan()[0].config, steps=1, threads=1)
+    assert 0 < s < 30
+    assert torch.get_num_threads() == before
+
+
+def test_plan_is_placed_on_the_workers(monkeypatch):
+    monkeypatch.setattr(estimate, "measure_step_seconds", lambda cfg, **kw: 1.0 if cfg.model.moe is None else 3.0)
+    spec = _spec()
+    plan = spec.plan()
+    one = estimate_sweep(spec, plan, jobs=1)
+    two = estimate_sweep(spec, plan, jobs=2)
+    a, b = one.per_variant["a"], one.per_variant["b"]
+    assert b > a
+    assert one.seconds == pytest.approx(3 * a + 3 * b)
+    # two workers: never more than one, never less than half of it or than the longest run
+    assert max(b, one.seconds / 2) <= two.seconds < one.seconds
+    assert one.sources == {"a": "2 measured steps", "b": "2 measured steps"}
+    assert "with --jobs 2" in two.line()
+
+
+def test_finished_runs_replace_the_measurement(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(estimate, "measure_step_seconds", lambda cfg, **kw: calls.append(cfg) or 1.0)
+    spec = _spec("est-store")
+    plan = spec.plan()
+    store = Store(tmp_path / "lab.sqlite")
+    try:
+        from sparseroute.lab.runner import register_sweep
+
+        sweep_id, _ = register_sweep(store, spec, progress=False)
+        run_a = next(r for r in store.runs(sweep_id) if r["variant"] == "a")
+        store.conn.execute("UPDATE runs SET status = 'done', train_seconds = 120.0 WHERE id = ?", (run_a["id"],))
+        e = estimate_sweep(spec, plan, jobs=1, store=store)
+    finally:
+        store.close()
+    assert e.per_variant["a"] == pytest.approx(120.0)
+    assert e.sources["a"] == "1 finished run(s)"
+    assert len(calls) == 1 and calls[0].model.moe is not None  # only b was measured
+
+
+def test_format_duration():
+    assert format_duration(59.4) == "59 s"
+    assert format_duration(61) == "1 min 01 s"
+    assert format_duration(3 * 3600 + 5 * 60 + 9) == "3 h 05 min"
+    assert isinstance(Estimate(seconds=1, jobs=1, threads=1).line(), str)
