@@ -313,3 +313,38 @@ def test_kernel_op_passes_opcheck():
     norm = normalize_block_indices(idx)
     for kb in (None, bias):
         torch.library.opcheck(torch.ops.sparseroute.block_attention, (q, k, v, norm, kb, 8, 0.3))
+
+
+# options that make each router's selection depend on the data at these sizes
+DATA_DEPENDENT = {
+    "moba": {"top_k": 1},
+    "nsa": {"top_n": 2},
+    "indexer": {"top_k": 4},
+    "misa": {"top_k": 4},
+    "dynamic_mask": {"window": 4},
+    "kmeans": {},
+    "topp": {},
+}
+
+
+@pytest.mark.parametrize("router", [n for n in ATTENTION_ROUTERS.names() if ATTENTION_ROUTERS.get(n).causal])
+@pytest.mark.parametrize("t", [8, 13, 21, 39])
+def test_every_causal_router_is_causal_at_any_position(router, t):
+    """Perturbing tokens at positions >= t (at a block start or inside a block) changes no output
+    and no selection of a query before t, through SparseAttention, for every registered causal
+    router."""
+    torch.manual_seed(0)
+    layer = SparseAttention(32, 4, 2, router=router, router_options=DATA_DEPENDENT.get(router, {}), block_size=8)
+    layer = layer.double().eval()
+    S = 40
+    x = torch.randn(2, S, 32, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, t:] += torch.randn(2, S - t, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y1, r1 = layer(x)
+        y2, r2 = layer(x2)
+    assert_close(y1[:, :t], y2[:, :t], rtol=0, atol=1e-12)
+    # the selection of every query before t: compare the token masks the selections imply
+    m1 = block_mask(r1.block_indices, S, r1.block_size)[:, :, :t]
+    m2 = block_mask(r2.block_indices, S, r2.block_size)[:, :, :t]
+    assert torch.equal(m1, m2)

@@ -112,7 +112,7 @@ def test_balanced_selection_is_the_centroids_top_w_past_blocks():
     x = inputs(S=40)
     q, k, v = attn.project(x)
     r = attn.router.route(q, k, v, x)
-    qb = pooled_unit_blocks(q, attn.n_kv_heads, bs)
+    qb = pooled_unit_blocks(q, attn.n_kv_heads, bs, causal=True)
     kb = pooled_unit_blocks(k, attn.n_kv_heads, bs)
     mu = attn.router.centroids.double()
     idx = normalize_block_indices(r.block_indices)
@@ -139,7 +139,7 @@ def test_centroids_move_only_in_training_and_toward_assigned_points():
     attn.train()
     with torch.no_grad():
         q, k, _ = attn.project(x)
-        pts = torch.cat([pooled_unit_blocks(q, 2, bs), pooled_unit_blocks(k, 2, bs)], dim=2)
+        pts = torch.cat([pooled_unit_blocks(q, 2, bs, causal=True), pooled_unit_blocks(k, 2, bs)], dim=2)
     attn(x)
     after = attn.router.centroids
     assert not torch.equal(after, before)
@@ -167,7 +167,7 @@ def test_commitment_loss_value_and_gradient():
     _, r = attn(x)
     loss = r.losses["kmeans_commit"]
     q, k, _ = attn.project(x)
-    pts = torch.cat([pooled_unit_blocks(q, 2, bs), pooled_unit_blocks(k, 2, bs)], dim=2)
+    pts = torch.cat([pooled_unit_blocks(q, 2, bs, causal=True), pooled_unit_blocks(k, 2, bs)], dim=2)
     mu = attn.router.centroids.double()
     want = []
     for h in range(2):

@@ -118,8 +118,9 @@ def test_nsa_matches_the_slow_three_branch_reference_outputs_and_gradients(H, Hk
 
 
 def loop_importance(router, q, k, v, S):
-    """[B, Hkv, N, N]: compressed probabilities (loop softmax) summed over the query block's
-    queries and the group's heads, carried to selection blocks by positional overlap."""
+    """[B, Hkv, N, N]: compressed probabilities (loop softmax) averaged over the queries every
+    query of the block can see (positions n·bs - bs + 1 .. n·bs) and summed over the group's
+    heads, carried to selection blocks by positional overlap."""
     B, H, _, Dh = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -128,15 +129,17 @@ def loop_importance(router, q, k, v, S):
     imp = torch.zeros(B, Hkv, N, N, dtype=torch.float64)
     for b in range(B):
         for h in range(H):
-            for t in range(S):
-                cs = [c for c in range(Nc) if (c + 1) * lc - 1 <= t]
-                if not cs:
-                    continue
-                logits = torch.stack([q[b, h, t] @ k[b, h // G, c * lc:(c + 1) * lc].mean(0) * Dh**-0.5 for c in cs])
-                p = logits.softmax(0)
-                for c, pc in zip(cs, p):
-                    for s in range(c * lc, (c + 1) * lc):
-                        imp[b, h // G, t // bs, s // bs] += pc / lc
+            for n in range(N):
+                window = range(max(0, n * bs - bs + 1), n * bs + 1)
+                for t in window:
+                    cs = [c for c in range(Nc) if (c + 1) * lc - 1 <= t]
+                    if not cs:
+                        continue
+                    logits = torch.stack([q[b, h, t] @ k[b, h // G, c * lc:(c + 1) * lc].mean(0) * Dh**-0.5 for c in cs])
+                    p = logits.softmax(0)
+                    for c, pc in zip(cs, p):
+                        for s in range(c * lc, (c + 1) * lc):
+                            imp[b, h // G, n, s // bs] += pc / lc / len(window)
     return imp
 
 

@@ -111,7 +111,8 @@ def test_topp_causal():
 
 
 def expected_mass(q, k, bs, Hkv):
-    """The estimated mass written out with loops: softmax_j(q̄·k̄_j/√Dh + log len_j), j <= n."""
+    """The estimated mass written out with loops: softmax_j(q̄·k̄_j/√Dh + log len_j), j <= n, with
+    q̄ (and the own block's k̄) over the positions up to the block's first."""
     B, H, S, Dh = q.shape
     G = H // Hkv
     N = -(-S // bs)
@@ -119,12 +120,13 @@ def expected_mass(q, k, bs, Hkv):
     for b in range(B):
         for h in range(Hkv):
             for n in range(N):
-                qs = q[b, h * G:(h + 1) * G, n * bs:(n + 1) * bs]
-                qm = qs.mean(dim=(0, 1))
+                lo = max(0, n * bs - bs + 1)  # what every query of the block can see
+                qm = q[b, h * G:(h + 1) * G, lo:n * bs + 1].mean(dim=(0, 1))
+                rows = min(bs, S - n * bs)
                 logits = []
                 for j in range(n + 1):
-                    kj = k[b, h, j * bs:(j + 1) * bs]
-                    length = kj.shape[0] if j < n else (qs.shape[1] + 1) / 2
+                    kj = k[b, h, j * bs:(j + 1) * bs] if j < n else k[b, h, lo:n * bs + 1]
+                    length = kj.shape[0] if j < n else (rows + 1) / 2
                     logits.append(qm @ kj.mean(0) / math.sqrt(Dh) + math.log(length))
                 out[b, h, n, : n + 1] = torch.stack(logits).softmax(0)
     return out

@@ -34,6 +34,7 @@ __all__ = [
     "causal_block_scores",
     "select_blocks",
     "pool_blocks",
+    "causal_block_means",
 ]
 
 ATTENTION_ROUTERS: Registry[type["AttentionRouter"]] = Registry("attention router")
@@ -154,6 +155,22 @@ def pool_blocks(x_BHSD: Tensor, block_size: int) -> Tensor:
     counts = torch.full((N,), float(block_size), device=x_BHSD.device, dtype=sums.dtype)
     counts[-1] = block_size - pad
     return sums / counts.view(N, 1)
+
+
+def causal_block_means(x_BHSX: Tensor, block_size: int) -> Tensor:
+    """[B, H, S, X] -> [B, H, N, X]: for block n, the mean of x over the ``block_size`` positions
+    up to and including the block's first, n·bs - bs + 1 .. n·bs (fewer at the start): what every
+    query of the block may already see. A block router that summarises a query block by this
+    (rather than by all its positions) decides before any of the block's later queries exist, so
+    changing a token never changes the selection of an earlier query."""
+    B, H, S, X = x_BHSX.shape
+    N = -(-S // block_size)
+    acc = torch.promote_types(x_BHSX.dtype, torch.float64)
+    cs = torch.nn.functional.pad(x_BHSX.to(acc).cumsum(2), (0, 0, 1, 0))  # cs[t] = sum of x[< t]
+    first = torch.arange(N, device=x_BHSX.device) * block_size
+    lo = (first - block_size + 1).clamp_min(0)
+    sums = cs[:, :, first + 1] - cs[:, :, lo]
+    return (sums / (first - lo + 1).view(N, 1).to(acc)).to(x_BHSX.dtype)
 
 
 def causal_block_scores(scores_BHNJ: Tensor, *, strict: bool = False) -> Tensor:

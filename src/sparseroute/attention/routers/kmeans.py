@@ -40,6 +40,7 @@ from sparseroute.attention.routers.base import (
     AttentionRouterOptions,
     causal_block_scores,
     check_count,
+    causal_block_means,
     pool_blocks,
     select_blocks,
 )
@@ -75,11 +76,13 @@ class KMeansOptions(AttentionRouterOptions):
         check_count("seed", self.seed, minimum=0)
 
 
-def pooled_unit_blocks(x_BHSD: Tensor, n_kv_heads: int, block_size: int) -> Tensor:
+def pooled_unit_blocks(x_BHSD: Tensor, n_kv_heads: int, block_size: int, *, causal: bool = False) -> Tensor:
     """[B, H, S, Dh] -> [B, Hkv, N, Dh]: the normalised mean of each block's normalised vectors
-    over its positions and its GQA group's heads (H = Hkv for keys)."""
+    over its positions (``causal``: over the positions up to its first, what every query of the
+    block can see) and its GQA group's heads (H = Hkv for keys)."""
     B, H, S, Dh = x_BHSD.shape
-    pooled = pool_blocks(F.normalize(x_BHSD, dim=-1), block_size)
+    unit = F.normalize(x_BHSD, dim=-1)
+    pooled = causal_block_means(unit, block_size) if causal else pool_blocks(unit, block_size)
     pooled = pooled.view(B, n_kv_heads, H // n_kv_heads, -1, Dh).mean(2)
     return F.normalize(pooled, dim=-1)
 
@@ -135,7 +138,7 @@ class KMeansRouter(AttentionRouter):
 
     def route(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> BlockRouting:
         bs = self.block_size
-        qb = pooled_unit_blocks(q, self.n_kv_heads, bs)  # [B, Hkv, N, Dh], differentiable
+        qb = pooled_unit_blocks(q, self.n_kv_heads, bs, causal=True)  # [B, Hkv, N, Dh], differentiable
         kb = pooled_unit_blocks(k, self.n_kv_heads, bs)
         idx, c_BHN = self.select(qb, kb)
         points = torch.cat([qb, kb], dim=2)  # [B, Hkv, 2N, Dh]

@@ -1,8 +1,10 @@
 """``moba``: Mixture of Block Attention. A key block's score for a query block is
-⟨mean q, mean K_block⟩ (the query block's mean query over its positions and its GQA group's
-heads; MoBA scores per token, here per query block so that the block's queries share one
-selection); the query block keeps its own block (causal inside) and its ``top_k`` best past
-blocks. No router parameters and no auxiliary loss.
+⟨q̄, mean K_block⟩, where q̄ is the mean query of the GQA group's heads over the ``block_size``
+positions up to and including the block's first (MoBA scores per token; here the block's queries
+share one selection, so it is made from what all of them can see: a change at position t never
+changes the selection of a query before t); the query block keeps its own block (causal inside)
+and its ``top_k`` best past blocks, which are complete. No router parameters and no auxiliary
+loss.
 
 ``key_conv = w > 0`` adds FlashMoBA's short causal depthwise convolution on the keys
 (k + conv_w(k), per channel, over the previous w positions, initialised to zero so the layer
@@ -25,6 +27,7 @@ from sparseroute.attention.routers.base import (
     AttentionRouter,
     AttentionRouterOptions,
     Executor,
+    causal_block_means,
     causal_block_scores,
     check_count,
     pool_blocks,
@@ -48,10 +51,10 @@ class MoBAOptions(AttentionRouterOptions):
 
 
 def group_mean_queries(q: Tensor, n_kv_heads: int, block_size: int) -> Tensor:
-    """[B, H, S, Dh] -> [B, Hkv, N, Dh]: each query block's mean query over its positions and its
-    GQA group's heads."""
+    """[B, H, S, Dh] -> [B, Hkv, N, Dh]: each query block's causal summary query
+    (:func:`causal_block_means`), averaged over its GQA group's heads."""
     B, H, S, Dh = q.shape
-    pooled = pool_blocks(q, block_size)  # [B, H, N, Dh]
+    pooled = causal_block_means(q, block_size)  # [B, H, N, Dh]
     return pooled.view(B, n_kv_heads, H // n_kv_heads, -1, Dh).mean(2)
 
 

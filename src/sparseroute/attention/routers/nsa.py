@@ -43,6 +43,7 @@ from sparseroute.attention.routers.base import (
     Executor,
     causal_block_scores,
     check_count,
+    causal_block_means,
     pool_blocks,
     select_blocks,
 )
@@ -110,17 +111,16 @@ def _overlap(Nc: int, compress_block: int, N: int, block_size: int, device) -> T
 
 
 def nsa_block_importance(p_BHSC: Tensor, n_kv_heads: int, block_size: int, compress_block: int) -> Tensor:
-    """[B, Hkv, N, N] (query block, key block): compressed attention probability summed over the
-    query block's queries and its GQA group's heads, carried to selection blocks by overlap;
+    """[B, Hkv, N, N] (query block, key block): compressed attention probability averaged over the
+    positions up to the query block's first (:func:`causal_block_means`: no later token changes a
+    selection) and summed over its GQA group's heads, carried to selection blocks by overlap;
     future key blocks -inf. Detached, float32."""
     B, H, S, Nc = p_BHSC.shape
     G = H // n_kv_heads
     N = num_blocks(S, block_size)
     p = p_BHSC.detach().float()
-    pad = N * block_size - S
-    if pad:
-        p = torch.nn.functional.pad(p, (0, 0, 0, pad))
-    per_block_BHNC = p.view(B, n_kv_heads, G, N, block_size, Nc).sum(dim=(2, 4))
+    # over the queries every query of the block can already see (up to its first position)
+    per_block_BHNC = causal_block_means(p, block_size).view(B, n_kv_heads, G, N, Nc).sum(2)
     share_CN = _overlap(Nc, compress_block, N, block_size, p.device).float()
     return causal_block_scores(per_block_BHNC @ share_CN)
 

@@ -1,8 +1,10 @@
 """``topp``: S2O-style early stop — a variable number of blocks per query block, chosen until
 the estimated attention mass they hold reaches ``1 - epsilon``.
 
-Scores as MoBA's (:mod:`sparseroute.attention.routers.moba`): ⟨mean q, mean K_block⟩ · Dh^-0.5,
-per kv-head, the query block's mean over its positions and GQA group. The estimated attention
+Scores as MoBA's (:mod:`sparseroute.attention.routers.moba`): ⟨q̄, mean K_block⟩ · Dh^-0.5,
+per kv-head, q̄ the query block's causal summary (the mean over the positions up to its first and
+the GQA group); the own block is scored by its keys up to its first position, so that no
+selection depends on a later token. The estimated attention
 mass of key block j for query block n is a softmax over the blocks j <= n of
 
     score(n, j) + log len(n, j)
@@ -31,6 +33,7 @@ from sparseroute.attention.routers.base import (
     AttentionRouter,
     AttentionRouterOptions,
     check_count,
+    causal_block_means,
     pool_blocks,
 )
 from sparseroute.attention.routers.moba import group_mean_queries
@@ -93,7 +96,10 @@ class TopPRouter(AttentionRouter):
         bs = self.block_size
         qm = group_mean_queries(q.detach(), self.n_kv_heads, bs).double()
         km = pool_blocks(k.detach(), bs).double()
-        scores = torch.einsum("bhnd,bhjd->bhnj", qm, km) * q.shape[-1] ** -0.5
+        scores = torch.einsum("bhnd,bhjd->bhnj", qm, km)
+        # the own block by its keys up to its first position (the rest are later than some queries)
+        own_BHN = (qm * causal_block_means(k.detach(), bs).double()).sum(-1)
+        scores = torch.diagonal_scatter(scores, own_BHN, dim1=-2, dim2=-1) * q.shape[-1] ** -0.5
         len_NJ = block_lengths(q.shape[2], bs, device=q.device)
         logits = torch.where(len_NJ > 0, scores + len_NJ.clamp_min(1e-300).log(), float("-inf"))
         return logits.softmax(-1)
