@@ -46,6 +46,9 @@ _MODEL_FLAGS = (
     ("--moe-layers", "model.moe.layers", _moe_layers, "WHICH", "which FFNs are MoE: all, every_other, or e.g. 0,2,3"),
     ("--capacity-factor", "model.moe.capacity_factor", float, "C", "drop tokens beyond this capacity factor "
      "(default: dropless)"),
+    ("--attention", "model.attention.router", str, "NAME", "make the attention block-sparse with this router "
+     "({attention_routers}); its options: --set model.attention.router_options.KEY=VALUE, block size: "
+     "--set model.attention.block_size=N (without it: dense attention)"),
 )
 _DATA_FLAGS = (
     ("--corpus", "data.corpus", str, "SOURCE", "stdlib (this Python's standard library source), text:PATH, or "
@@ -90,6 +93,10 @@ def _default_of(setting: str) -> Any:
         return "tiny"
     if section == "model" and rest[0] == "moe":
         return getattr(MoEConfig(), rest[1])
+    if section == "model" and rest[0] == "attention":
+        from sparseroute.attention import AttentionConfig
+
+        return getattr(AttentionConfig(), rest[1])
     obj = {"model": preset("tiny"), "data": DataConfig(), "train": TrainConfig()}[section]
     return getattr(obj, rest[0], None)
 
@@ -145,7 +152,9 @@ def _add_train(sub) -> None:
         "  sparseroute train --router cosine --tokens 2M --out runs/x\n"
         "  sparseroute train --config run.toml --set model.moe.router=cosine --set train.lr=1e-3 --out runs/y\n"
         "  sparseroute train --out runs/x --resume\n"
-        "A run.toml holds [model] (preset or depth, then any LMConfig field; [model.moe] for the MoE layers), "
+        "  sparseroute train --attention moba --set model.attention.router_options.top_k=4 --seq-len 1024 --out runs/z\n"
+        "A run.toml holds [model] (preset or depth, then any LMConfig field; [model.moe] for the MoE layers, "
+        "[model.attention] for block-sparse attention), "
         "[data] and [train] tables; see docs/training.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -154,9 +163,12 @@ def _add_train(sub) -> None:
     c.add_argument("--set", action="append", default=None, metavar="SECTION.FIELD=VALUE", dest="settings",
                    help="change one setting, e.g. model.moe.router=cosine or train.tokens=300k (repeatable; VALUE "
                    "is read as JSON when it parses)")
+    from sparseroute.attention import ATTENTION_ROUTERS
+
     groups = {"model": p.add_argument_group("model"), "data": p.add_argument_group("data"),
               "train": p.add_argument_group("training")}
     for flag, key, kind, metavar, text in _FLAGS:
+        text = text.replace("{attention_routers}", ", ".join(ATTENTION_ROUTERS.names()))
         default = _default_of(key)
         shown = "" if default is None or "default:" in text else f"; default {default}"
         groups[key.split(".")[0]].add_argument(flag, dest=_dest(flag), type=kind, default=None, metavar=metavar,

@@ -80,7 +80,8 @@ def snapshot(store_path: Path) -> dict:
         res = st.results(sweep_id)
     runs = {}
     for r in res.runs:
-        final = {k: v for k, v in (r.final or {}).items() if k not in ("train_seconds", "tokens_per_s")}
+        timing = ("train_seconds", "tokens_per_s", "step_seconds")
+        final = {k: v for k, v in (r.final or {}).items() if k not in timing}
         runs[(r.variant, r.seed)] = {"status": r.status, "final": final, "metrics": r.metrics}
     return {"counts": counts, "runs": runs}
 

@@ -53,7 +53,7 @@ def tree(folder: Path) -> dict[str, str]:
 
 def outcome(run: Path) -> tuple[dict, dict, str]:
     final = json.loads((run / "final.json").read_text())
-    final = {k: v for k, v in final.items() if k not in ("train_seconds", "tokens_per_s")}
+    final = {k: v for k, v in final.items() if k not in ("train_seconds", "tokens_per_s", "step_seconds")}
     weights = load_file(str(run / "checkpoints" / "step-000015" / "model.safetensors"))
     return final, weights, (run / "metrics.jsonl").read_text()
 

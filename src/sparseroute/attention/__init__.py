@@ -5,8 +5,10 @@ reads; an executor computes attention over them only.
   FlexAttention on CUDA); :func:`masked_reference` — the dense oracle.
 - :class:`SparseAttention` — q/k/v/o projections, RoPE, a router from ``ATTENTION_ROUTERS``.
 - :class:`BlockRouting` — a router's selection (``block_indices`` [B, Hkv, N, K], -1 unused).
+- :class:`AttentionConfig` — a model's sparse attention layers (router, options, block size, layers).
 """
 
+from sparseroute.attention.config import AttentionConfig
 from sparseroute.attention.executor import block_sparse_attention
 from sparseroute.attention.module import SparseAttention
 from sparseroute.attention.reference import masked_reference
@@ -16,6 +18,7 @@ from sparseroute.attention.selection import BlockRouting, block_mask, selection_
 
 __all__ = [
     "ATTENTION_ROUTERS",
+    "AttentionConfig",
     "AttentionRouter",
     "BlockRouting",
     "SparseAttention",

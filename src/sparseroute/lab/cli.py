@@ -41,7 +41,8 @@ def add_lab_commands(sub) -> None:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(SWEEP_PRESETS), default=None,
-                     help="a named sweep: quick (a few minutes), equifinality (a CPU day), equifinality-paper (GPU)")
+                     help="a named sweep: quick (a few minutes), equifinality (a CPU day), equifinality-paper (GPU), "
+                     "attention (sparse attention routers at a 2048-token context); docs/lab.md lists them all")
     src.add_argument("--spec", default=None, metavar="FILE.toml", help="a sweep spec file (see docs/lab.md)")
     p.add_argument("--store", default=DEFAULT_STORE, help="the results store; run folders go next to it")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (threads are split among them)")
@@ -147,10 +148,12 @@ def _print_plan(spec, plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from sparseroute.models.flops import parameter_counts
+    from sparseroute.models.flops import attention_densities, parameter_counts
 
     t = Table(title=f"sweep {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {len(plan)} runs")
-    for col in ("variant", "router", "k", "params (total / active / routing)", "tokens", "steps", "seeds"):
+    sparse = any(p.config.model.attention is not None for p in plan)
+    for col in ("variant", "router", "k", "params (total / active / routing)",
+                *(["attention: density at seq_len (router params)"] if sparse else []), "tokens", "steps", "seeds"):
         t.add_column(col)
     for v in spec.variants:
         cfg = next(p.config for p in plan if p.variant == v.name)
@@ -158,8 +161,12 @@ def _print_plan(spec, plan) -> None:
         # a BPE corpus fits the vocabulary when the runs are registered: count at its nominal size
         model = cfg.model.replace(vocab_size=cfg.data.bpe_vocab_size) if cfg.data.tokenizer == "bpe" else cfg.model
         pc = parameter_counts(model)
+        attn = []
+        if sparse:
+            a, rho = cfg.model.attention, attention_densities(cfg.model, cfg.train.seq_len)
+            attn = [f"{a.router} {rho[0]:.3f} ({pc['attention_routing']:,})" if a is not None else "dense (SDPA)"]
         t.add_row(v.name, moe.router if moe else "dense", str(moe.top_k) if moe else "-",
-                  f"{pc['total'] / 1e6:.2f}M / {pc['active'] / 1e6:.2f}M / {pc['routing']:,}",
+                  f"{pc['total'] / 1e6:.2f}M / {pc['active'] / 1e6:.2f}M / {pc['routing']:,}", *attn,
                   f"{cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len:,}", str(cfg.train.steps),
                   ",".join(map(str, spec.seeds)))
     Console(stderr=False).print(t)

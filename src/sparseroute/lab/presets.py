@@ -26,6 +26,10 @@ about 34).
 - ``geometry``: linear routers with and without the balance loss vs the parameter-free online
   k-means router (Routers Learn the Geometry of Their Experts), comparing imbalance, PPL and
   router-expert coupling.
+- ``attention``: block-sparse attention routers (window, MoBA with and without its key
+  convolution, NSA, the DSA lightning indexer, Routing-Transformer k-means) against the ``dense``
+  attention router on the same executor, at a 2048-token context, dense FFNs; PPL, density,
+  recall and time per step.
 """
 
 from __future__ import annotations
@@ -260,6 +264,61 @@ def geometry() -> SweepSpec:
     )
 
 
+#: the ``attention`` preset's context and block size: 2048 / 64 = 32 key blocks per sequence
+ATTENTION_SEQ_LEN = 2048
+ATTENTION_BLOCK = 64
+
+
+def _attn(router: str, **options) -> dict:
+    return {"model": {"attention": {"router": router, "block_size": ATTENTION_BLOCK, "router_options": options}}}
+
+
+def attention() -> SweepSpec:
+    """Sparse attention routers on the ``tiny`` LM (dense FFNs, no MoE) with a 2048-token context
+    (block size 64: 32 key blocks), BPE 8192 on the stdlib corpus, 3 seeds, 1M tokens each in
+    batches of 2 x 2048 (244 steps), every layer sparse. The variants keep about a fifth of the
+    causal score matrix at 2048 (the router's ``density_estimate``, which the FLOPs charge):
+
+    - ``dense``: the ``dense`` attention router, every past block through the same block-sparse
+      executor (density 1; the reference);
+    - ``window``: the last 4 blocks, the own block included (0.20);
+    - ``moba``: MoBA, the own block + top-3 past blocks by <mean q, mean K_block> (0.20);
+    - ``moba+conv``: the same with FlashMoBA's causal depthwise key convolution of width 4 (0.20);
+    - ``nsa``: NSA's compressed, selected (top-3 blocks, block 0 and the own block among them) and
+      2-block sliding-window branches, gated (0.26, all three branches counted);
+    - ``indexer``: the DSA lightning indexer (4 heads of 32), the top-224 tokens per query, i.e.
+      the keys a late MoBA query reads (0.21);
+    - ``kmeans``: Routing-Transformer online k-means (4 centroids per kv-head), the own block + 3
+      past blocks handed by the query block's centroid (0.20).
+
+    The routers' names are looked up when the sweep is planned, so the preset exists even where a
+    router is not registered (planning it then fails naming the router). The report adds a sparse
+    attention table: test PPL, measured density, blocks per query, recall and mass of dense
+    attention (eval mode, validation text), attention FLOPs and seconds per training step."""
+    settings = {"tokens": "1M", "batch_size": 2, "seq_len": ATTENTION_SEQ_LEN, "lr": 3e-3, "eval_tokens": "64k",
+                "log_every": 10, "checkpoint_every": 50}
+    return _science(
+        name="attention",
+        description="sparse attention routers vs dense attention at a 2048-token context: PPL, density, recall, "
+        "time per step",
+        base={
+            "model": {"preset": "tiny", "max_seq_len": ATTENTION_SEQ_LEN},
+            "data": {"corpus": "stdlib", "tokenizer": "bpe", "bpe_vocab_size": BPE_VOCAB},
+            "train": settings,
+        },
+        variants=(
+            Variant("dense", _attn("dense")),
+            Variant("window", _attn("window", window=4)),
+            Variant("moba", _attn("moba", top_k=3)),
+            Variant("moba+conv", _attn("moba", top_k=3, key_conv=4)),
+            Variant("nsa", _attn("nsa", top_n=3, window_blocks=2)),
+            Variant("indexer", _attn("indexer", top_k=224)),
+            Variant("kmeans", _attn("kmeans", blocks_per_cluster=3)),
+        ),
+        reference="dense",
+    )
+
+
 SWEEP_PRESETS: dict[str, Callable[[], SweepSpec]] = {
     "quick": quick,
     "equifinality": equifinality,
@@ -269,6 +328,7 @@ SWEEP_PRESETS: dict[str, Callable[[], SweepSpec]] = {
     "blockffn": blockffn,
     "similarity": similarity,
     "geometry": geometry,
+    "attention": attention,
 }
 
 

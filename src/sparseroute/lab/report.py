@@ -12,8 +12,11 @@
   the seeds each pair needs when plans are given, loss curves, test PPL with CIs, the TOST p-value
   matrix, expert-load heatmaps, PPL vs expert FLOPs, routing parameters, the tables, the notes,
   the per-run table and the sweep spec; when finished runs carry them, also the routing profile,
-  the halting trade-off of multi-hop variants and the experts' favourite tokens. The sections
-  present are numbered 1..n in order.
+  the halting trade-off of multi-hop variants and the experts' favourite tokens; for sweeps with
+  sparse attention (``model.attention``) a table of each variant's attention router, test PPL,
+  density, recall, mass, attention FLOPs and seconds per step
+  (:mod:`sparseroute.lab.attention_summary`, also printed after the terminal summary). The
+  sections present are numbered 1..n in order.
 
 The HTML comes from the Jinja2 templates in ``sparseroute/lab/templates/`` (autoescaped; see
 :mod:`sparseroute.lab.report_sections`), the figures from :mod:`sparseroute.lab.plots`, the table
@@ -29,7 +32,10 @@ import math
 import os
 from pathlib import Path
 
+from rich.console import Console
+
 from sparseroute.fileio import atomic_write_text
+from sparseroute.lab.attention_summary import attention_section, print_attention_summary
 from sparseroute.lab.results import SweepResults
 from sparseroute.lab.stats import Comparison, SeedPlan
 
@@ -60,6 +66,7 @@ from sparseroute.lab.summary import (
     _DASH,
     _HTML_COLOR,
     _ci_label,
+    _console,
     _correction_name,
     _correction_text,
     _fmt,
@@ -76,12 +83,20 @@ from sparseroute.lab.summary import (
     _title,
     comparison_of,
     print_seed_plans,
-    print_summary,
     summary_table,
 )
+from sparseroute.lab.summary import print_summary as _print_summary
 
 __all__ = ["comparison_of", "summary_table", "print_summary", "print_seed_plans", "write_report",
            "check_report_path"]
+
+def print_summary(results: SweepResults, comparison: Comparison | None, console: Console | None = None) -> None:
+    """:func:`sparseroute.lab.summary.print_summary` (the table, the notes, the pairs, multi-hop
+    lines), then the sparse attention table when some variant has sparse attention."""
+    console = _console(console)
+    _print_summary(results, comparison, console)
+    print_attention_summary(results, comparison, console)
+
 
 # ---------------------------------------------------------------- HTML
 def _verdict_html(verdict: str) -> Cell:
@@ -212,6 +227,7 @@ def _sections(results: SweepResults, comparison: Comparison | None) -> list[Sect
             "(D·E per layer) would have.",
             _plot_routing_params(results, comparison),
         ),
+        attention_section(results, comparison),  # None without sparse attention
         # routing diagnostics: each None (left out) when no finished run has the data
         routing_profile_section(results),
         halting_section(results, comparison),

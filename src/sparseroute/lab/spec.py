@@ -29,6 +29,10 @@ TOML form::
     name = "dense"
     model.moe = false             # no MoE
 
+    [[variants]]
+    name = "moba-top4"            # block-sparse attention (see sparseroute.attention.AttentionConfig)
+    model.attention = { router = "moba", router_options = { top_k = 4 } }
+
 Variant fields merge into the base (nested tables merge key by key; a variant's ``model.moe`` table
 starts from the base's MoE settings, or from the defaults when the base is dense). Every variant
 of a seed sees the same data order (the data order follows ``train.seed``) and the same
@@ -62,10 +66,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 #: The only parts of a run configuration (dotted paths of ``RunConfig.to_dict()``, each covering its
 #: subtree) in which the variants of a sweep may differ without ``allow_differences``: the MoE layers
-#: (router, experts, hops; ``model.moe = false`` for dense) and the halting thresholds evaluated after
-#: training, which do not change the training. An allowlist, so that a field added to the run
-#: configuration later is held fixed across variants by default.
-VARIANT_FIELDS = ("model.moe", "train.halting_taus", "train.halting_quantiles")
+#: (router, experts, hops; ``model.moe = false`` for dense), the sparse attention layers (router,
+#: options, block size, layers; ``model.attention = false`` for dense attention) and the halting
+#: thresholds evaluated after training, which do not change the training. An allowlist, so that a
+#: field added to the run configuration later is held fixed across variants by default.
+VARIANT_FIELDS = ("model.moe", "model.attention", "train.halting_taus", "train.halting_quantiles")
 
 
 @dataclass(frozen=True)

@@ -134,10 +134,16 @@ def _moe_of(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _router_name(cfg: dict[str, Any] | None) -> str:
+    """The MoE router (``dense`` without MoE), with `` + NAME attention`` when the attention is
+    block-sparse."""
     if _get(cfg, "model") is None:
         return "?"
     moe = _moe_of(cfg)
-    return "dense" if moe is None else str(moe.get("router", "topk"))
+    name = "dense" if moe is None else str(moe.get("router", "topk"))
+    attention = _get(cfg, "model", "attention")
+    if isinstance(attention, dict):
+        name += f" + {attention.get('router', 'moba')} attention"
+    return name
 
 
 def _moe_layer_labels(cfg: dict[str, Any] | None, n: int) -> list[str]:

@@ -1,8 +1,9 @@
-"""The small decoder LM of the lab, assembled from a config: dense or with sparseroute MoE FFNs.
+"""The small decoder LM of the lab, assembled from a config: dense or with sparseroute MoE FFNs,
+dense or block-sparse attention.
 
 ``preset("tiny")`` / ``sized(depth)`` -> :class:`LMConfig`; ``TransformerLM(cfg)(ids)`` ->
-:class:`LMOutput` (logits, summed MoE auxiliary losses, one Routing per MoE layer);
-:func:`flops_per_token` for compute accounting.
+:class:`LMOutput` (logits, summed auxiliary losses, one Routing per MoE layer, one BlockRouting
+per sparse attention layer); :func:`flops_per_token` for compute accounting.
 """
 
 from sparseroute.models.config import PRESETS, LMConfig, preset, sized

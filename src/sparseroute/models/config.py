@@ -1,5 +1,6 @@
 """Configuration of the decoder LM: :class:`LMConfig` (its MoE layers are configured by
-:class:`sparseroute.moe.MoEConfig`), named presets and the one-dial :func:`sized` family.
+:class:`sparseroute.moe.MoEConfig`, its block-sparse attention layers by
+:class:`sparseroute.attention.AttentionConfig`), named presets and the one-dial :func:`sized` family.
 
 Parameter counts quoted below are exact (``sum(p.numel())`` over unique parameters, the tied
 embedding counted once) and are checked by ``tests/models/test_lm_config.py``. "MoE variant" means
@@ -13,7 +14,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
+from sparseroute.attention.config import AttentionConfig
 from sparseroute.moe.config import MoEConfig, check_int, check_positive_number, known_fields
+from sparseroute.moe.routers import ROUTERS
+from sparseroute.moe.routers.base import make_config
 
 __all__ = ["LMConfig", "PRESETS", "preset", "sized"]
 
@@ -30,6 +36,10 @@ class LMConfig:
         (output projections use ``init_std / sqrt(2 * n_layers)``; MoE experts are initialised
         like the dense FFN they replace).
     moe: ``None`` for a dense model, else the FFN of the layers in ``moe.layers`` is an MoE.
+    attention: ``None`` for dense (SDPA) attention everywhere, else the attention of the layers in
+        ``attention.layers`` is :class:`sparseroute.attention.SparseAttention` with its router (a
+        dict is read as AttentionConfig fields). Left out of :meth:`to_dict` when ``None``, so the
+        configs (and sweep fingerprints) of dense-attention models read as before.
     """
 
     vocab_size: int = 256
@@ -43,6 +53,7 @@ class LMConfig:
     norm_eps: float = 1e-5
     moe: MoEConfig | None = None
     init_std: float = 0.02
+    attention: AttentionConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -85,6 +96,46 @@ class LMConfig:
                     f"moe.d_ff: the default expert hidden d_ff // top_k = {self.d_ff} // {self.moe.top_k} is 0; "
                     "set moe.d_ff explicitly"
                 )
+        self._check_attention()
+
+    def _check_attention(self) -> None:
+        if isinstance(self.attention, dict):
+            try:
+                object.__setattr__(self, "attention", AttentionConfig.from_dict(self.attention))
+            except ValueError as e:  # name the field as a setting: attention.block_size must be ...
+                fields = {f.name for f in dataclasses.fields(AttentionConfig)}
+                first = str(e).split(" ", 1)[0].rstrip(":=")
+                raise ValueError(f"attention.{e}" if first in fields else f"attention: {e}") from None
+        if self.attention is None:
+            return
+        a = self.attention
+        if not isinstance(a, AttentionConfig):
+            raise ValueError(
+                f"attention must be None (dense attention) or an AttentionConfig; got {type(a).__name__}"
+            )
+        if isinstance(a.layers, tuple):
+            bad = [i for i in a.layers if i >= self.n_layers]
+            if bad:
+                raise ValueError(
+                    f"attention.layers: indices {bad} are out of range for n_layers={self.n_layers} "
+                    f"(allowed 0..{self.n_layers - 1})"
+                )
+        elif not self.sparse_attention_layer_indices():
+            raise ValueError(
+                f"attention.layers={a.layers!r} selects no layer when n_layers={self.n_layers}; "
+                "use attention=None for dense attention or list the layers explicitly"
+            )
+        if a.n_kv_heads is not None and self.n_heads % a.n_kv_heads:
+            raise ValueError(
+                f"attention.n_kv_heads={a.n_kv_heads} must divide n_heads={self.n_heads}"
+            )
+        shared = set(self.sparse_attention_layer_indices()) & set(self.moe_layer_indices())
+        if shared and self.moe is not None and _moe_needs_attention_probs(self.moe, self.d_model):
+            raise ValueError(
+                f"moe: the {self.moe.router} router as configured mixes with its layer's attention "
+                f"probabilities, which sparse attention does not provide (layers {sorted(shared)} have both); "
+                "leave those layers out of attention.layers or moe.layers, or route on other features"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -94,14 +145,23 @@ class LMConfig:
         """Sorted indices of the layers whose FFN is an MoE (empty for a dense model)."""
         return () if self.moe is None else self.moe.layer_indices(self.n_layers)
 
+    def sparse_attention_layer_indices(self) -> tuple[int, ...]:
+        """Sorted indices of the layers whose attention is block-sparse (empty without ``attention``)."""
+        return () if self.attention is None else self.attention.layer_indices(self.n_layers)
+
     def replace(self, **changes: Any) -> "LMConfig":
         """A copy with some fields changed; an unknown field raises ValueError naming it."""
         return dataclasses.replace(self, **known_fields(type(self), changes, "LMConfig"))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict (nested ``moe`` as a dict, tuples as lists)."""
+        """Plain JSON-serialisable dict (nested ``moe`` and ``attention`` as dicts, tuples as lists;
+        ``attention`` only when set)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["moe"] = None if self.moe is None else self.moe.to_dict()
+        if self.attention is None:
+            del d["attention"]
+        else:
+            d["attention"] = self.attention.to_dict()
         return d
 
     @classmethod
@@ -111,6 +171,17 @@ class LMConfig:
         if isinstance(kw.get("moe"), dict):
             kw["moe"] = MoEConfig.from_dict(kw["moe"])
         return cls(**kw)
+
+
+def _moe_needs_attention_probs(moe: MoEConfig, d_model: int) -> bool:
+    """Whether the MoE router, as configured, asks its layer's attention for its probabilities
+    (attention-aware routing), decided on a router built on the meta device."""
+    cls = ROUTERS.get(moe.router)
+    if not cls.uses_token_mixing:
+        return False
+    with torch.device("meta"):
+        router = cls(d_model, moe.num_experts, moe.top_k, make_config(cls, moe.router_options))
+    return bool(router.needs_token_mixing)
 
 
 # -- presets -------------------------------------------------------------------------------------

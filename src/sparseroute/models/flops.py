@@ -6,7 +6,12 @@ R cosine routing dim (d_space), S sequence length, a_i active experts per token 
 Matmuls only (plus the attention score and value products), one multiply-add = 2 FLOPs:
 
 - attention, per layer: q, k, v, o projections 4·2·D² plus QKᵀ and AV 2·2·D·c, where c = (S+1)/2
-  is the mean causal context of a token;
+  is the mean causal context of a token. On the block-sparse attention layers (``cfg.attention``)
+  only the attention that actually runs is charged: QKᵀ and AV 2·2·D·c·ρ, with ρ the router's
+  ``density_estimate(S)`` (the kept fraction of the causal score matrix; its router is built on the
+  meta device, nothing is allocated), and k, v projections 2·2·D·Hkv·K with GQA (``n_kv_heads``
+  kv-heads of head dim K); what the attention router itself computes to choose (block scores, an
+  indexer) is not counted;
 - dense_ffn, per non-MoE layer: SwiGLU gate, up, down 3·2·D·F;
 - experts, per MoE layer: a_i × one expert (``Experts.flops_per_row``: 3·2·D·Fe for SwiGLU,
   2·2·D·Fe otherwise) plus the shared experts (hidden ``num_shared_experts``·Fe), every token;
@@ -34,12 +39,26 @@ from sparseroute.moe.experts import expert_flops_per_row
 from sparseroute.moe.routers import ROUTERS
 from sparseroute.moe.routers.base import make_config
 
-__all__ = ["flops_per_token", "forward_backward_flops", "router_flops_per_token", "parameter_counts"]
+__all__ = ["flops_per_token", "forward_backward_flops", "router_flops_per_token", "parameter_counts",
+           "attention_densities"]
 
 def _router_class(moe: MoEConfig):
     """The configured router class and its validated config."""
     cls = ROUTERS.get(moe.router)
     return cls, make_config(cls, moe.router_options)
+
+
+def attention_densities(cfg: LMConfig, seq_len: int) -> list[float]:
+    """Per block-sparse attention layer (layer order), the kept fraction of the causal score matrix
+    its router will select at ``seq_len`` (``AttentionRouter.density_estimate``); empty without
+    ``cfg.attention``."""
+    a = cfg.attention
+    if a is None:
+        return []
+    rho = a.density_estimate(seq_len, d_model=cfg.d_model, n_heads=cfg.n_heads)
+    if not 0.0 <= rho <= 1.0 or math.isnan(rho):
+        raise ValueError(f"attention router {a.router!r}: density_estimate({seq_len}) = {rho} is not in [0, 1]")
+    return [rho] * len(cfg.sparse_attention_layer_indices())
 
 
 def router_flops_per_token(moe: MoEConfig, d_model: int, seq_len: int) -> float:
@@ -79,7 +98,11 @@ def flops_per_token(
             raise ValueError(f"active_experts_per_layer: values must be in [0, num_experts x hops = {E}]; got {bad}")
 
     context = (seq_len + 1) / 2.0
-    attention = L * (8.0 * D * D + 4.0 * D * context)
+    densities = attention_densities(cfg, seq_len)
+    attention = (L - len(densities)) * (8.0 * D * D + 4.0 * D * context)
+    if densities:
+        kv_width = cfg.attention.kv_heads(cfg.n_heads) * cfg.head_dim
+        attention += sum(4.0 * D * D + 4.0 * D * kv_width + 4.0 * D * context * rho for rho in densities)
     dense_ffn = (L - n_moe) * 6.0 * D * cfg.d_ff
     experts = router = 0.0
     if cfg.moe is not None:
@@ -110,11 +133,13 @@ def forward_backward_flops(d: dict[str, float]) -> float:
 
 def parameter_counts(cfg: LMConfig) -> dict[str, int]:
     """Exact parameter counts of ``TransformerLM(cfg)``, built on the meta device (nothing is
-    allocated): ``total`` (unique parameters), ``embedding`` (input table, plus the head when
-    untied), ``experts`` (all routed-expert weights), ``active`` (per token: total minus the
-    routed experts a top-k token does not use), ``routing`` (learned routing parameters over all MoE
-    layers: D·E for a linear router, D·d_space + E·d_space + 1 for the cosine router, 0 for hash
-    and random-fixed) and ``linear_router`` (what linear routers would have, for comparison)."""
+    allocated): ``total`` (unique parameters, the attention routers' included), ``embedding``
+    (input table, plus the head when untied), ``experts`` (all routed-expert weights), ``active``
+    (per token: total minus the routed experts a top-k token does not use), ``routing`` (learned
+    routing parameters over all MoE layers: D·E for a linear router, D·d_space + E·d_space + 1 for
+    the cosine router, 0 for hash and random-fixed), ``linear_router`` (what linear routers would
+    have, for comparison) and ``attention_routing`` (the parameters of the sparse attention layers'
+    routers, e.g. MoBA's key convolution, an indexer; 0 without sparse attention)."""
     from sparseroute.models.lm import TransformerLM
 
     with torch.device("meta"):
@@ -129,6 +154,7 @@ def parameter_counts(cfg: LMConfig) -> dict[str, int]:
         for r in (moe.router, *moe.hop_routers):
             routing += r.routing_parameters()
             linear_router += r.linear_router_parameters()
+    attention_routing = sum(p.numel() for attn in model.sparse_attention_layers() for p in attn.router.parameters())
     return {
         "total": total,
         "embedding": embedding,
@@ -136,4 +162,5 @@ def parameter_counts(cfg: LMConfig) -> dict[str, int]:
         "active": total - experts + active_experts,
         "routing": routing,
         "linear_router": linear_router,
+        "attention_routing": attention_routing,
     }

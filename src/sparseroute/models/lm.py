@@ -3,7 +3,10 @@
 Legend: B batch, S sequence, D model dim, H heads, K head dim, V vocab, F FFN hidden.
 
 Pre-norm blocks ``x + Attn(RMSNorm(x))``, ``x + FFN(RMSNorm(x))``; RoPE (rotate-half) on q and k;
-causal ``F.scaled_dot_product_attention``; a dense SwiGLU FFN or a sparseroute :class:`MoE`;
+causal ``F.scaled_dot_product_attention``, or on the layers of ``cfg.attention`` a block-sparse
+:class:`sparseroute.attention.SparseAttention` (same q/k/v/o projections and RoPE tables, its
+router picking the key blocks; one :class:`BlockRouting` per such layer in
+``LMOutput.attention_routings``); a dense SwiGLU FFN or a sparseroute :class:`MoE`;
 final RMSNorm and a (tied or untied) output head. MoE layers receive the input ids as
 ``token_ids`` (hash routing needs them). Note that ``expert_choice`` routing looks at the whole
 batch, so with it the model is no longer strictly causal.
@@ -25,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseroute.attention.module import SparseAttention
 from sparseroute.attention.rope import apply_rope, rope_cos_sin
+from sparseroute.attention.selection import BlockRouting
 from sparseroute.kernels import gemm
 from sparseroute.models.config import LMConfig
 from sparseroute.moe import MoE
@@ -96,10 +101,19 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LMConfig, use_moe: bool):
+    def __init__(self, cfg: LMConfig, use_moe: bool, sparse_attention: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn: Attention | SparseAttention
+        if sparse_attention:
+            a = cfg.attention
+            assert a is not None
+            self.attn = SparseAttention(
+                cfg.d_model, cfg.n_heads, a.n_kv_heads, a.router, a.router_options, a.block_size,
+                rope_base=cfg.rope_base, backend=a.backend,
+            )
+        else:
+            self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn: nn.Module
         if use_moe:
@@ -113,10 +127,21 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoE)
 
+    @property
+    def is_sparse_attention(self) -> bool:
+        return isinstance(self.attn, SparseAttention)
+
     def forward(
         self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, ids_BS: Tensor
-    ) -> tuple[Tensor, Routing | None]:
-        if isinstance(self.ffn, MoE) and self.ffn.needs_token_mixing:
+    ) -> tuple[Tensor, Routing | None, BlockRouting | None]:
+        """(x after the block, the MoE layer's Routing or None, the sparse attention's BlockRouting
+        or None)."""
+        attn_routing: BlockRouting | None = None
+        if isinstance(self.attn, SparseAttention):
+            # the config refuses attention-aware MoE routing on a sparse attention layer
+            a_BSD, attn_routing = self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK)
+            mixing_BSS = None
+        elif isinstance(self.ffn, MoE) and self.ffn.needs_token_mixing:
             # attention-aware routing: the router mixes with this block's attention weights
             a_BSD, mixing_BSS = self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK, return_probs=True)
         else:
@@ -125,18 +150,21 @@ class Block(nn.Module):
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
             y_BSD, routing = self.ffn(h_BSD, token_ids=ids_BS, token_mixing=mixing_BSS)
-            return x_BSD + y_BSD, routing
-        return x_BSD + self.ffn(h_BSD), None
+            return x_BSD + y_BSD, routing, attn_routing
+        return x_BSD + self.ffn(h_BSD), None, attn_routing
 
 
 @dataclass
 class LMOutput:
-    """logits [B, S, V]; aux_losses: MoE auxiliary losses (already scaled by their coefficients)
-    summed over MoE layers by name; routings: one Routing per MoE layer, in layer order."""
+    """logits [B, S, V]; aux_losses: the auxiliary losses of the MoE layers and of the sparse
+    attention routers (already scaled by their coefficients), summed over layers by name;
+    routings: one Routing per MoE layer, in layer order; attention_routings: one BlockRouting per
+    sparse attention layer, in layer order (``stats``: density, blocks_per_query, recall, mass)."""
 
     logits: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     routings: list[Routing] = field(default_factory=list)
+    attention_routings: list[BlockRouting] = field(default_factory=list)
 
     def aux_loss(self) -> Tensor:
         """Sum of all auxiliary losses; a 0-dim zero on the logits' device when there are none."""
@@ -155,8 +183,9 @@ class TransformerLM(nn.Module):
             raise ValueError(f"cfg must be an LMConfig; got {type(cfg).__name__}")
         self.config = cfg
         moe_layers = set(cfg.moe_layer_indices())
+        sparse_layers = set(cfg.sparse_attention_layer_indices())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i in moe_layers) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i in moe_layers, i in sparse_layers) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # tied: no head module, the logits read embed.weight directly, so the state_dict holds the
         # matrix once (safetensors refuses tensors that share memory)
@@ -169,7 +198,8 @@ class TransformerLM(nn.Module):
     def reset_parameters(self) -> None:
         """normal(init_std) for embeddings and linear weights, init_std/sqrt(2L) for the
         projections that write into the residual stream (attention out, FFN down); RMSNorm
-        weights 1; MoE expert weights like the dense FFN (routers keep their own init)."""
+        weights 1; MoE expert weights like the dense FFN; sparse attention's q/k/v/o projections
+        like the dense attention's (routers, MoE and attention alike, keep their own init)."""
         cfg = self.config
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         nn.init.normal_(self.embed.weight, std=std)
@@ -221,14 +251,16 @@ class TransformerLM(nn.Module):
         x_BSD = self.embed(ids_BS)
         aux: dict[str, Tensor] = {}
         routings: list[Routing] = []
+        attention_routings: list[BlockRouting] = []
         for block in self.blocks:
-            x_BSD, routing = block(x_BSD, cos_SK, sin_SK, ids_BS)
-            if routing is not None:
-                routings.append(routing)
-                for name, value in routing.losses.items():
-                    aux[name] = aux[name] + value if name in aux else value
+            x_BSD, routing, attn_routing = block(x_BSD, cos_SK, sin_SK, ids_BS)
+            for r, kept in ((attn_routing, attention_routings), (routing, routings)):
+                if r is not None:
+                    kept.append(r)
+                    for name, value in r.losses.items():
+                        aux[name] = aux[name] + value if name in aux else value
         logits_BSV = gemm.linear(self.norm(x_BSD), self.output_weight())
-        return LMOutput(logits=logits_BSV, aux_losses=aux, routings=routings)
+        return LMOutput(logits=logits_BSV, aux_losses=aux, routings=routings, attention_routings=attention_routings)
 
     def output_weight(self) -> Tensor:
         """The [V, D] output projection: the embedding matrix itself when tied."""
@@ -237,6 +269,10 @@ class TransformerLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         """The MoE modules, in layer order."""
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def sparse_attention_layers(self) -> list[SparseAttention]:
+        """The block-sparse attention modules, in layer order."""
+        return [b.attn for b in self.blocks if isinstance(b.attn, SparseAttention)]
 
     def after_optimizer_step(self) -> None:
         """Run every router's post-step hook (loss-free bias balancing); call after ``opt.step()``."""

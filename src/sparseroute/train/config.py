@@ -3,6 +3,9 @@ one way a run is written down by hand: a nested dict (or TOML file) of settings,
 
     {"model": {"preset": "tiny", "moe": {"router": "cosine"}}, "data": {...}, "train": {"tokens": "2M"}}
 
+(``model.attention = {"router": "moba", "router_options": {"top_k": 4}}`` makes the attention
+block-sparse, ``[model.attention]`` in TOML, ``model.attention=false`` dense again)
+
 changed by dotted ``SECTION.FIELD=VALUE`` settings (:func:`apply_setting`) and resolved into a
 validated :class:`RunConfig` by :func:`resolve_run`. ``sparseroute train`` (``--config``, ``--set``
 and the flags, which are shorthands for settings) and the lab's sweep specs (a base plus each
@@ -198,7 +201,10 @@ def parse_value(text: str) -> Any:
 def apply_setting(settings: dict[str, Any], setting: str) -> None:
     """Apply ``SECTION.FIELD[.SUB]=VALUE`` to ``settings`` in place (VALUE parsed by
     :func:`parse_value`), e.g. ``train.tokens=300k``, ``model.moe.router=cosine``,
-    ``model.moe.router_options.d_space=32``, ``model.moe=false`` (a dense model). Setting
+    ``model.moe.router_options.d_space=32``, ``model.moe=false`` (a dense model),
+    ``model.attention.router=moba``, ``model.attention.router_options.top_k=4``,
+    ``model.attention.router_options={"top_k": 4, "key_conv": 4}`` (JSON), ``model.attention=false``
+    (dense attention). Setting
     ``model.preset`` drops ``model.depth`` and the other way round."""
     key, sep, raw = setting.partition("=")
     parts = key.strip().split(".")
@@ -252,10 +258,14 @@ def load_settings(path: str | Path) -> dict[str, Any]:
 def merge_settings(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``changes`` merged in: tables merge key by key, anything else replaces. A
     ``model.moe`` table merges into the base's MoE settings (or the defaults when the base is
-    dense); ``model.moe = false`` makes the model dense."""
-    moe = changes.get("model", {}).get("moe", ...) if isinstance(changes.get("model"), dict) else ...
-    if moe is not ... and moe not in (False, None) and not isinstance(moe, dict):
-        raise ValueError(f"model.moe must be a table of MoE settings or false (dense); got {moe!r}")
+    dense); ``model.moe = false`` makes the model dense. ``model.attention`` likewise (a table of
+    AttentionConfig settings, or false for dense attention)."""
+    model = changes.get("model") if isinstance(changes.get("model"), dict) else {}
+    for key, what in (("moe", "MoE settings or false (dense)"),
+                      ("attention", "sparse attention settings or false (dense attention)")):
+        value = model.get(key, ...)
+        if value is not ... and value not in (False, None) and not isinstance(value, dict):
+            raise ValueError(f"model.{key} must be a table of {what}; got {value!r}")
     return _merge(base, changes)
 
 
@@ -288,8 +298,9 @@ def resolve_run(settings: dict[str, Any]) -> RunConfig:
         raise ValueError("model: give a preset or a depth, not both")
     start = sized(depth) if depth is not None else preset(name or "tiny")
     model = _merge(start.to_dict(), model)
-    if model.get("moe") is False:
-        model["moe"] = None
+    for key in ("moe", "attention"):
+        if model.get(key) is False:
+            model[key] = None
     data = copy.deepcopy(settings.get("data", {}))
     train = copy.deepcopy(settings.get("train", {}))
     for section, key in COUNT_FIELDS:
@@ -328,8 +339,8 @@ def _leaf_paths(settings: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 #: model fields a preset or depth does not decide: fitted to the tokenizer, raised by seq_len, or
-#: the MoE settings (given by their own keys)
-_NOT_FROM_BASE = ("vocab_size", "max_seq_len", "moe")
+#: the MoE and sparse attention settings (given by their own keys)
+_NOT_FROM_BASE = ("vocab_size", "max_seq_len", "moe", "attention")
 
 
 def settings_conflicts(stored: RunConfig, settings: dict[str, Any]) -> str:

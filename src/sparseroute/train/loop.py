@@ -1,5 +1,15 @@
 """The training loop: fixed token budget, AdamW + warmup/cosine, MoE auxiliary losses and hooks,
-routing statistics, FLOPs accounting, NaN guard, checkpoints and bit-identical resume."""
+routing statistics (MoE and sparse attention), FLOPs accounting, NaN guard, checkpoints and
+bit-identical resume.
+
+Each ``metrics.jsonl`` record (every ``log_every`` steps) holds interval means: ``loss``,
+``aux_loss``, for MoE models ``routing`` (one dict per MoE layer) and for models with sparse
+attention ``attention`` (each scalar statistic of the layers' ``BlockRouting.stats`` — density,
+blocks_per_query, recall, mass, ... — averaged over the sparse layers, then over the interval's
+steps). Wall-clock time is kept out of the log (a resumed run writes it bit-identically); the
+final metrics carry ``train_seconds`` and ``step_seconds``, the mean time of one training step
+(batch, forward, backward, optimizer; evaluations and checkpoints excluded).
+"""
 
 from __future__ import annotations
 
@@ -93,6 +103,9 @@ class _Accum:
     active_sum: list | None = None  # whole-run sums of active experts per token, per MoE layer
     active_n: int = 0
     val_points: list | None = None  # [step, validation loss] at the convergence check's steps
+    attention: dict | None = None  # interval sums of the sparse attention stats (mean over layers)
+    step_seconds: float = 0.0  # whole-run sum of the timed training steps' wall-clock seconds
+    timed_steps: int = 0
 
     def add_routings(self, routings) -> None:
         if not routings:
@@ -110,18 +123,37 @@ class _Accum:
             self.active_sum[i] += float(r.stats["active_per_token"])
         self.active_n += 1
 
+    def add_attention(self, attention_routings) -> None:
+        """Add one step's sparse attention statistics: each scalar stat averaged over the layers
+        that have it."""
+        if not attention_routings:
+            return
+        if self.attention is None:
+            self.attention = {}
+        sums: dict[str, list[float]] = {}
+        for r in attention_routings:
+            for key, value in r.stats.items():
+                if value.numel() == 1:
+                    sums.setdefault(key, []).append(float(value))
+        for key, values in sums.items():
+            self.attention[key] = self.attention.get(key, 0.0) + sum(values) / len(values)
+
     def interval_record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {"loss": self.loss / max(1, self.n), "aux_loss": self.aux / max(1, self.n)}
         if self.layers is not None:
             rec["routing"] = [
                 {k: (v if k == "load" else v / max(1, self.n)) for k, v in lay.items()} for lay in self.layers
             ]
+        if self.attention is not None:
+            rec["attention"] = {k: v / max(1, self.n) for k, v in sorted(self.attention.items())}
         return rec
 
     def reset_interval(self) -> None:
         self.loss, self.aux, self.n = 0.0, 0.0, 0
         if self.layers is not None:
             self.layers = [{"load": [0] * len(lay["load"])} for lay in self.layers]
+        if self.attention is not None:
+            self.attention = {}
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -319,6 +351,7 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
     check_steps = convergence_steps(steps)
     model.train()
     for step in range(start, steps):
+        t_step = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         x, y = get_batch(corpus.train, tc.batch_size, tc.seq_len, step, tc.seed)
         x, y = x.to(device), y.to(device)
@@ -340,6 +373,9 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
         acc.aux += float(aux.detach())
         acc.n += 1
         acc.add_routings(out_.routings)
+        acc.add_attention(out_.attention_routings)
+        acc.step_seconds += time.perf_counter() - t_step  # after the float()s above: synchronised on CUDA
+        acc.timed_steps += 1
         done = step + 1
         fault("after_step", done)
         if bar is not None:
@@ -363,6 +399,8 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
 
     final = finish(model, cfg, corpus, acc, device, out)
     final["train_seconds"] = elapsed_before + time.perf_counter() - t0
+    if acc.timed_steps:
+        final["step_seconds"] = acc.step_seconds / acc.timed_steps
     if start < steps:
         final["tokens_per_s"] = (steps - start) * tokens_per_step / max(1e-9, time.perf_counter() - t0)
     last = latest_checkpoint(out)
@@ -448,6 +486,8 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
     if "routing" in val:
         extra["routing_profile"] = val["routing"]
         extra["diagnostics"] = _diagnostics(model, cfg, corpus, out)
+    if "attention" in val:
+        extra["attention_profile"] = val["attention"]
     moe = cfg.model.moe
     if (tc.halting_taus or tc.halting_quantiles) and moe is not None and moe.hops > 1:
         kw = {"batch_size": tc.batch_size, "seq_len": tc.seq_len, "max_tokens": tc.eval_tokens}
