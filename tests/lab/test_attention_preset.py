@@ -86,7 +86,7 @@ model.attention = { router = "moba", router_options = { top_k = 4 }, block_size 
 def test_dry_run_lists_the_seven_variants(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("COLUMNS", "200")
     store = tmp_path / "lab.sqlite"
-    assert main(["compare", "--preset", "attention", "--dry-run", "--store", str(store)]) == 0
+    assert main(["compare", "--preset", "attention", "--dry-run", "--no-estimate", "--store", str(store)]) == 0
     out = capsys.readouterr().out
     assert "7 variants x 3 seeds = 21 runs" in out
     rows = [line for line in out.splitlines() if line.startswith("│")]

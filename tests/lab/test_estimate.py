@@ -78,3 +78,18 @@ def test_format_duration():
     assert format_duration(61) == "1 min 01 s"
     assert format_duration(3 * 3600 + 5 * 60 + 9) == "3 h 05 min"
     assert isinstance(Estimate(seconds=1, jobs=1, threads=1).line(), str)
+
+
+def test_dry_run_prints_the_estimate_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    from sparseroute.cli import main
+
+    monkeypatch.setattr(estimate, "measure_step_seconds", lambda cfg, **kw: 2.0)
+    monkeypatch.setenv("COLUMNS", "200")
+    store = tmp_path / "runs" / "lab.sqlite"
+    assert main(["compare", "--preset", "quick", "--dry-run", "--jobs", "2", "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("estimated wall-clock"))
+    assert "with --jobs 2" in line and "linear" in line
+    assert not store.exists()
+    assert main(["compare", "--preset", "quick", "--dry-run", "--no-estimate", "--store", str(store)]) == 0
+    assert "estimated wall-clock" not in capsys.readouterr().out

@@ -277,7 +277,7 @@ def test_a_setting_every_variant_overrides_is_warned_about(tmp_path, lab_env, ca
     assert spec.ineffective_settings(settings) == ["model.moe.router=cosine"]
     assert spec.ineffective_settings([]) == []
     store = tmp_path / "runs" / "lab.sqlite"
-    args = ["compare", "--spec", str(tmp_path / "spec.toml"), "--store", str(store), "--dry-run"]
+    args = ["compare", "--spec", str(tmp_path / "spec.toml"), "--store", str(store), "--dry-run", "--no-estimate"]
     assert main(args + ["--set", "model.moe.router=cosine", "--set", "train.lr=1e-3"]) == 0
     captured = capsys.readouterr()
     warning = one_line_error(captured.err)

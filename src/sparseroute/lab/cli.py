@@ -59,7 +59,10 @@ def add_lab_commands(sub) -> None:
     p.add_argument("--new", action="store_true", help="start a new sweep even if one with the same runs exists "
                    "(default: resume it, or extend it with the variants and seeds the spec adds)")
     p.add_argument("--retry-failed", action="store_true", help="train the runs that diverged again")
-    p.add_argument("--dry-run", action="store_true", help="validate the spec and print the planned runs; train nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate the spec, print the planned runs and the "
+                   "estimated wall-clock on this machine (a few timed training steps per variant, or the finished "
+                   "runs' times in --store); train nothing")
+    p.add_argument("--no-estimate", action="store_true", help="with --dry-run: skip the wall-clock estimate")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     r = sub.add_parser("report", help="print the comparison table and regenerate report.html from the store",
@@ -125,6 +128,8 @@ def cmd_compare(args) -> int:
               "itself", file=sys.stderr)
     if args.dry_run:
         _print_plan(spec, plan)
+        if not args.no_estimate:
+            _print_estimate(spec, plan, args)
         return 0
     store = Store(args.store)  # a store path that cannot be used fails here, before the kernels' build
     try:
@@ -142,6 +147,25 @@ def cmd_compare(args) -> int:
     finally:
         store.close()
     return 0
+
+
+def _print_estimate(spec, plan, args) -> None:
+    """The sweep's wall-clock with --jobs workers on this machine (sparseroute.lab.estimate); the
+    store is read only when it exists (a dry run creates nothing)."""
+    from sparseroute.lab.estimate import estimate_sweep
+    from sparseroute.lab.store import Store
+
+    store = Store(args.store) if Path(args.store).is_file() else None
+    try:
+        say = None if args.quiet else (lambda msg: print(f"{PROG}: {msg}…", file=sys.stderr))
+        est = estimate_sweep(spec, plan, jobs=args.jobs, store=store, progress=say)
+    finally:
+        if store is not None:
+            store.close()
+    print(est.line())
+    measured = sorted({src for src in est.sources.values()})
+    print(f"  (per variant: {'; '.join(measured)}; the steps are timed on this machine as it is now, so other "
+          "work running here makes the estimate longer)")
 
 
 def _print_plan(spec, plan) -> None:
