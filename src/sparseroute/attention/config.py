@@ -23,11 +23,12 @@ from sparseroute.attention.routers import (
     build_attention_router,
 )
 from sparseroute.attention.selection import check_block_size
+from sparseroute.moe.config import LAYER_PATTERNS, check_layer_selection, selected_layers
 
 __all__ = ["AttentionConfig", "ATTENTION_LAYER_PATTERNS", "check_router_options"]
 
 #: the named choices of :attr:`AttentionConfig.layers`
-ATTENTION_LAYER_PATTERNS = ("all", "every_other")
+ATTENTION_LAYER_PATTERNS = LAYER_PATTERNS
 
 
 def check_router_options(router: str, options: dict[str, Any]) -> AttentionRouterOptions:
@@ -88,35 +89,13 @@ class AttentionConfig:
             )
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
-        self._check_layers()
-
-    def _check_layers(self) -> None:
-        layers = self.layers
-        if isinstance(layers, list):
-            layers = tuple(layers)
-            object.__setattr__(self, "layers", layers)
-        allowed = "'all', 'every_other' or a tuple of layer indices"
-        if isinstance(layers, str):
-            if layers not in ATTENTION_LAYER_PATTERNS:
-                raise ValueError(f"layers must be {allowed}; got {layers!r}")
-        elif isinstance(layers, tuple):
-            if not layers:
-                raise ValueError("layers: an empty tuple selects no layer; use attention=None for dense attention")
-            for i in layers:
-                if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-                    raise ValueError(f"layers must hold layer indices (ints >= 0); got {layers!r}")
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"layers must not repeat an index; got {layers!r}")
-        else:
-            raise ValueError(f"layers must be {allowed}; got {layers!r}")
+        object.__setattr__(
+            self, "layers", check_layer_selection(self.layers, "use attention=None for dense attention")
+        )
 
     def layer_indices(self, n_layers: int) -> tuple[int, ...]:
         """Sorted indices of the layers of an ``n_layers`` model that get sparse attention."""
-        if self.layers == "all":
-            return tuple(range(n_layers))
-        if self.layers == "every_other":
-            return tuple(range(1, n_layers, 2))
-        return tuple(sorted(self.layers))
+        return selected_layers(self.layers, n_layers)
 
     def kv_heads(self, n_heads: int) -> int:
         """The key/value heads of a sparse layer with ``n_heads`` query heads."""

@@ -33,6 +33,7 @@ from sparseroute.lab.report_sections import Block, Cell, Section, _html, _table
 from sparseroute.lab.results import RunResult, SweepResults
 from sparseroute.lab.stats import Comparison
 from sparseroute.lab.summary import (
+    layer_profile_means,
     _DASH,
     _console,
     _count,
@@ -85,16 +86,7 @@ def _layers_text(cfg: dict[str, Any] | None) -> str:
 
 def _eval_layers(runs: Sequence[RunResult]) -> list[dict[str, float]] | None:
     """Per sparse layer, each ``final["attention_profile"]`` statistic averaged over the runs that have it."""
-    acc: list[dict[str, list[float]]] = []
-    for r in runs:
-        prof = _get(r.final, "attention_profile")
-        for i, layer in enumerate(prof if isinstance(prof, list) else []):
-            while len(acc) <= i:
-                acc.append({})
-            for k, v in (layer.items() if isinstance(layer, dict) else ()):
-                if (x := _num(v)) is not None:
-                    acc[i].setdefault(k, []).append(x)
-    return [{k: sum(v) / len(v) for k, v in lay.items()} for lay in acc] if any(acc) else None
+    return layer_profile_means(runs, "attention_profile")
 
 
 def _training_means(runs: Sequence[RunResult]) -> dict[str, float]:

@@ -216,9 +216,15 @@ def _variant_colors(results: SweepResults) -> dict[str, Any]:
 # ---------------------------------------------------------------- routing diagnostics of the runs
 def _routing_profile(runs: Sequence[RunResult]) -> list[dict[str, float]] | None:
     """Per MoE layer, each ``final["routing_profile"]`` statistic averaged over the runs that have it."""
+    return layer_profile_means(runs, "routing_profile")
+
+
+def layer_profile_means(runs: Sequence[RunResult], key: str) -> list[dict[str, float]] | None:
+    """Per layer, each statistic of the per-layer list ``final[key]`` averaged over the runs that
+    have it (None when no run has one)."""
     acc: list[dict[str, list[float]]] = []
     for r in runs:
-        prof = _get(r.final, "routing_profile")
+        prof = _get(r.final, key)
         for i, layer in enumerate(prof if isinstance(prof, list) else []):
             while len(acc) <= i:
                 acc.append({})

@@ -22,6 +22,38 @@ __all__ = ["MoEConfig", "check_halt_threshold", "LAYER_PATTERNS", "HOP_NORMS", "
 #: the named choices of :attr:`MoEConfig.layers`
 LAYER_PATTERNS = ("all", "every_other")
 
+
+def check_layer_selection(layers: Any, none_hint: str) -> str | tuple[int, ...]:
+    """A ``layers`` setting as stored: "all", "every_other" or a tuple (from a tuple or list) of
+    distinct layer indices >= 0; anything else raises ValueError naming ``layers``
+    (``none_hint`` says what to use instead of an empty selection)."""
+    if isinstance(layers, list):
+        layers = tuple(layers)
+    allowed = "'all', 'every_other' or a tuple of layer indices"
+    if isinstance(layers, str):
+        if layers not in LAYER_PATTERNS:
+            raise ValueError(f"layers must be {allowed}; got {layers!r}")
+    elif isinstance(layers, tuple):
+        if not layers:
+            raise ValueError(f"layers: an empty tuple selects no layer; {none_hint}")
+        for i in layers:
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                raise ValueError(f"layers must hold layer indices (ints >= 0); got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers must not repeat an index; got {layers!r}")
+    else:
+        raise ValueError(f"layers must be {allowed}; got {layers!r}")
+    return layers
+
+
+def selected_layers(layers: str | tuple[int, ...], n_layers: int) -> tuple[int, ...]:
+    """Sorted indices of the layers of an ``n_layers`` model that a checked ``layers`` selects."""
+    if layers == "all":
+        return tuple(range(n_layers))
+    if layers == "every_other":
+        return tuple(range(1, n_layers, 2))
+    return tuple(sorted(layers))
+
 #: the choices of :attr:`MoEConfig.hop_norm`
 HOP_NORMS = ("none", "shared", "per_hop")
 
@@ -141,26 +173,7 @@ class MoEConfig:
                 f"halt_threshold: the {self.router} router looks across whole sequences, which halting breaks up; "
                 "use halt_threshold=0 with it"
             )
-        self._check_layers()
-
-    def _check_layers(self) -> None:
-        layers = self.layers
-        if isinstance(layers, list):
-            layers = tuple(layers)
-            object.__setattr__(self, "layers", layers)
-        if isinstance(layers, str):
-            if layers not in LAYER_PATTERNS:
-                raise ValueError(f"layers must be 'all', 'every_other' or a tuple of layer indices; got {layers!r}")
-        elif isinstance(layers, tuple):
-            if not layers:
-                raise ValueError("layers: an empty tuple selects no MoE layer; use moe=None for a dense model")
-            for i in layers:
-                if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-                    raise ValueError(f"layers must hold layer indices (ints >= 0); got {layers!r}")
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"layers must not repeat an index; got {layers!r}")
-        else:
-            raise ValueError(f"layers must be 'all', 'every_other' or a tuple of layer indices; got {layers!r}")
+        object.__setattr__(self, "layers", check_layer_selection(self.layers, "use moe=None for a dense model"))
 
     def expert_d_ff(self, dense_d_ff: int) -> int:
         """The hidden size of one expert, given the dense FFN hidden size it replaces."""
@@ -168,11 +181,7 @@ class MoEConfig:
 
     def layer_indices(self, n_layers: int) -> tuple[int, ...]:
         """Sorted indices of the layers of an ``n_layers`` model that get this MoE."""
-        if self.layers == "all":
-            return tuple(range(n_layers))
-        if self.layers == "every_other":
-            return tuple(range(1, n_layers, 2))
-        return tuple(sorted(self.layers))
+        return selected_layers(self.layers, n_layers)
 
     def replace(self, **changes: Any) -> "MoEConfig":
         """A copy with some fields changed (validated again); an unknown field raises ValueError."""
