@@ -37,8 +37,12 @@ def test_train_throughput_json(capsys, tmp_path, monkeypatch):
     assert bench.main(["--batch-size", "2", "--seq-len", "16", "--steps", "1", "--repeats", "3"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["benchmark"] == "train_throughput" and out["repeats"] == 3
-    ratio = out["moe_tokens_per_s"] / out["dense_tokens_per_s"]
-    assert out["moe_over_dense_tokens_per_s"] == pytest.approx(ratio, abs=2e-3)
+    dense, moe = out["dense_tokens_per_s"], out["moe_tokens_per_s"]
+    ratio = moe / dense
+    # both rates are printed to 0.1 token/s and the ratio to 3 decimals: at this tiny shape's low
+    # rates the rounding alone moves the ratio of the printed rates by up to this much
+    slack = ratio * (0.05 / dense + 0.05 / moe) + 5e-4
+    assert out["moe_over_dense_tokens_per_s"] == pytest.approx(ratio, abs=slack + 1e-6)
     lo, hi = out["paired_ratio_range"]
     assert 0 < lo <= out["paired_ratio_median"] <= hi
     ci_lo, ci_hi = out["ratio_ci95"]

@@ -73,8 +73,12 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_killed_compare_takes_its_workers_with_it(tmp_path, cache):
-    spec = write_spec(tmp_path, SPEC.replace('tokens = "8k"', 'tokens = "32k"'))
+@pytest.mark.parametrize("how", ["kill", "interrupt"])
+def test_killed_compare_takes_its_workers_with_it(tmp_path, cache, how):
+    """SIGKILL of compare (its workers notice their parent is gone), or SIGINT to compare alone
+    (it stops its workers and exits at once with one line, rather than waiting for the runs)."""
+    # interrupted: runs far longer than the wait below, so that waiting for them would show
+    spec = write_spec(tmp_path, SPEC.replace('tokens = "8k"', 'tokens = "32k"' if how == "kill" else 'tokens = "2M"'))
     store = tmp_path / "runs" / "lab.sqlite"
     args = ["compare", "--spec", str(spec), "--store", str(store), "--quiet", "--jobs", "2"]
     env = dict(os.environ, SPARSEROUTE_CACHE=str(cache), COLUMNS="200", **ONE_THREAD)
@@ -91,8 +95,14 @@ def test_killed_compare_takes_its_workers_with_it(tmp_path, cache):
         workers = [c for c in _children(proc.pid)
                    if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
         assert len(workers) == 2, workers
-        proc.kill()
-        proc.wait()
+        if how == "kill":
+            proc.kill()
+            proc.wait()
+        else:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=15) == 130
+            err = proc.stderr.read()
+            assert "interrupted" in err and "run the same command again" in err, err
         deadline = time.monotonic() + 3
         while any(_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -106,6 +116,10 @@ def test_killed_compare_takes_its_workers_with_it(tmp_path, cache):
                 os.kill(w, signal.SIGKILL)
         proc.stderr.close()
 
+    if how == "interrupt":
+        with Store(store, create=False) as st:  # nothing was lost: both runs resume later
+            assert [r["status"] for r in st.runs(st.latest_sweep())] == ["running", "running"]
+        return
     cli(args, cache)  # the same sweep again, to the end
     with Store(store, create=False) as st:
         rows = st.runs(st.latest_sweep())

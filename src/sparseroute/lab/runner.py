@@ -221,6 +221,16 @@ def _worker(store_path: str, run_id: int, threads: int) -> tuple[int, str]:
         return run_id, execute_run(store, run_id, progress=False)
 
 
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes and drop the runs not started (a run's folder lock and
+    checkpoints make the next start resume it)."""
+    # the executor keeps no public handle on its processes
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_sweep(store: Store, sweep_id: int, *, jobs: int = 1, retry_failed: bool = False, progress: bool = True,
               say: Callable[[str], None] | None = None, corpora: dict | None = None) -> dict[str, int]:
     """Run every run of the sweep that is not done; returns the count of runs per status."""
@@ -268,6 +278,11 @@ def run_sweep(store: Store, sweep_id: int, *, jobs: int = 1, retry_failed: bool 
                         f"a worker process of sweep {sweep_id} stopped (interrupted or killed); the finished runs "
                         "are stored, run the same command again to resume the others"
                     ) from None
+                except KeyboardInterrupt:
+                    # an interrupt that reached only this process (not the workers, as a terminal's
+                    # Ctrl-C does): leaving the pool's block would wait for the running runs to end
+                    _stop_workers(pool)
+                    raise
         counts: dict[str, int] = {}
         for r in store.runs(sweep_id):
             counts[r["status"]] = counts.get(r["status"], 0) + 1
