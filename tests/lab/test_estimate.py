@@ -49,13 +49,18 @@ def test_plan_is_placed_on_the_workers(monkeypatch):
     assert one.seconds == pytest.approx(3 * a + 3 * b)
     # two workers: never more than one, never less than half of it or than the longest run
     assert max(b, one.seconds / 2) <= two.seconds < one.seconds
-    assert one.sources == {"a": "2 measured steps", "b": "2 measured steps"}
+    assert all(src.startswith("2 timed steps (a lower bound") for src in one.sources.values())
     assert "with --jobs 2" in two.line()
 
 
-def test_finished_runs_replace_the_measurement(tmp_path, monkeypatch):
+def test_finished_runs_replace_the_measurement_and_scale_the_rest(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(estimate, "measure_step_seconds", lambda cfg, **kw: calls.append(cfg) or 1.0)
+
+    def timed(cfg, **kw):
+        calls.append(cfg)
+        return 1.0 if cfg.model.moe is None else 3.0
+
+    monkeypatch.setattr(estimate, "measure_step_seconds", timed)
     spec = _spec("est-store")
     plan = spec.plan()
     store = Store(tmp_path / "lab.sqlite")
@@ -69,8 +74,12 @@ def test_finished_runs_replace_the_measurement(tmp_path, monkeypatch):
     finally:
         store.close()
     assert e.per_variant["a"] == pytest.approx(120.0)
-    assert e.sources["a"] == "1 finished run(s)"
-    assert len(calls) == 1 and calls[0].model.moe is not None  # only b was measured
+    assert e.sources["a"] == "finished runs"
+    # a is timed too: its real 120 s over its timed figure scales b's timed figure
+    timed_a, timed_b = run_seconds(plan[0].config, 1.0), run_seconds(plan[0].config, 3.0)
+    assert e.per_variant["b"] == pytest.approx(timed_b * 120.0 / timed_a)
+    assert "x " in e.sources["b"] and "overhead" in e.sources["b"]
+    assert sorted(c.model.moe is None for c in calls) == [False, True]
 
 
 def test_format_duration():

@@ -4,7 +4,9 @@ A run's time is its steps times the seconds a training step takes (forward, back
 the optimizer step of the run's own model, batch and sequence length, measured here at the
 threads a sweep's worker gets), plus its evaluations (a forward over the evaluation tokens costs
 about a third of a training step's work per token). Where the store already holds finished runs
-of the same variant of a sweep with the same name, their measured training time is used instead.
+of the same variant of a sweep with the same name, their measured training time is used instead,
+and one of them is also timed, so that the ratio of its real time to its timed steps (what
+logging, checkpoints and the end-of-run diagnostics add) scales the other variants' figures.
 The runs are then placed on ``jobs`` workers in plan order, each taking the next run when it is
 free (what :func:`sparseroute.lab.runner.run_sweep` does), and the sweep's time is when the last
 one finishes.
@@ -92,7 +94,7 @@ def run_seconds(cfg: RunConfig, step_seconds: float) -> float:
 @dataclass
 class Estimate:
     """seconds: the sweep's wall-clock with ``jobs`` workers. per_variant: a run's seconds.
-    sources: per variant, "measured N steps" or "N finished runs"."""
+    sources: per variant, where its figure comes from (finished runs, timed steps, scaled)."""
 
     seconds: float
     jobs: int
@@ -135,18 +137,34 @@ def estimate_sweep(spec, plan, *, jobs: int = 1, store=None, steps: int = 2, pro
     threads = worker_threads(jobs)
     per_variant: dict[str, float] = {}
     sources: dict[str, str] = {}
+    finished: dict[str, float] = {}
     for v in spec.variants:
-        cfg = next(p.config for p in plan if p.variant == v.name)
         done = _finished_seconds(store, spec.name, v.name)
         if done:
-            per_variant[v.name] = statistics.mean(done)
-            sources[v.name] = f"{len(done)} finished run(s)"
-            continue
+            finished[v.name] = statistics.mean(done)
+    measure = [v.name for v in spec.variants if v.name not in finished]
+    if finished and measure:  # one finished variant calibrates what the timed steps leave out
+        measure.append(next(iter(finished)))
+    timed: dict[str, float] = {}
+    for name in measure:
+        cfg = next(p.config for p in plan if p.variant == name)
         if progress is not None:
-            progress(f"timing {steps} training steps of {v.name}")
-        s = measure_step_seconds(cfg, steps=steps, threads=threads)
-        per_variant[v.name] = run_seconds(cfg, s)
-        sources[v.name] = f"{steps} measured steps"
+            progress(f"timing {steps} training steps of {name}")
+        timed[name] = run_seconds(cfg, measure_step_seconds(cfg, steps=steps, threads=threads))
+    # a finished run also spent time on logging, checkpoints and the end-of-run diagnostics: scale
+    # the timed steps by what that run took over what its own timed steps say
+    calibrated = [n for n in timed if n in finished]
+    scale = finished[calibrated[0]] / timed[calibrated[0]] if calibrated else None
+    for v in spec.variants:
+        if v.name in finished:
+            per_variant[v.name] = finished[v.name]
+            sources[v.name] = "finished runs"
+        elif scale is not None:
+            per_variant[v.name] = timed[v.name] * scale
+            sources[v.name] = f"{steps} timed steps x {scale:.2f} (a finished run's overhead)"
+        else:
+            per_variant[v.name] = timed[v.name]
+            sources[v.name] = f"{steps} timed steps (a lower bound: logging, checkpoints and diagnostics not timed)"
     # plan order onto `jobs` workers, each taking the next run when it is free
     free = [0.0] * jobs
     for p in plan:
