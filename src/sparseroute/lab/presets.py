@@ -275,8 +275,9 @@ def _attn(router: str, **options) -> dict:
 
 def attention() -> SweepSpec:
     """Sparse attention routers on the ``tiny`` LM (dense FFNs, no MoE) with a 2048-token context
-    (block size 64: 32 key blocks), BPE 8192 on the stdlib corpus, 3 seeds, 1M tokens each in
-    batches of 2 x 2048 (244 steps), every layer sparse. The variants keep about a fifth of the
+    (block size 64: 32 key blocks), BPE 8192 on the stdlib corpus, 3 seeds, 2M tokens each in
+    batches of 2 x 2048 (488 steps, the step count and tokens of ``equifinality``; at 1M tokens
+    the runs ended at test PPL 240-450, still falling fast), every layer sparse. The variants keep about a fifth of the
     causal score matrix at 2048 (the router's ``density_estimate``, which the FLOPs charge):
 
     - ``dense``: the ``dense`` attention router, every past block through the same block-sparse
@@ -295,7 +296,7 @@ def attention() -> SweepSpec:
     router is not registered (planning it then fails naming the router). The report adds a sparse
     attention table: test PPL, measured density, blocks per query, recall and mass of dense
     attention (eval mode, validation text), attention FLOPs and seconds per training step."""
-    settings = {"tokens": "1M", "batch_size": 2, "seq_len": ATTENTION_SEQ_LEN, "lr": 3e-3, "eval_tokens": "64k",
+    settings = {"tokens": "2M", "batch_size": 2, "seq_len": ATTENTION_SEQ_LEN, "lr": 3e-3, "eval_tokens": "64k",
                 "log_every": 10, "checkpoint_every": 50}
     return _science(
         name="attention",
