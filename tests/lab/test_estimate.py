@@ -102,3 +102,19 @@ def test_dry_run_prints_the_estimate_and_creates_nothing(tmp_path, monkeypatch, 
     assert not store.exists()
     assert main(["compare", "--preset", "quick", "--dry-run", "--no-estimate", "--store", str(store)]) == 0
     assert "estimated wall-clock" not in capsys.readouterr().out
+
+
+def test_finished_runs_of_another_budget_do_not_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(estimate, "measure_step_seconds", lambda cfg, **kw: 1.0)
+    spec = _spec("est-budget")
+    store = Store(tmp_path / "lab.sqlite")
+    try:
+        from sparseroute.lab.runner import register_sweep
+
+        sweep_id, _ = register_sweep(store, spec, progress=False)
+        store.conn.execute("UPDATE runs SET status = 'done', train_seconds = 120.0 WHERE sweep_id = ?", (sweep_id,))
+        longer = spec.with_changes(settings=["train.tokens=5120"])  # twice the steps
+        e = estimate_sweep(longer, longer.plan(), jobs=1, store=store)
+    finally:
+        store.close()
+    assert not any(src == "finished runs" for src in e.sources.values())

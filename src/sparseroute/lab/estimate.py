@@ -14,6 +14,7 @@ one finishes.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -119,15 +120,27 @@ def format_duration(seconds: float) -> str:
     return f"{s} s"
 
 
-def _finished_seconds(store, name: str, variant: str) -> list[float]:
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without what differs between runs of one variant: the seed, and the
+    vocabulary size a BPE is fitted to when the sweep is registered."""
+    out = {section: dict(values) for section, values in config.items() if isinstance(values, dict)}
+    out.get("train", {}).pop("seed", None)
+    out.get("model", {}).pop("vocab_size", None)
+    return out
+
+
+def _finished_seconds(store, name: str, variant: str, cfg: RunConfig) -> list[float]:
+    """Training seconds of the finished runs in ``store`` of this variant of a sweep named
+    ``name`` whose configuration is this one's (a changed budget or setting does not count)."""
     if store is None:
         return []
     rows = store.conn.execute(
-        "SELECT r.train_seconds FROM runs r JOIN sweeps s ON r.sweep_id = s.id "
+        "SELECT r.train_seconds, r.config_json FROM runs r JOIN sweeps s ON r.sweep_id = s.id "
         "WHERE s.name = ? AND r.variant = ? AND r.status = 'done' AND r.train_seconds IS NOT NULL",
         (name, variant),
     ).fetchall()
-    return [float(r[0]) for r in rows]
+    want = _comparable(json.loads(json.dumps(cfg.to_dict())))  # tuples as the stored JSON's lists
+    return [float(r[0]) for r in rows if _comparable(json.loads(r[1])) == want]
 
 
 def estimate_sweep(spec, plan, *, jobs: int = 1, store=None, steps: int = 2, progress=None) -> Estimate:
@@ -139,7 +152,8 @@ def estimate_sweep(spec, plan, *, jobs: int = 1, store=None, steps: int = 2, pro
     sources: dict[str, str] = {}
     finished: dict[str, float] = {}
     for v in spec.variants:
-        done = _finished_seconds(store, spec.name, v.name)
+        cfg = next(p.config for p in plan if p.variant == v.name)
+        done = _finished_seconds(store, spec.name, v.name, cfg)
         if done:
             finished[v.name] = statistics.mean(done)
     measure = [v.name for v in spec.variants if v.name not in finished]
