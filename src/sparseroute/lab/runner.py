@@ -222,13 +222,20 @@ def _worker(store_path: str, run_id: int, threads: int) -> tuple[int, str]:
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Terminate the pool's worker processes and drop the runs not started (a run's folder lock and
-    checkpoints make the next start resume it)."""
-    # the executor keeps no public handle on its processes
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+    """Stop the pool's worker processes (SIGTERM, then SIGKILL after 2 s) and drop the runs not
+    started, without waiting on the executor's own threads (a run's folder lock and checkpoints
+    make the next start resume it)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # no public handle on them
+    for proc in procs:
         if proc.is_alive():
             proc.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)
+    deadline = time.monotonic() + 2.0
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_sweep(store: Store, sweep_id: int, *, jobs: int = 1, retry_failed: bool = False, progress: bool = True,
@@ -263,26 +270,31 @@ def run_sweep(store: Store, sweep_id: int, *, jobs: int = 1, retry_failed: bool 
             threads = max(1, (os.cpu_count() or 1) // jobs)
             say(f"sweep {sweep_id}: {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
             # the spawn context starts the workers inside submit(), in this thread (see _init_worker)
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
-                                     initargs=(os.getpid(),)) as pool:
+            pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                                       initargs=(os.getpid(),))
+            stopped = False
+            try:
                 futures = {pool.submit(_worker, str(store.path), int(r["id"]), threads): r for r in todo}
                 finished = done_before
-                try:
-                    for fut in as_completed(futures):
-                        r = futures[fut]
-                        _, status = fut.result()
-                        finished += 1
-                        say(f"[{finished}/{total}] {r['variant']} seed {r['seed']}: {status}")
-                except BrokenProcessPool:
-                    raise SweepInterrupted(
-                        f"a worker process of sweep {sweep_id} stopped (interrupted or killed); the finished runs "
-                        "are stored, run the same command again to resume the others"
-                    ) from None
-                except KeyboardInterrupt:
-                    # an interrupt that reached only this process (not the workers, as a terminal's
-                    # Ctrl-C does): leaving the pool's block would wait for the running runs to end
-                    _stop_workers(pool)
-                    raise
+                for fut in as_completed(futures):
+                    r = futures[fut]
+                    _, status = fut.result()
+                    finished += 1
+                    say(f"[{finished}/{total}] {r['variant']} seed {r['seed']}: {status}")
+            except BrokenProcessPool:
+                raise SweepInterrupted(
+                    f"a worker process of sweep {sweep_id} stopped (interrupted or killed); the finished runs "
+                    "are stored, run the same command again to resume the others"
+                ) from None
+            except KeyboardInterrupt:
+                # an interrupt that reached only this process (not the workers, as a terminal's Ctrl-C
+                # does): a pool's usual shutdown would wait for the running runs to end
+                _stop_workers(pool)
+                stopped = True
+                raise
+            finally:
+                if not stopped:
+                    pool.shutdown(wait=True)
         counts: dict[str, int] = {}
         for r in store.runs(sweep_id):
             counts[r["status"]] = counts.get(r["status"], 0) + 1
