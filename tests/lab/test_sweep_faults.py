@@ -82,8 +82,11 @@ def test_killed_compare_takes_its_workers_with_it(tmp_path, cache, how):
     store = tmp_path / "runs" / "lab.sqlite"
     args = ["compare", "--spec", str(spec), "--store", str(store), "--quiet", "--jobs", "2"]
     env = dict(os.environ, SPARSEROUTE_CACHE=str(cache), COLUMNS="200", **ONE_THREAD)
+    # SIGINT at its default in the child: a shell's background job (how a CI may start the tests)
+    # ignores it, and a process started with SIGINT ignored never sees a KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "sparseroute", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
