@@ -10,7 +10,15 @@ from sparseroute.train.checkpoint import (
 )
 from sparseroute.train.config import RunConfig, TrainConfig, apply_setting, load_settings, parse_count, resolve_run
 from sparseroute.train.corpus import prepare_run
-from sparseroute.train.loop import RunBusy, RunDirError, TrainingDiverged, evaluate_run, train
+from sparseroute.train.loop import (
+    RunBusy,
+    RunDirError,
+    TrainingDiverged,
+    build_model,
+    evaluate_run,
+    load_run_model,
+    train,
+)
 
 __all__ = [
     "CheckpointError",
@@ -23,7 +31,9 @@ __all__ = [
     "load_settings",
     "prepare_run",
     "resolve_run",
+    "build_model",
     "evaluate_run",
+    "load_run_model",
     "find_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",

@@ -295,7 +295,7 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
         raise RunDirError(f"{out} holds a finished run (final.json) but no checkpoint; nothing to resume")
 
     torch.manual_seed(tc.seed)
-    model = TransformerLM(cfg.model).to(device)
+    model = build_model(cfg).to(device)
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
     acc = _Accum()
@@ -514,8 +514,15 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
     }
 
 
-def evaluate_run(out_dir: str | Path, *, step: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Validation and test perplexity of the newest checkpoint of a run (or of ``step``'s)."""
+def build_model(cfg: RunConfig) -> TransformerLM:
+    """The run's model, freshly initialised from the current RNG state (the one place a run's
+    model is made: training, evaluation and pruning all load checkpoints into it)."""
+    return TransformerLM(cfg.model)
+
+
+def load_run_model(out_dir: str | Path, *, step: int | None = None) -> tuple[TransformerLM, RunConfig, dict]:
+    """A run folder's model at its newest checkpoint (or ``step``'s), on the CPU, with the run's
+    config and the checkpoint's metadata."""
     out = Path(out_dir)
     cfg_path = out / "config.json"
     if not cfg_path.exists():
@@ -525,9 +532,22 @@ def evaluate_run(out_dir: str | Path, *, step: int | None = None, progress: bool
     if ckpt is None:
         raise RunDirError(f"{out} has no checkpoint yet")
     model_t, _, _, meta = load_checkpoint(ckpt)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(model_t, strict=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run's model: {e}") from None
+    return model, cfg, meta
+
+
+def evaluate_run(out_dir: str | Path, *, step: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Validation and test perplexity of the newest checkpoint of a run (or of ``step``'s)."""
+    out = Path(out_dir)
+    cfg_path = out / "config.json"
+    if not cfg_path.exists():
+        raise RunDirError(f"{out} holds no run (no config.json)")
+    model, cfg, meta = load_run_model(out, step=step)
     device = torch.device(cfg.train.device if torch.cuda.is_available() else "cpu")
-    model = TransformerLM(cfg.model)
-    model.load_state_dict(model_t, strict=True)
     model.to(device)
     corpus = corpus_for(cfg.data, progress=progress)
     tc = cfg.train
