@@ -10,7 +10,7 @@ keep the model's dense attention.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,13 +23,9 @@ from sparseroute.attention.routers import (
     build_attention_router,
 )
 from sparseroute.attention.selection import check_block_size
-from sparseroute.moe.config import LAYER_PATTERNS, check_layer_selection, selected_layers
+from sparseroute.moe.config import LayerConfigDict, check_layer_selection, selected_layers
 
-__all__ = ["AttentionConfig", "ATTENTION_LAYER_PATTERNS", "check_router_options"]
-
-#: the named choices of :attr:`AttentionConfig.layers`
-ATTENTION_LAYER_PATTERNS = LAYER_PATTERNS
-
+__all__ = ["AttentionConfig", "check_router_options"]
 
 def check_router_options(router: str, options: dict[str, Any]) -> AttentionRouterOptions:
     """The validated ``Options`` of the attention router registered as ``router``; an unknown
@@ -50,7 +46,7 @@ def check_router_options(router: str, options: dict[str, Any]) -> AttentionRoute
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttentionConfig:
+class AttentionConfig(LayerConfigDict):
     """Block-sparse attention layers of a model (everything but the model's width and heads).
 
     router, router_options: a name registered in ``sparseroute.attention.ATTENTION_ROUTERS`` and
@@ -115,29 +111,3 @@ class AttentionConfig:
         """The router's ``density_estimate(seq_len)``: the kept fraction of the causal score matrix
         (its router built on the meta device; see :meth:`AttentionRouter.density_estimate`)."""
         return float(self.build_router(d_model, n_heads).density_estimate(seq_len))
-
-    def replace(self, **changes: Any) -> "AttentionConfig":
-        """A copy with some fields changed (validated again); an unknown field raises ValueError."""
-        return dataclasses.replace(self, **_known_fields(changes))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict (tuples as lists)."""
-        d = asdict(self)
-        if isinstance(self.layers, tuple):
-            d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AttentionConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
-        return cls(**_known_fields(d))
-
-
-def _known_fields(d: Any) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        raise ValueError(f"AttentionConfig needs a dict of field -> value; got {type(d).__name__}")
-    names = [f.name for f in dataclasses.fields(AttentionConfig)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ValueError(f"unknown AttentionConfig field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
-    return dict(d)

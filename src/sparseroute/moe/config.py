@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from sparseroute.moe.dispatch import EXECUTORS
@@ -79,8 +79,30 @@ def check_halt_threshold(value: Any) -> None:
         raise ValueError(f"halt_threshold must be a number >= 0 (0 = no halting); got {value!r}")
 
 
+class LayerConfigDict:
+    """``replace`` / ``to_dict`` / ``from_dict`` of a frozen config dataclass with a ``layers``
+    selection (MoE layers, sparse attention layers): unknown fields raise ValueError naming them,
+    and the dict is plain JSON (the layer tuple as a list)."""
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated again); an unknown field raises ValueError."""
+        return dataclasses.replace(self, **known_fields(type(self), changes, type(self).__name__))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (tuples as lists)."""
+        d = dataclasses.asdict(self)
+        if isinstance(self.layers, tuple):
+            d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
+        return cls(**known_fields(cls, d, cls.__name__))
+
+
 @dataclass(frozen=True, kw_only=True)
-class MoEConfig:
+class MoEConfig(LayerConfigDict):
     """A mixture-of-experts feed-forward layer (everything but its model width, which the layer
     or the model it sits in gives).
 
@@ -182,23 +204,6 @@ class MoEConfig:
     def layer_indices(self, n_layers: int) -> tuple[int, ...]:
         """Sorted indices of the layers of an ``n_layers`` model that get this MoE."""
         return selected_layers(self.layers, n_layers)
-
-    def replace(self, **changes: Any) -> "MoEConfig":
-        """A copy with some fields changed (validated again); an unknown field raises ValueError."""
-        return dataclasses.replace(self, **known_fields(type(self), changes, "MoEConfig"))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict (tuples as lists)."""
-        d = asdict(self)
-        if isinstance(self.layers, tuple):
-            d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MoEConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
-        return cls(**known_fields(cls, d, "MoEConfig"))
-
 
 def known_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
     """``d`` as keyword arguments of dataclass ``cls``; a key that is not a field raises ValueError
