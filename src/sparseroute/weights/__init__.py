@@ -3,8 +3,13 @@
 - :mod:`.patterns`: unstructured (per row or layer), N:M and block patterns, the masks that keep
   the highest scores, and validators (:func:`check_pattern`);
 - :mod:`.linear`: :class:`SparseLinear` (a mask buffer, a masked forward) put into a model by
-  :func:`sparsify` and taken out by :func:`densify`.
+  :func:`sparsify` and taken out by :func:`densify`;
+- :mod:`.prune` (+ :mod:`.calibration`, :mod:`.sparsegpt`, :mod:`.dsnot`): one-shot pruning of a
+  trained model, layer by layer on calibration batches (magnitude, Wanda, SparseGPT; DSnoT's
+  training-free mask repair).
 """
+
+from sparseroute.weights.calibration import find_blocks
 
 from sparseroute.weights.linear import (
     SparseLinear,
@@ -25,21 +30,36 @@ from sparseroute.weights.patterns import (
     satisfies,
     sparsity_of,
 )
+from sparseroute.weights.prune import (
+    PRUNERS,
+    REPAIRS,
+    PruneReport,
+    layer_reconstruction_error,
+    prune,
+    wanda_scores,
+)
 
 __all__ = [
+    "PRUNERS",
+    "REPAIRS",
     "Pattern",
+    "PruneReport",
     "SparseLinear",
     "check_pattern",
     "densify",
+    "find_blocks",
+    "layer_reconstruction_error",
     "mask_from_scores",
     "masks_of",
     "model_sparsity",
     "nm_mask",
     "parse_pattern",
     "pattern_violations",
+    "prune",
     "satisfies",
     "sparse_layers",
     "sparse_targets",
     "sparsify",
     "sparsity_of",
+    "wanda_scores",
 ]
