@@ -67,10 +67,12 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 #: The only parts of a run configuration (dotted paths of ``RunConfig.to_dict()``, each covering its
 #: subtree) in which the variants of a sweep may differ without ``allow_differences``: the MoE layers
 #: (router, experts, hops; ``model.moe = false`` for dense), the sparse attention layers (router,
-#: options, block size, layers; ``model.attention = false`` for dense attention) and the halting
+#: options, block size, layers; ``model.attention = false`` for dense attention), the weight sparsity
+#: trained from scratch (``train.sparsity``, ``train.sparse_method``, ``train.sparse_options``) and the halting
 #: thresholds evaluated after training, which do not change the training. An allowlist, so that a
 #: field added to the run configuration later is held fixed across variants by default.
-VARIANT_FIELDS = ("model.moe", "model.attention", "train.halting_taus", "train.halting_quantiles")
+VARIANT_FIELDS = ("model.moe", "model.attention", "train.sparsity", "train.sparse_method", "train.sparse_options",
+                  "train.halting_taus", "train.halting_quantiles")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from sparseroute.data import DataConfig
 from sparseroute.models import LMConfig, preset, sized
+from sparseroute.weights.training import SparseTrainingConfig
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
@@ -57,6 +58,14 @@ class TrainConfig:
         on the validation text) at the end of training; the curve goes into the final metrics.
     halting_quantiles: more thresholds, taken at these quantiles (in (0, 1)) of the trained
         model's own hop-0 relative update norms (τ at q halts about a share q of the tokens).
+    sparsity: None (dense weights) or the weight sparsity trained from scratch in the model's
+        linears (not the output head): an N:M pattern such as ``"2:4"`` for the sparse methods
+        ste / sr-ste / progressive, or a share such as ``"0.9"`` for rigl / set.
+    sparse_method: how the sparse weights are trained (``sparseroute.weights.SPARSE_METHODS``:
+        sr-ste, ste, progressive, rigl, set). sparse_options: that method's hyperparameters (see
+        ``sparseroute.weights.training.SparseTrainingConfig``: lam; kind, decay_fraction;
+        update_every, alpha, end_fraction, densities; filter). Both need ``sparsity``; a dense run
+        leaves all three out of its stored config.
     """
 
     tokens: int = 2_000_000
@@ -77,6 +86,9 @@ class TrainConfig:
     device: str = "cpu"
     halting_taus: tuple[float, ...] = ()
     halting_quantiles: tuple[float, ...] = ()
+    sparsity: str | None = None
+    sparse_method: str = "sr-ste"
+    sparse_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("lr", "min_lr_ratio", "warmup_fraction", "weight_decay", "beta1", "beta2", "grad_clip"):
@@ -121,6 +133,38 @@ class TrainConfig:
             raise ValueError(
                 f"tokens={self.tokens} is less than one batch ({self.batch_size}×{self.seq_len}); raise tokens"
             )
+        self._check_sparse()
+
+    def _check_sparse(self) -> None:
+        if not isinstance(self.sparse_options, dict):
+            raise ValueError(f"sparse_options must be a table of option name -> value; got {self.sparse_options!r}")
+        object.__setattr__(self, "sparse_options", dict(self.sparse_options))
+        if self.sparsity is None:
+            given = [f"{name}={getattr(self, name)!r}" for name in ("sparse_method", "sparse_options")
+                     if getattr(self, name) != _SPARSE_DEFAULTS[name]]
+            if given:
+                raise ValueError(f"{', '.join(given)} needs sparsity (e.g. sparsity=2:4, or 0.9 for rigl/set); "
+                                 "a dense run leaves them out")
+            return
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (str, int, float)):
+            raise ValueError(f"sparsity must be an N:M pattern like 2:4 or a share like 0.9; got {self.sparsity!r}")
+        sparse = self.sparse_training()
+        object.__setattr__(self, "sparsity", sparse.sparsity)  # the canonical spelling
+
+    def sparse_training(self) -> SparseTrainingConfig | None:
+        """The validated sparse training of the run (None for dense weights)."""
+        if self.sparsity is None:
+            return None
+        return SparseTrainingConfig.from_settings(self.sparsity, self.sparse_method, self.sparse_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready fields; a dense run (``sparsity`` None) leaves the sparse fields out, so
+        its stored config is what it was before sparse training existed."""
+        d = asdict(self)
+        if self.sparsity is None:
+            for name in _SPARSE_DEFAULTS:
+                del d[name]
+        return d
 
     @property
     def steps(self) -> int:
@@ -141,6 +185,9 @@ class TrainConfig:
         return self.lr * self.lr_factor(step)
 
 
+_SPARSE_DEFAULTS = {"sparsity": None, "sparse_method": "sr-ste", "sparse_options": {}}
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: LMConfig
@@ -154,7 +201,7 @@ class RunConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "data": asdict(self.data), "train": asdict(self.train)}
+        return {"model": self.model.to_dict(), "data": asdict(self.data), "train": self.train.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":

@@ -6,9 +6,12 @@ Each ``metrics.jsonl`` record (every ``log_every`` steps) holds interval means: 
 ``aux_loss``, for MoE models ``routing`` (one dict per MoE layer) and for models with sparse
 attention ``attention`` (each scalar statistic of the layers' ``BlockRouting.stats`` — density,
 blocks_per_query, recall, mass, ... — averaged over the sparse layers, then over the interval's
-steps). Wall-clock time is kept out of the log (a resumed run writes it bit-identically); the
-final metrics carry ``train_seconds`` and ``step_seconds``, the mean time of one training step
-(batch, forward, backward, optimizer; evaluations and checkpoints excluded).
+steps), and for runs with sparse weights (``train.sparsity``) ``sparse``: the share of mask bits
+flipped since the previous record (``sad``) and since the start (``sad_total``), and the sparsity
+(:class:`sparseroute.weights.training.SparseTraining`). Wall-clock time is kept out of the log (a
+resumed run writes it bit-identically); the final metrics carry ``train_seconds`` and
+``step_seconds``, the mean time of one training step (batch, forward, backward, optimizer;
+evaluations and checkpoints excluded).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from sparseroute.train.checkpoint import (
 )
 from sparseroute.train.config import RunConfig, config_diff
 from sparseroute.train.corpus import corpus_for, prepare_run
+from sparseroute.weights.dynamic import sparse_summary
+from sparseroute.weights.training import SparseTraining, check_sparse_fit, sparsify_for_training
 
 
 class TrainingDiverged(RuntimeError):
@@ -260,6 +265,7 @@ def train(
     cfg = _planned_run(out, cfg, resume)
     tc = cfg.train
     device = check_device(tc.device)
+    check_sparse_model(cfg)
     if corpus is None:
         fitted, corpus = prepare_run(cfg, progress=progress)
         if fitted != cfg:  # a stored run whose corpus no longer gives the vocabulary it trained with
@@ -296,6 +302,8 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
 
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
+    sparse_cfg = tc.sparse_training()
+    sparse = None if sparse_cfg is None else SparseTraining(model, sparse_cfg, total_steps=tc.steps, seed=tc.seed)
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
     acc = _Accum()
@@ -355,6 +363,8 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
         lr = optimizer.param_groups[0]["lr"]
         x, y = get_batch(corpus.train, tc.batch_size, tc.seq_len, step, tc.seed)
         x, y = x.to(device), y.to(device)
+        if sparse is not None:
+            sparse.begin_step(step)
         out_ = model(x)
         ce = F.cross_entropy(out_.logits.reshape(-1, out_.logits.shape[-1]).float(), y.reshape(-1))
         _check_finite(step, "the loss (cross-entropy)", ce, saved)
@@ -369,6 +379,8 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
         optimizer.step()
         scheduler.step()
         model.after_optimizer_step()
+        if sparse is not None:
+            sparse.after_optimizer_step(step, optimizer)
         acc.loss += float(ce.detach())
         acc.aux += float(aux.detach())
         acc.n += 1
@@ -385,6 +397,8 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, resume_from: int | No
         if (tc.log_every and done % tc.log_every == 0) or done == steps:
             rec = {"step": done, "tokens": done * tokens_per_step, "lr": lr, **acc.interval_record()}
             acc.reset_interval()
+            if sparse is not None:
+                rec["sparse"] = sparse.log_record()
             if tc.eval_every and done % tc.eval_every == 0 and done != steps:
                 rec["val"] = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_tokens, device)
             log(rec)
@@ -429,7 +443,7 @@ def _diagnostics(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, 
             print(f"routing fluctuation skipped: {e}", file=sys.stderr)
             model_t = None
         if model_t is not None:
-            before = TransformerLM(cfg.model).to(next(model.parameters()).device)
+            before = build_model(cfg).to(next(model.parameters()).device)
             before.load_state_dict(model_t, strict=True)
             res["routing_fluctuation"] = {
                 "from_step": int(meta["step"]), "to_step": tc.steps,
@@ -488,6 +502,8 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
         extra["diagnostics"] = _diagnostics(model, cfg, corpus, out)
     if "attention" in val:
         extra["attention_profile"] = val["attention"]
+    if tc.sparsity is not None:
+        extra["sparse"] = sparse_summary(model)
     moe = cfg.model.moe
     if (tc.halting_taus or tc.halting_quantiles) and moe is not None and moe.hops > 1:
         kw = {"batch_size": tc.batch_size, "seq_len": tc.seq_len, "max_tokens": tc.eval_tokens}
@@ -516,8 +532,27 @@ def finish(model: TransformerLM, cfg: RunConfig, corpus: TokenizedCorpus, acc: _
 
 def build_model(cfg: RunConfig) -> TransformerLM:
     """The run's model, freshly initialised from the current RNG state (the one place a run's
-    model is made: training, evaluation and pruning all load checkpoints into it)."""
-    return TransformerLM(cfg.model)
+    model is made: training, evaluation and pruning all load checkpoints into it); with
+    ``train.sparsity`` its linears (not the head) are the sparse method's layers."""
+    model = TransformerLM(cfg.model)
+    sparse = cfg.train.sparse_training()
+    if sparse is not None:
+        sparsify_for_training(model, sparse, seed=cfg.train.seed)
+    return model
+
+
+def check_sparse_model(cfg: RunConfig) -> None:
+    """Raise ValueError when the run's sparsity does not fit its model's linears (checked on a
+    model built on the meta device, before anything is written)."""
+    sparse = cfg.train.sparse_training()
+    if sparse is None:
+        return
+    with torch.device("meta"):
+        model = TransformerLM(cfg.model)
+    try:
+        check_sparse_fit(model, sparse)
+    except ValueError as e:
+        raise ValueError(f"train.sparsity={sparse.sparsity} does not fit the model: {e}") from None
 
 
 def load_run_model(out_dir: str | Path, *, step: int | None = None) -> tuple[TransformerLM, RunConfig, dict]:

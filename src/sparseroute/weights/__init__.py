@@ -6,11 +6,21 @@
   :func:`sparsify` and taken out by :func:`densify`;
 - :mod:`.prune` (+ :mod:`.calibration`, :mod:`.sparsegpt`, :mod:`.dsnot`): one-shot pruning of a
   trained model, layer by layer on calibration batches (magnitude, Wanda, SparseGPT; DSnoT's
-  training-free mask repair).
+  training-free mask repair);
+- :mod:`.training` and :mod:`.dynamic`: sparse training from scratch (STE, SR-STE and progressive
+  schedules for N:M; RigL and SET drop-and-grow; Sparse Architecture Divergence).
 """
 
 from sparseroute.weights.calibration import find_blocks
 
+from sparseroute.weights.dynamic import (
+    DynamicSparseLinear,
+    TrackedSparseLinear,
+    erk_densities,
+    layer_densities,
+    sad_record,
+    sparse_summary,
+)
 from sparseroute.weights.linear import (
     SparseLinear,
     densify,
@@ -38,8 +48,26 @@ from sparseroute.weights.prune import (
     prune,
     wanda_scores,
 )
+from sparseroute.weights.training import (
+    SPARSE_METHODS,
+    NMSparseLinear,
+    SparseTraining,
+    SparseTrainingConfig,
+    sparsify_for_training,
+)
 
 __all__ = [
+    "SPARSE_METHODS",
+    "DynamicSparseLinear",
+    "NMSparseLinear",
+    "SparseTraining",
+    "SparseTrainingConfig",
+    "TrackedSparseLinear",
+    "erk_densities",
+    "layer_densities",
+    "sad_record",
+    "sparse_summary",
+    "sparsify_for_training",
     "PRUNERS",
     "REPAIRS",
     "Pattern",
