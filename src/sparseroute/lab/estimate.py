@@ -14,6 +14,7 @@ one finishes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -24,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sparseroute.models import TransformerLM
 from sparseroute.train.config import RunConfig
-from sparseroute.train.loop import clip_grad_norm, make_optimizer
+from sparseroute.train.loop import build_model, clip_grad_norm, make_optimizer
+from sparseroute.weights.training import SparseTraining
 
 __all__ = ["Estimate", "estimate_sweep", "measure_step_seconds", "format_duration", "worker_threads"]
 
@@ -54,20 +55,27 @@ def measure_step_seconds(cfg: RunConfig, *, steps: int = 2, threads: int = 1, se
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        model = TransformerLM(_model_config(cfg))
+        # the run's own model (with sparse weights, their layers and per-step mask work too)
+        model = build_model(dataclasses.replace(cfg, model=_model_config(cfg)))
         model.train()
         tc = cfg.train
         opt = make_optimizer(model, tc)
+        sparse_cfg = tc.sparse_training()
+        sparse = None if sparse_cfg is None else SparseTraining(model, sparse_cfg, total_steps=tc.steps, seed=tc.seed)
         V = model.config.vocab_size
         ids = torch.randint(V, (tc.batch_size, tc.seq_len + 1))
         times = []
         for i in range(steps + 1):
             t0 = time.perf_counter()
+            if sparse is not None:
+                sparse.begin_step(i)
             out = model(ids[:, :-1])
             loss = F.cross_entropy(out.logits.reshape(-1, V), ids[:, 1:].reshape(-1)) + out.aux_loss()
             loss.backward()
             clip_grad_norm(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
             opt.step()
+            if sparse is not None:
+                sparse.after_optimizer_step(i, opt)
             opt.zero_grad(set_to_none=True)
             model.after_optimizer_step()
             if i:
