@@ -4,10 +4,13 @@
 # 1. the tests marked gpu (tests/test_gpu.py and any others),
 # 2. benchmarks/moe_layer.py on cuda in fp32 and in bf16,
 # 3. benchmarks/train_throughput.py on cuda,
-# 4. benchmarks/attention.py on cuda with the FlexAttention backend.
+# 4. benchmarks/attention.py on cuda with the FlexAttention backend,
+# 5. benchmarks/nm_gpu.py: 2:4 semi-structured vs dense fp16 matmul at large shapes (step 1 also
+#    runs the 2:4 export tests, tests/weights/test_weights_gpu.py).
 # It uses the Python in $PYTHON (default python3) with its own torch, and the source tree
 # through PYTHONPATH, so it needs no install. Each step's output goes to OUT_DIR (env.txt,
-# gpu_tests.log, moe_layer_fp32.log, moe_layer_bf16.log, train_throughput.log, attention_flex.log) and each
+# gpu_tests.log, moe_layer_fp32.log, moe_layer_bf16.log, train_throughput.log, attention_flex.log,
+# nm_gpu.log) and each
 # benchmark's JSON line also to OUT_DIR/results.jsonl. Exits non-zero when a step fails, after
 # running the others; a step that runs past its time limit counts as failed.
 set -uo pipefail
@@ -57,6 +60,7 @@ step moe_layer_fp32 150 "$py" benchmarks/moe_layer.py --device cuda --dtype fp32
 step moe_layer_bf16 150 "$py" benchmarks/moe_layer.py --device cuda --dtype bf16 --repeats 15
 step train_throughput 150 "$py" benchmarks/train_throughput.py --device cuda
 step attention_flex 150 "$py" benchmarks/attention.py --device cuda --backend flex --repeats 10
+step nm_gpu 150 "$py" benchmarks/nm_gpu.py --dtype fp16
 
 if [ ${#failed[@]} -ne 0 ]; then
     echo "failed: ${failed[*]}"

