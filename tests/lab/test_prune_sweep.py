@@ -16,7 +16,7 @@ from sparseroute.lab.store import Store
 
 TINY_LM = {
     "model": {"depth": 2, "moe": False},
-    "data": {"max_bytes": "300k"},
+    "data": {"max_bytes": "300k", "tokenizer": "bpe", "bpe_vocab_size": 300},
     "train": {"tokens": "4k", "batch_size": 4, "seq_len": 64, "eval_tokens": 1024, "checkpoint_every": 8,
               "log_every": 4},
 }

@@ -144,13 +144,15 @@ def _register(store: Store, spec: PruneSweepSpec, new: bool) -> tuple[int, bool]
 
 
 def _train_lm(spec: PruneSweepSpec, folder: Path, progress: bool, say: Callable[[str], None]) -> None:
+    from sparseroute.train.corpus import prepare_run
     from sparseroute.train.loop import train
 
     if (folder / "final.json").exists():
         return
     resume = (folder / "config.json").exists()
     say(f"training the LM to prune in {folder} ({'resumed' if resume else 'new'})")
-    train(spec.lm_config() if not resume else None, folder, resume=resume, progress=progress)
+    cfg, corpus = prepare_run(spec.lm_config(), progress=progress)  # the vocabulary fitted to the corpus
+    train(None if resume else cfg, folder, resume=resume, progress=progress, corpus=corpus)
 
 
 def run_prune_sweep(store: Store, spec: PruneSweepSpec, *, new: bool = False, progress: bool = True,
