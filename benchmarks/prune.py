@@ -181,12 +181,14 @@ def _peer_prune(mods, model, batches, method, pattern, args) -> None:
     oneshot, Wanda, SparseGPT, Dataset = mods
     p = parse_pattern(pattern)
     kw = {"sparsity": 0.5 if p.kind == "nm" else p.sparsity, "mask_structure": str(p) if p.kind == "nm" else "0:0",
-          "targets": ["Linear"], "ignore": ["re:.*pooler.*"], "sequential_targets": ["BertLayer"]}
+          "targets": ["Linear"], "ignore": ["re:.*pooler.*"]}
     modifier = (Wanda if method == "wanda" else SparseGPT)(**kw)
     rows = [{k: v[0].tolist() for k, v in b.items()} for b in batches]
     data = Dataset.from_list(rows)
     last = None
-    for extra in ({}, {"pipeline": "basic"}):
+    # its layer-by-layer pipeline walks the encoder's layers, as ours does
+    for extra in ({"sequential_targets": ["BertLayer"], "shuffle_calibration_samples": False},
+                  {"pipeline": "basic"}):
         try:
             oneshot(model=model, dataset=data, recipe=[modifier], num_calibration_samples=len(rows),
                     max_seq_length=args.max_length, **extra)
