@@ -208,8 +208,10 @@ def _print_plan(spec, plan) -> None:
 
     t = Table(title=f"sweep {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {len(plan)} runs")
     sparse = any(p.config.model.attention is not None for p in plan)
+    weights = any(p.config.train.sparsity is not None for p in plan)
     for col in ("variant", "router", "k", "params (total / active / routing)",
-                *(["attention: density at seq_len (router params)"] if sparse else []), "tokens", "steps", "seeds"):
+                *(["attention: density at seq_len (router params)"] if sparse else []),
+                *(["sparse weights (method)"] if weights else []), "tokens", "steps", "seeds"):
         t.add_column(col)
     for v in spec.variants:
         cfg = next(p.config for p in plan if p.variant == v.name)
@@ -221,8 +223,10 @@ def _print_plan(spec, plan) -> None:
         if sparse:
             a, rho = cfg.model.attention, attention_densities(cfg.model, cfg.train.seq_len)
             attn = [f"{a.router} {rho[0]:.3f} ({pc['attention_routing']:,})" if a is not None else "dense (SDPA)"]
+        tc = cfg.train
+        sw = [f"{tc.sparsity} ({tc.sparse_method})" if tc.sparsity is not None else "dense"] if weights else []
         t.add_row(v.name, moe.router if moe else "dense", str(moe.top_k) if moe else "-",
-                  f"{pc['total'] / 1e6:.2f}M / {pc['active'] / 1e6:.2f}M / {pc['routing']:,}", *attn,
+                  f"{pc['total'] / 1e6:.2f}M / {pc['active'] / 1e6:.2f}M / {pc['routing']:,}", *attn, *sw,
                   f"{cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len:,}", str(cfg.train.steps),
                   ",".join(map(str, spec.seeds)))
     Console(stderr=False).print(t)
