@@ -654,3 +654,26 @@ def test_title_names_the_vocabulary_and_notes_flag_runs_still_falling(full):
     notes = summary._report_notes(results, comparison)
     assert any("Still falling" in n and f"{falling.variant} seed {falling.seed}" in n for n in notes)
     assert not any("Still falling" in n for n in summary._report_notes(full, report.comparison_of(full, margin=1.0)))
+
+
+# ---------------------------------------------------------------- sparse weights
+def test_sparse_weights_section_reports_sparsity_and_sad(full, tmp_path):
+    runs = []
+    for r in full.runs:
+        if r.variant != "cosine":
+            runs.append(r)
+            continue
+        config = {**r.config, "train": {**r.config["train"], "sparsity": "2:4", "sparse_method": "sr-ste"}}
+        metrics = [{**m, "sparse": {"sad": 0.01 * (r.seed + 1) / (k + 1), "sad_total": 0.1, "sparsity": 0.5}}
+                   for k, m in enumerate(r.metrics)]
+        final = {**r.final, "sparse": {"sparsity": 0.5, "sad_total": 0.1 + 0.01 * r.seed}}
+        runs.append(dataclasses.replace(r, config=config, metrics=metrics, final=final))
+    results = dataclasses.replace(full, runs=runs)
+    assert report.sparse_weights_section(full) is None  # no variant has sparse weights
+    section = report.sparse_weights_section(results)
+    (row,) = section.blocks[0].table.rows
+    assert row[:4] == ("cosine", "2:4", "sr-ste", "3")
+    assert row[4] == "0.5000" and row[5] == "0.1100"  # means over the three seeds
+    path = report.write_report(results, tmp_path / "r.html")
+    doc = path.read_text()
+    assert 'id="sparse-weights"' in doc and "plot-sparse-weights" in _images(doc)

@@ -60,6 +60,7 @@ from sparseroute.lab.report_sections import (
     number_sections,
     render,
     routing_profile_section,
+    sparse_weights_section,
     specialisation_section,
 )
 from sparseroute.lab.summary import (
@@ -228,6 +229,7 @@ def _sections(results: SweepResults, comparison: Comparison | None) -> list[Sect
             _plot_routing_params(results, comparison),
         ),
         attention_section(results, comparison),  # None without sparse attention
+        sparse_weights_section(results),  # None without sparse weights
         # routing diagnostics: each None (left out) when no finished run has the data
         routing_profile_section(results),
         halting_section(results, comparison),

@@ -31,7 +31,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from matplotlib.figure import Figure
 
-from sparseroute.lab.plots import HALTING_TARGET_SAVED_PCT, _plot_halting, _png_data_uri
+from sparseroute.lab.plots import HALTING_TARGET_SAVED_PCT, _new_figure, _plot_halting, _png_data_uri
 from sparseroute.lab.results import RunResult, SweepResults
 from sparseroute.lab.stats import Comparison
 from sparseroute.lab.summary import (
@@ -40,11 +40,13 @@ from sparseroute.lab.summary import (
     _fmt,
     _get,
     _halting_line,
+    _mean,
     _moe_layer_labels,
     _moe_of,
     _num,
     _router_name,
     _routing_profile,
+    _variant_colors,
     _variant_config,
     halting_summary,
 )
@@ -302,3 +304,61 @@ def specialisation_section(results: SweepResults, comparison: Comparison | None)
                "(one finished seed), with their lift: the token's share of the expert's tokens over its share "
                "of the text (1 = no preference). Byte tokens are shown as characters.")
     return Section("specialisation", "Expert specialisation", caption, blocks=tuple(blocks))
+
+
+# ---------------------------------------------------------------- sparse weights
+def _sad_curve(runs: Sequence[RunResult]) -> tuple[list[float], list[float]] | None:
+    """(tokens, mean over the runs of the interval SAD) from the runs' ``sparse.sad`` records."""
+    by_step: dict[int, list[float]] = {}
+    tokens: dict[int, float] = {}
+    for r in runs:
+        for rec in r.metrics:
+            sad = _num(_get(rec, "sparse", "sad"))
+            if sad is not None and isinstance(rec.get("step"), int):
+                by_step.setdefault(rec["step"], []).append(sad)
+                tokens[rec["step"]] = float(rec.get("tokens", rec["step"]))
+    if not by_step:
+        return None
+    steps = sorted(by_step)
+    return [tokens[s] for s in steps], [sum(by_step[s]) / len(by_step[s]) for s in steps]
+
+
+def sparse_weights_section(results: SweepResults) -> Section | None:
+    """Variants with sparse weights trained from scratch (``train.sparsity``): pattern, method, final
+    sparsity and Sparse Architecture Divergence (mask bits flipped since the start), and the SAD of
+    each logging interval over training; None when no variant has sparse weights."""
+    rows, curves = [], []
+    for v in results.variants:
+        train = _get(_variant_config(results, v), "train") or {}
+        if not train.get("sparsity"):
+            continue
+        done = results.done(v)
+        sparsity = [x for x in (_num(_get(r.final, "sparse", "sparsity")) for r in done) if x is not None]
+        sad = [x for x in (_num(_get(r.final, "sparse", "sad_total")) for r in done) if x is not None]
+        rows.append((v, str(train["sparsity"]), str(train.get("sparse_method", "")), str(len(done)),
+                     f"{_mean(sparsity):.4f}" if sparsity else "—", f"{_mean(sad):.4f}" if sad else "—"))
+        curve = _sad_curve(done)
+        if curve is not None:
+            curves.append((v, curve))
+    if not rows:
+        return None
+    fig = None
+    if curves:
+        colors = _variant_colors(results)
+        fig = _new_figure(6.4, 3.2)
+        ax = fig.add_subplot()
+        for v, (x, y) in curves:
+            ax.plot(x, y, label=v, color=colors[v])
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("mask bits flipped per interval")
+        ax.set_yscale("symlog", linthresh=1e-4)
+        ax.legend(fontsize=8)
+    table = _table(("variant", "pattern", "method", "finished runs", "sparsity", "SAD since start"),
+                   rows, numeric=(3, 4, 5), table_id="sparse-weights")
+    return _plot_section(
+        "sparse-weights", "Sparse weights",
+        "Weight sparsity trained from scratch: the share of masked-out weights of the sparse layers at the end, "
+        "and the Sparse Architecture Divergence (share of mask bits that differ from the first mask; per "
+        "logging interval in the plot, mean over seeds). Dense layers (the embedding and head) are not counted.",
+        fig, blocks=(Block(table),),
+    )
