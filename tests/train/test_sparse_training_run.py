@@ -5,15 +5,13 @@ kill, and leave a dense run's stored config and log as they were."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_run_faults import cli
 
 from sparseroute.cli import main
 from sparseroute.train import evaluate_run, load_run_model
@@ -25,17 +23,6 @@ SMALL = ["--depth", "2", "--seq-len", "64", "--batch-size", "8", "--max-bytes", 
 # 8k tokens / (8 * 64) = 15 steps; checkpoints at 5 and 10 (and 15 at the end)
 NM_RUN = ["train", *SMALL, "--tokens", "8k", "--checkpoint-every", "5", "--log-every", "2", "--quiet",
           "--sparsity", "2:4", "--sparse-method", "sr-ste"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def cli(args, cache, env_extra=None, check=True):
-    env = dict(os.environ, SPARSEROUTE_CACHE=str(cache), **ONE_THREAD)
-    env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-m", "sparseroute", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr}")
-    return proc
 
 
 def run_main(args, cache) -> int:

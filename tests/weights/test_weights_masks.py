@@ -24,14 +24,6 @@ from sparseroute.weights import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small matrices: one thread avoids hand-off costs when the cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _scores(O: int, I: int, seed: int, ties: bool) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

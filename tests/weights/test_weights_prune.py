@@ -16,14 +16,6 @@ from sparseroute.weights.prune import PRUNERS, REPAIRS, layer_reconstruction_err
 from sparseroute.weights.sparsegpt import SparseGPTConfig, sparsegpt_prune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small matrices: one thread avoids hand-off costs when the cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class ToyBlock(nn.Module):
     def __init__(self, d: int) -> None:
