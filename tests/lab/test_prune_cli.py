@@ -120,3 +120,22 @@ def test_a_missing_flag_is_a_one_line_usage_error(capsys):
         main(["prune", "--model", "minilm", "--pattern", "2:4", "--out", "x"])
     assert err.value.code == 2
     assert "--method" in capsys.readouterr().err
+
+
+def test_a_run_trained_with_sparse_weights_is_pruned_from_its_masked_weights(tmp_path):
+    cfg = resolve_run({"model": {"depth": 1},
+                       "data": {"max_bytes": 200_000, "cache_dir": str(tmp_path / "cache")},
+                       "train": {"seq_len": 32, "batch_size": 8, "tokens": 1024, "eval_tokens": 1024,
+                                 "log_every": 2, "checkpoint_every": 0, "sparsity": "2:4"}})
+    cfg, corpus = prepare_run(cfg, progress=False)
+    train(cfg, tmp_path / "nm", progress=False, corpus=corpus)
+    trained, _, _ = load_run_model(tmp_path / "nm")
+    masked = {n: m.masked_weight().detach().clone() for n, m in sparse_layers(trained)}
+    res = run_prune(str(tmp_path / "nm"), "magnitude", "2:4", out=tmp_path / "out", calib=4, progress=False)
+    # its masks were already 2:4: magnitude at 2:4 keeps exactly them, so nothing is lost
+    assert res["fidelity"] == pytest.approx(res["dense_fidelity"], rel=1e-6)
+    model, out_cfg, _ = load_run_model(tmp_path / "out")
+    assert out_cfg.train.sparsity is None  # a dense-weight run now
+    modules = dict(model.named_modules())
+    for name, w in masked.items():
+        assert torch.equal(modules[name].weight, w)

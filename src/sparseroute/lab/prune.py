@@ -29,6 +29,7 @@ or not at all):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 
 from sparseroute.fileio import check_folder_path, write_json_atomic
-from sparseroute.weights import model_sparsity, parse_pattern
+from sparseroute.weights import densify, model_sparsity, parse_pattern, sparse_layers
 from sparseroute.weights.export import load_packed_into, save_packed
 from sparseroute.weights.prune import PRUNERS, REPAIRS, prune
 
@@ -182,6 +183,12 @@ def _prune_lm(job: PruneJob, options: dict[str, Any] | None, progress: bool):
     from sparseroute.train.loop import load_run_model
 
     model, cfg, meta = load_run_model(job.model)
+    if sparse_layers(model):
+        # a run trained with sparse weights: its masks are baked into dense weights (bit-exact), and
+        # the pruned run is a dense-weight run (its config no longer trains masks)
+        densify(model)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sparsity=None, sparse_method="sr-ste",
+                                                                 sparse_options={}))
     device = torch.device(job.device)
     model.to(device)
     corpus = corpus_for(cfg.data, progress=progress)
@@ -232,7 +239,6 @@ def _prune_minilm(job: PruneJob, options: dict[str, Any] | None, progress: bool)
 
 def _write_out(out: Path, job: PruneJob, model, result: dict, info: dict, extra: tuple, total_seconds: float) -> None:
     """Write the folder under a temporary name next to ``out``, then rename it onto ``out``."""
-    from sparseroute.weights import densify
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
