@@ -58,6 +58,9 @@ def test_spec_round_trip_and_jobs():
     keys = [j.key for j in spec.jobs()]
     assert len(keys) == len(set(keys)) == 2 * 2 * 2
     assert "lm-wanda+dsnot-2of4" in keys
+    order = spec.run_order()
+    assert sorted(j.key for j in order) == sorted(keys)
+    assert [j.repair for j in order] == [None] * 4 + ["dsnot"] * 4  # the plain grid first
     changed = spec.with_changes(settings=["train.tokens=8k"])
     assert changed.lm["train"]["tokens"] == "8k" and changed.fingerprint() != spec.fingerprint()
 

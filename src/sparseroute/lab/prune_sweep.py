@@ -99,8 +99,16 @@ class PruneSweepSpec:
         return resolve_run(self.lm)
 
     def jobs(self) -> list[PruneJob]:
+        """Every job, in report order (model, pattern, method, repair)."""
         return [PruneJob(m, meth, rep, pat) for m in self.models for pat in self.patterns
                 for meth in self.methods for rep in self.repairs]
+
+    def run_order(self) -> list[PruneJob]:
+        """The jobs in the order they run: each repair's whole grid before the next repair's, and
+        within it pattern by pattern with every method on every model, so that a sweep stopped
+        early leaves comparable results on all models."""
+        return [PruneJob(m, meth, rep, pat) for rep in self.repairs for pat in self.patterns
+                for meth in self.methods for m in self.models]
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": KIND, "name": self.name, "description": self.description, "models": list(self.models),
@@ -178,7 +186,7 @@ def run_prune_sweep(store: Store, spec: PruneSweepSpec, *, new: bool = False, pr
             _train_lm(spec, sweep_dir / "lm", progress, say)
         results_dir = sweep_dir / "results"
         results_dir.mkdir(exist_ok=True)
-        for i, job in enumerate(jobs, 1):
+        for i, job in enumerate(spec.run_order(), 1):
             result_path = results_dir / f"{job.key}.json"
             if result_path.exists():
                 continue
