@@ -314,9 +314,13 @@ def test_a_killed_worker_stops_a_jobs_sweep_cleanly_and_it_resumes(tmp_path, cac
 
 def test_every_preset_resolves():
     from sparseroute.lab.presets import SWEEP_PRESETS, sweep_preset
+    from sparseroute.lab.prune_sweep import PruneSweepSpec
 
     for name in SWEEP_PRESETS:
         spec = sweep_preset(name)
+        if isinstance(spec, PruneSweepSpec):  # a pruning sweep: one trained LM, no variants to plan
+            assert spec.jobs() and spec.lm_config().train.tokens > 0
+            continue
         plan = spec.plan()
         assert len(plan) == len(spec.variants) * len(spec.seeds)
         budgets = {(p.config.train.tokens, p.config.train.batch_size, p.config.train.seq_len) for p in plan}
