@@ -32,14 +32,17 @@ from sparseroute.lab.store import Store
 from sparseroute.train.config import RunConfig, resolve_run
 from sparseroute.weights.patterns import parse_pattern
 
-__all__ = ["PruneSweepSpec", "PruneJob", "run_prune_sweep", "write_prune_report", "is_prune_spec"]
+__all__ = ["PruneSweepSpec", "SweepJob", "run_prune_sweep", "write_prune_report", "is_prune_spec"]
 
 KIND = "prune"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)
-class PruneJob:
+class SweepJob:
+    """One job of a pruning sweep: which model, method, repair and pattern (the pruning itself is
+    :class:`sparseroute.lab.prune.PruneJob`)."""
+
     model: str
     method: str
     repair: str | None
@@ -51,10 +54,6 @@ class PruneJob:
         model = "lm" if self.model == "lm" else Path(self.model).name or self.model
         repair = f"+{self.repair}" if self.repair else ""
         return f"{model}-{self.method}{repair}-{self.pattern.replace(':', 'of').replace('/', '-')}"
-
-    @property
-    def label(self) -> str:
-        return self.method + (f" + {self.repair}" if self.repair else "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,16 +97,16 @@ class PruneSweepSpec:
     def lm_config(self) -> RunConfig:
         return resolve_run(self.lm)
 
-    def jobs(self) -> list[PruneJob]:
+    def jobs(self) -> list[SweepJob]:
         """Every job, in report order (model, pattern, method, repair)."""
-        return [PruneJob(m, meth, rep, pat) for m in self.models for pat in self.patterns
+        return [SweepJob(m, meth, rep, pat) for m in self.models for pat in self.patterns
                 for meth in self.methods for rep in self.repairs]
 
-    def run_order(self) -> list[PruneJob]:
+    def run_order(self) -> list[SweepJob]:
         """The jobs in the order they run: each repair's whole grid before the next repair's, and
         within it pattern by pattern with every method on every model, so that a sweep stopped
         early leaves comparable results on all models."""
-        return [PruneJob(m, meth, rep, pat) for rep in self.repairs for pat in self.patterns
+        return [SweepJob(m, meth, rep, pat) for rep in self.repairs for pat in self.patterns
                 for meth in self.methods for m in self.models]
 
     def to_dict(self) -> dict[str, Any]:
